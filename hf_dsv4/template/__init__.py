@@ -1,0 +1,5 @@
+"""The DeepSeek-V4 chat format: encoder, tokenizer chat template, tokenization with labels, parsers."""
+
+from .encoder import ChatFormatError, Segment, encode_messages, render_segments
+
+__all__ = ["ChatFormatError", "Segment", "encode_messages", "render_segments"]

@@ -1,0 +1,73 @@
+"""The special tokens and fixed texts of the DeepSeek-V4 prompt format.
+
+Every constant here is part of the format the model was trained on; changing one byte changes what the
+model sees. Special tokens use U+FF5C (｜) and U+2581 (▁).
+"""
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+LATEST_REMINDER = "<｜latest_reminder｜>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+DSML = "｜DSML｜"
+
+TASK_TOKENS = {
+    "action": "<｜action｜>",
+    "query": "<｜query｜>",
+    "authority": "<｜authority｜>",
+    "domain": "<｜domain｜>",
+    "title": "<｜title｜>",
+    "read_url": "<｜read_url｜>",
+}
+
+SPECIAL_TOKENS = [BOS, EOS, USER, ASSISTANT, LATEST_REMINDER, THINK_START, THINK_END, *TASK_TOKENS.values()]
+
+ROLES = ("system", "user", "assistant", "tool", "developer", "latest_reminder")
+THINKING_MODES = ("chat", "thinking")
+REASONING_EFFORTS = (None, "high", "max")
+
+TOOL_CALLS_START = f"<{DSML}tool_calls>"
+TOOL_CALLS_END = f"</{DSML}tool_calls>"
+INVOKE_END = f"</{DSML}invoke>"
+PARAMETER_END = f"</{DSML}parameter>"
+TOOL_RESULT_START = "<tool_result>"
+TOOL_RESULT_END = "</tool_result>"
+
+REASONING_EFFORT_MAX_PREFIX = (
+    "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
+    "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root "
+    "cause, rigorously stress-testing your logic against all potential paths, edge cases, and adversarial "
+    "scenarios.\n"
+    "Explicitly write out your entire deliberation process, documenting every intermediate step, considered "
+    "alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n"
+)
+
+RESPONSE_FORMAT_HEADER = "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n"
+
+TOOLS_HEADER = f"""## Tools
+
+You have access to a set of tools to help answer the user's question. You can invoke tools by writing a "<{DSML}tool_calls>" block like the following:
+
+<{DSML}tool_calls>
+<{DSML}invoke name="$TOOL_NAME">
+<{DSML}parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE</{DSML}parameter>
+...
+</{DSML}invoke>
+<{DSML}invoke name="$TOOL_NAME2">
+...
+</{DSML}invoke>
+</{DSML}tool_calls>
+
+String parameters should be specified as is and set `string="true"`. For all other types (numbers, booleans, arrays, objects), pass the value in JSON format and set `string="false"`.
+
+If thinking_mode is enabled (triggered by {THINK_START}), you MUST output your complete reasoning inside {THINK_START}...{THINK_END} BEFORE any tool calls or final response.
+
+Otherwise, output directly after {THINK_END} with tool calls or final response.
+
+### Available Tool Schemas
+
+"""
+
+TOOLS_FOOTER = "\n\nYou MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.\n"
