@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-FIXTURE_DIR = Path(os.environ.get("HF_DSV4_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "dsv4_encoding_fixtures"))
+FIXTURE_DIR = Path(
+    os.environ.get("HF_DSV4_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "dsv4_encoding_fixtures")
+)
 
 # case -> thinking mode, as documented in the fixtures' README
 FIXTURE_MODES = {1: "thinking", 2: "thinking", 3: "thinking", 4: "chat"}

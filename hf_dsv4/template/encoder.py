@@ -60,11 +60,15 @@ def tool_call_arguments(arguments: Any, index: int | None = None) -> dict:
         try:
             value = json.loads(arguments)
         except json.JSONDecodeError as err:
-            raise ChatFormatError(f"tool call arguments are not valid JSON ({err}): {arguments[:80]!r}", index)
+            raise ChatFormatError(
+                f"tool call arguments are not valid JSON ({err}): {arguments[:80]!r}", index
+            ) from None
         if isinstance(value, dict):
             return value
         raise ChatFormatError(f"tool call arguments must be a JSON object, got {type(value).__name__}", index)
-    raise ChatFormatError(f"tool call arguments must be a JSON-object string or a dict, got {type(arguments).__name__}", index)
+    raise ChatFormatError(
+        f"tool call arguments must be a JSON-object string or a dict, got {type(arguments).__name__}", index
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -90,7 +94,9 @@ def _check_tool_content(content: Any, index: int) -> None:
             if block.get("type") == "text" and not isinstance(block.get("text", ""), str):
                 raise ChatFormatError("tool result text block has a non-string `text`", index)
         return
-    raise ChatFormatError(f"tool `content` must be a string, None or a list of content blocks, got {type(content).__name__}", index)
+    raise ChatFormatError(
+        f"tool `content` must be a string, None or a list of content blocks, got {type(content).__name__}", index
+    )
 
 
 def _check_tools(tools: Any, index: int) -> None:
@@ -120,7 +126,9 @@ def _check_tool_calls(calls: Any, index: int) -> None:
     for k, call in enumerate(calls):
         function = call.get("function") if isinstance(call, Mapping) else None
         if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
-            raise ChatFormatError(f"tool_calls[{k}] must have `function.name` (a string) and `function.arguments`", index)
+            raise ChatFormatError(
+                f"tool_calls[{k}] must have `function.name` (a string) and `function.arguments`", index
+            )
         try:
             tool_call_arguments(function.get("arguments", "{}"), index)
         except ChatFormatError as err:
@@ -162,7 +170,9 @@ def validate_messages(messages: Sequence[Any], context: Sequence[Any] = ()) -> N
             last_assistant = msg
         if role == "tool":
             if last_assistant is None or not last_assistant.get("tool_calls"):
-                raise ChatFormatError("tool message has no matching call: no earlier assistant message made tool calls", i)
+                raise ChatFormatError(
+                    "tool message has no matching call: no earlier assistant message made tool calls", i
+                )
             call_id = msg.get("tool_call_id")
             if call_id and call_id not in _call_ids(last_assistant):
                 raise ChatFormatError(
@@ -386,5 +396,7 @@ def encode_messages(
     """
     return "".join(
         s.text
-        for s in render_segments(messages, thinking_mode, drop_thinking, reasoning_effort, add_default_bos_token, context)
+        for s in render_segments(
+            messages, thinking_mode, drop_thinking, reasoning_effort, add_default_bos_token, context
+        )
     )

@@ -28,8 +28,8 @@ _CORPUS = [
     "Paris</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>",
     '{"name": "search", "description": "Search the web", "parameters": {"type": "object", "properties": '
     '{"query": {"type": "string"}}, "required": ["query"]}}',
-    "<tool_result>{\"temperature\": 22, \"condition\": \"sunny\"}</tool_result>",
-    "Thought: I need to look this up.\nAction: search\nAction Input: {\"query\": \"capital of France\"}\n"
+    '<tool_result>{"temperature": 22, "condition": "sunny"}</tool_result>',
+    'Thought: I need to look this up.\nAction: search\nAction Input: {"query": "capital of France"}\n'
     "Observation: Paris\nFinal Answer: The capital of France is Paris.",
     "def add(a, b):\n    return a + b\n\nprint(add(1, 2))  # 3",
     "The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) [ ] { } < > , . ; : ! ?",

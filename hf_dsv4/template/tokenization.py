@@ -1,0 +1,209 @@
+"""Tokenize DeepSeek-V4 conversations with assistant-only labels, without going through Jinja.
+
+A conversation is rendered once by the Python encoder into segments (prompt text / each assistant message's
+trainable span), the whole text is tokenized once, and labels are copied from `input_ids` for exactly the tokens
+that overlap a trainable span. The overlap rule is the one transformers uses for `return_assistant_tokens_mask`,
+so the labels equal the Jinja template's assistant mask on the same text (tested), at a fraction of the cost.
+
+Trainable span: from right after the `<think>`/`</think>` that follows `<｜Assistant｜>` to EOS inclusive —
+reasoning, `</think>`, content and the DSML tool-call block. Prompt-side tokens are never trained.
+
+Multi-turn thinking is not prefix-stable: with `thinking_mode="thinking"`, `drop_thinking=True` and no tools, a
+turn renders with its reasoning only while it is the latest one; once a later user turn exists it renders as
+`</think>content`. `turns` chooses what to train:
+
+- "all" (default): every assistant message, as rendered in the full conversation. One sample per conversation;
+  identical to TRL's `assistant_only_loss` with our chat template. Earlier turns are trained without their
+  reasoning (as the model sees them in context); their reasoning is never trained.
+- "last": only the trailing assistant messages (after the last non-assistant message).
+- "per_turn": one sample per assistant turn, each the conversation up to that turn with "last" labels, so every
+  turn is trained exactly as it is generated at inference, reasoning included. Costs O(turns^2) tokens.
+
+When the rendering is prefix-stable (chat mode, tools present, or `drop_thinking=False`), "all" already trains
+every turn as generated.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .encoder import render_segments
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+TURNS = ("all", "last", "per_turn")
+OVERLONG = ("truncate", "drop", "raise")
+
+
+class OverlongSampleError(ValueError):
+    """A sample is longer than `max_length` under `overlong="raise"`."""
+
+
+def _with_tools(messages: Sequence[Mapping], tools: Sequence[Mapping] | None) -> list[Mapping]:
+    """Attach `tools` to the leading system message, creating an empty one if there is none (as the template does)."""
+    messages = list(messages)
+    if not tools:
+        return messages
+    if messages and messages[0].get("role") == "system":
+        head = dict(messages[0])
+        head["tools"] = list(head.get("tools") or []) + list(tools)
+        return [head, *messages[1:]]
+    return [{"role": "system", "content": "", "tools": list(tools)}, *messages]
+
+
+def _trailing_assistants(messages: Sequence[Mapping]) -> int:
+    """Index of the first message of the trailing run of assistant messages (len(messages) if there is none)."""
+    start = len(messages)
+    while start > 0 and messages[start - 1].get("role") == "assistant":
+        start -= 1
+    return start
+
+
+def turn_prefixes(messages: Sequence[Mapping]) -> list[list[Mapping]]:
+    """The conversation cut after each assistant turn (a run of assistant messages followed by another role)."""
+    return [
+        list(messages[: i + 1])
+        for i, msg in enumerate(messages)
+        if msg.get("role") == "assistant" and (i + 1 == len(messages) or messages[i + 1].get("role") != "assistant")
+    ]
+
+
+def char_spans_to_token_mask_ranges(
+    offsets: Sequence[tuple[int, int]], spans: Iterable[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Token index ranges [a, b) of the tokens overlapping each char span [s, e) (token_end > s and token_start < e)."""
+    ends = [end for _, end in offsets]
+    starts = [start for start, _ in offsets]
+    ranges = []
+    for s, e in spans:
+        a = bisect.bisect_right(ends, s)
+        b = bisect.bisect_left(starts, e)
+        if b > a:
+            ranges.append((a, b))
+    return ranges
+
+
+@dataclass
+class ConversationTokenizer:
+    """Turns conversations into `input_ids`, `attention_mask` and assistant-only `labels`.
+
+    Call it on one conversation to get a list of samples (one, or one per turn with `turns="per_turn"`, or none
+    when an over-long sample is dropped). `stats` counts what happened; `log_stats()` reports it.
+    """
+
+    tokenizer: Any
+    thinking_mode: str = "thinking"
+    drop_thinking: bool = True
+    reasoning_effort: str | None = None
+    turns: Literal["all", "last", "per_turn"] = "all"
+    max_length: int | None = None
+    overlong: Literal["truncate", "drop", "raise"] = "truncate"
+    stats: Counter = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        if self.turns not in TURNS:
+            raise ValueError(f"turns must be one of {TURNS}, got {self.turns!r}")
+        if self.overlong not in OVERLONG:
+            raise ValueError(f"overlong must be one of {OVERLONG}, got {self.overlong!r}")
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self._encode = backend.encode if backend is not None else None
+
+    def __call__(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None) -> list[dict]:
+        self.stats["conversations"] += 1
+        if self.turns == "per_turn":
+            pieces = [(prefix, "last") for prefix in turn_prefixes(messages)]
+        else:
+            pieces = [(messages, self.turns)]
+        samples = []
+        for prefix, turns in pieces:
+            sample = self._one(prefix, tools, turns)
+            if sample is not None:
+                samples.append(sample)
+        return samples
+
+    def _one(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None, turns: str) -> dict | None:
+        messages = _with_tools(messages, tools)
+        segments = render_segments(messages, self.thinking_mode, self.drop_thinking, self.reasoning_effort)
+        first_trained = _trailing_assistants(messages) if turns == "last" else 0
+        spans, pos = [], 0
+        for seg in segments:
+            if seg.message_index is not None and seg.message_index >= first_trained:
+                spans.append((pos, pos + len(seg.text)))
+            pos += len(seg.text)
+        text = "".join(seg.text for seg in segments)
+        ids, offsets = self._tokenize(text)
+        labels = [IGNORE_INDEX] * len(ids)
+        for a, b in char_spans_to_token_mask_ranges(offsets, spans):
+            labels[a:b] = ids[a:b]
+        return self._fit(ids, labels)
+
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        if self._encode is not None:
+            enc = self._encode(text, add_special_tokens=False)
+            return enc.ids, enc.offsets
+        out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return out["input_ids"], out["offset_mapping"]
+
+    def _fit(self, ids: list[int], labels: list[int]) -> dict | None:
+        self.stats["samples"] += 1
+        if self.max_length is not None and len(ids) > self.max_length:
+            if self.overlong == "raise":
+                raise OverlongSampleError(
+                    f"sample has {len(ids)} tokens, more than max_length={self.max_length} (overlong='raise'); "
+                    "use overlong='truncate' or 'drop', or raise max_length"
+                )
+            if self.overlong == "drop":
+                self.stats["dropped_overlong"] += 1
+                return None
+            self.stats["truncated"] += 1
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            self.stats["dropped_no_trainable_tokens"] += 1
+            return None
+        self.stats["kept"] += 1
+        self.stats["tokens"] += len(ids)
+        self.stats["trained_tokens"] += sum(label != IGNORE_INDEX for label in labels)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+    def log_stats(self) -> None:
+        """Log how many samples were kept, truncated and dropped (and why)."""
+        s = self.stats
+        logger.info(
+            "tokenized %d conversations into %d samples: kept %d, truncated %d, dropped %d over-long and %d with no "
+            "trainable token; %d tokens, %d trained (max_length=%s, overlong=%s, turns=%s)",
+            s["conversations"], s["samples"], s["kept"], s["truncated"], s["dropped_overlong"],
+            s["dropped_no_trainable_tokens"], s["tokens"], s["trained_tokens"], self.max_length, self.overlong,
+            self.turns,
+        )  # fmt: skip
+
+
+def tokenize_conversation(
+    tokenizer: Any,
+    messages: Sequence[Mapping],
+    tools: Sequence[Mapping] | None = None,
+    *,
+    thinking_mode: str = "thinking",
+    drop_thinking: bool = True,
+    reasoning_effort: str | None = None,
+    turns: Literal["all", "last"] = "all",
+    max_length: int | None = None,
+    overlong: Literal["truncate", "drop", "raise"] = "truncate",
+) -> dict | None:
+    """Tokenize one conversation: `{"input_ids", "attention_mask", "labels"}` (labels -100 outside trainable
+    assistant spans), or None when the sample is dropped (over-long with `overlong="drop"`, or nothing to train).
+
+    `tools` are attached to the leading system message exactly as `apply_chat_template(..., tools=tools)` does.
+    For one sample per turn use `ConversationTokenizer(..., turns="per_turn")`.
+    """
+    if turns == "per_turn":
+        raise ValueError("turns='per_turn' gives several samples; use ConversationTokenizer(turns='per_turn')")
+    samples = ConversationTokenizer(
+        tokenizer, thinking_mode, drop_thinking, reasoning_effort, turns, max_length, overlong
+    )(messages, tools)
+    return samples[0] if samples else None
