@@ -1,0 +1,176 @@
+"""Tokenization with assistant-only labels: exact spans, turn policies, over-long policies."""
+
+import logging
+
+import pytest
+from conftest import load_fixture
+
+from hf_dsv4.template import encode_messages
+from hf_dsv4.template import tokens as T
+from hf_dsv4.template.tokenization import (
+    ConversationTokenizer,
+    OverlongSampleError,
+    char_spans_to_token_mask_ranges,
+    tokenize_conversation,
+    turn_prefixes,
+)
+
+E = T.EOS
+
+MULTI_TURN = [
+    {"role": "system", "content": "sys"},
+    {"role": "user", "content": "Hello"},
+    {"role": "assistant", "reasoning_content": "greet", "content": "Hi!"},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "reasoning_content": "easy", "content": "Paris."},
+]
+
+
+def trained_pieces(tok, sample):
+    """Decode each maximal run of trained tokens."""
+    pieces, run = [], []
+    for token, label in zip(sample["input_ids"], sample["labels"]):
+        if label != -100:
+            assert label == token
+            run.append(token)
+        elif run:
+            pieces.append(tok.decode(run))
+            run = []
+    if run:
+        pieces.append(tok.decode(run))
+    return pieces
+
+
+def stock_mask(offsets, spans):
+    """transformers' own loop for return_assistant_tokens_mask, written out independently."""
+    mask = [0] * len(offsets)
+    for i, (ts, te) in enumerate(offsets):
+        mask[i] = int(any(te > s and ts < e for s, e in spans))
+    return mask
+
+
+def test_input_ids_are_the_tokenized_reference_text(tokenizer):
+    messages, mode, expected = load_fixture(1)
+    sample = tokenize_conversation(tokenizer, messages, thinking_mode=mode)
+    assert sample["input_ids"] == tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert sample["attention_mask"] == [1] * len(sample["input_ids"])
+
+
+def test_labels_cover_reasoning_think_end_content_dsml_and_eos_of_each_assistant_turn(tokenizer):
+    messages, mode, _ = load_fixture(1)
+    sample = tokenize_conversation(tokenizer, messages, thinking_mode=mode)
+    assert trained_pieces(tokenizer, sample) == [
+        "The user wants to know the weather in Beijing. I should use the get_weather tool.</think>\n\n"
+        '<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n'
+        '<｜DSML｜parameter name="location" string="true">Beijing</｜DSML｜parameter>\n'
+        '<｜DSML｜parameter name="unit" string="true">celsius</｜DSML｜parameter>\n'
+        f"</｜DSML｜invoke>\n</｜DSML｜tool_calls>{E}",
+        "Got the weather data. Let me format a nice response.</think>The weather in Beijing is currently sunny "
+        f"with a temperature of 22°C and 45% humidity.{E}",
+    ]
+
+
+def test_task_answers_are_trained_after_the_task_token(tokenizer):
+    messages, mode, _ = load_fixture(4)
+    pieces = trained_pieces(tokenizer, tokenize_conversation(tokenizer, messages, thinking_mode=mode))
+    assert pieces[-1] == f"Search{E}"
+    assert len(pieces) == 2
+
+
+@pytest.mark.parametrize("case", [1, 2, 3, 4])
+def test_labels_equal_the_overlap_rule_of_transformers_on_the_fixtures(tokenizer, case):
+    messages, mode, _ = load_fixture(case)
+    from hf_dsv4.template import render_segments
+
+    segments = render_segments(messages, thinking_mode=mode)
+    spans, pos = [], 0
+    for seg in segments:
+        if seg.message_index is not None:
+            spans.append((pos, pos + len(seg.text)))
+        pos += len(seg.text)
+    enc = tokenizer.backend_tokenizer.encode("".join(s.text for s in segments), add_special_tokens=False)
+    sample = tokenize_conversation(tokenizer, messages, thinking_mode=mode)
+    assert [int(label != -100) for label in sample["labels"]] == stock_mask(enc.offsets, spans)
+
+
+def test_mask_ranges_include_tokens_straddling_a_span_edge():
+    offsets = [(0, 2), (2, 5), (5, 9), (9, 9), (9, 12)]
+    assert char_spans_to_token_mask_ranges(offsets, [(3, 6)]) == [(1, 3)]
+    assert char_spans_to_token_mask_ranges(offsets, [(5, 9)]) == [(2, 3)]
+    assert char_spans_to_token_mask_ranges(offsets, [(12, 12)]) == []
+
+
+def test_turns_all_trains_earlier_turns_as_rendered_without_their_reasoning(tokenizer):
+    sample = tokenize_conversation(tokenizer, MULTI_TURN)
+    assert trained_pieces(tokenizer, sample) == [f"Hi!{E}", f"easy</think>Paris.{E}"]
+
+
+def test_turns_last_trains_only_the_trailing_assistant_messages(tokenizer):
+    sample = tokenize_conversation(tokenizer, MULTI_TURN, turns="last")
+    assert trained_pieces(tokenizer, sample) == [f"easy</think>Paris.{E}"]
+
+
+def test_turns_per_turn_gives_one_sample_per_turn_each_rendered_as_at_inference(tokenizer):
+    samples = ConversationTokenizer(tokenizer, turns="per_turn")(MULTI_TURN)
+    assert [trained_pieces(tokenizer, s) for s in samples] == [[f"greet</think>Hi!{E}"], [f"easy</think>Paris.{E}"]]
+    assert tokenizer.decode(samples[0]["input_ids"]) == encode_messages(MULTI_TURN[:3])
+    assert tokenizer.decode(samples[1]["input_ids"]) == encode_messages(MULTI_TURN)
+
+
+def test_turn_prefixes_cut_after_each_run_of_assistant_messages():
+    msgs = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "c"},
+    ]
+    assert [len(p) for p in turn_prefixes(msgs)] == [3, 5]
+
+
+def test_tools_argument_is_attached_to_the_leading_system_message(tokenizer):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with_system = tokenize_conversation(tokenizer, MULTI_TURN, tools)
+    expected = encode_messages([{**MULTI_TURN[0], "tools": tools}, *MULTI_TURN[1:]])
+    assert tokenizer.decode(with_system["input_ids"]) == expected
+    without_system = tokenize_conversation(tokenizer, MULTI_TURN[1:], tools)
+    expected = encode_messages([{"role": "system", "content": "", "tools": tools}, *MULTI_TURN[1:]])
+    assert tokenizer.decode(without_system["input_ids"]) == expected
+
+
+def test_overlong_truncate_keeps_the_first_max_length_tokens_and_counts_it(tokenizer, caplog):
+    full = tokenize_conversation(tokenizer, MULTI_TURN)
+    n = len(full["input_ids"]) - 3
+    ct = ConversationTokenizer(tokenizer, max_length=n, overlong="truncate")
+    [sample] = ct(MULTI_TURN)
+    assert sample["input_ids"] == full["input_ids"][:n]
+    assert sample["labels"] == full["labels"][:n]
+    with caplog.at_level(logging.INFO, logger="hf_dsv4.template.tokenization"):
+        ct.log_stats()
+    assert ct.stats["truncated"] == 1 and ct.stats["kept"] == 1
+    assert "truncated 1" in caplog.text
+
+
+def test_overlong_drop_returns_nothing_and_counts_it(tokenizer):
+    ct = ConversationTokenizer(tokenizer, max_length=5, overlong="drop")
+    assert ct(MULTI_TURN) == []
+    assert ct.stats["dropped_overlong"] == 1
+    assert tokenize_conversation(tokenizer, MULTI_TURN, max_length=5, overlong="drop") is None
+
+
+def test_overlong_raise_names_the_lengths(tokenizer):
+    with pytest.raises(OverlongSampleError, match=r"more than max_length=5"):
+        tokenize_conversation(tokenizer, MULTI_TURN, max_length=5, overlong="raise")
+
+
+def test_truncation_that_removes_every_trained_token_drops_the_sample(tokenizer):
+    ct = ConversationTokenizer(tokenizer, max_length=4)
+    assert ct(MULTI_TURN) == []
+    assert ct.stats["truncated"] == 1 and ct.stats["dropped_no_trainable_tokens"] == 1
+
+
+def test_bad_policy_names_are_rejected(tokenizer):
+    with pytest.raises(ValueError, match="turns must be one of"):
+        ConversationTokenizer(tokenizer, turns="first")
+    with pytest.raises(ValueError, match="overlong must be one of"):
+        ConversationTokenizer(tokenizer, overlong="wrap")
