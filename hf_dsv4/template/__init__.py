@@ -3,3 +3,7 @@
 from .encoder import ChatFormatError, Segment, encode_messages, render_segments
 
 __all__ = ["ChatFormatError", "Segment", "encode_messages", "render_segments"]
+
+from .tokenization import ConversationTokenizer, OverlongSampleError, tokenize_conversation  # noqa: E402
+
+__all__ += ["ConversationTokenizer", "OverlongSampleError", "tokenize_conversation"]
