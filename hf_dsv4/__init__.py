@@ -4,3 +4,8 @@ from .template import ChatFormatError, encode_messages
 
 __version__ = "0.1.0"
 __all__ = ["ChatFormatError", "encode_messages"]
+
+from .fsdp import ShardingError, shard_model  # noqa: E402
+from .loading import CheckpointLoadError, memory_efficient_init  # noqa: E402
+
+__all__ += ["CheckpointLoadError", "ShardingError", "memory_efficient_init", "shard_model"]

@@ -1,0 +1,88 @@
+"""`shard_model` on 2 real gloo ranks: bit-exact weights, buffers and logits, training, and clear errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from dist_launch import run_ranks
+
+from hf_dsv4.testing import build_tiny_dsv4
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return build_tiny_dsv4(tmp_path_factory.mktemp("tiny_dsv4"))
+
+
+@pytest.fixture(scope="module")
+def parity(ckpt, tmp_path_factory) -> list[dict]:
+    root = tmp_path_factory.mktemp("parity")
+    blind = root / "blind"  # rank 1 reads config.json only; its weight files are garbage
+    blind.mkdir()
+    shutil.copy(ckpt / "config.json", blind)
+    for file in ckpt.glob("*.safetensors"):
+        (blind / file.name).write_bytes(b"not a safetensors file")
+    return run_ranks("parity", root / "out", str(ckpt), str(blind), timeout=150)
+
+
+@pytest.fixture(scope="module")
+def train(ckpt, tmp_path_factory) -> list[dict]:
+    return run_ranks("train", tmp_path_factory.mktemp("train"), str(ckpt), timeout=150)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sharded_weights_buffers_and_logits_equal_single_process_bit_for_bit(parity, dtype):
+    for rank, result in enumerate(parity):
+        result = result[dtype]
+        assert result["bad_params"] == [] and result["bad_buffers"] == [], f"rank {rank}"
+        assert result["num_tensors"] == 105
+        assert result["logits_equal"], f"rank {rank}: max diff {result['logits_max_diff']}"
+    assert parity[1][dtype]["all_meta"] and not parity[0][dtype]["all_meta"]
+
+
+def test_cpu_offload_on_cpu_only_machine_is_bit_exact(parity):
+    for result in parity:
+        assert result["offload"]["bad_params"] == [] and result["offload"]["logits_equal"]
+
+
+def test_mismatched_model_raises_the_same_error_on_every_rank(parity):
+    source, other = parity
+    assert source["mismatch"] == other["mismatch"] is not None
+    assert "rank 1: 'model.layers.0.mlp.experts.gate_up_proj' is ((8, 64, 64)" in source["mismatch"]
+
+
+def test_fp32_data_parallel_gradients_equal_single_process_mean(train):
+    for result in train:
+        grads = result["grad_parity"]
+        assert grads["none_mismatch"] == [] and grads["not_close"] == []
+        assert grads["with_grad"] == 80
+        # the lightning indexer gets no gradient from the LM loss, with or without FSDP
+        assert all(".compressor.indexer." in n for n in grads["without_grad"])
+
+
+def test_bf16_training_step_updates_every_parameter_with_a_gradient(train):
+    for result in train:
+        step = result["bf16"]
+        assert step["changed"] == 80 and step["trainable"] == 86
+        assert step["dtypes"] == ["torch.bfloat16", "torch.float32"]  # fp32-kept modules stay fp32
+    assert train[0]["bf16"]["loss"] != train[1]["bf16"]["loss"]  # each rank trained on its own batch
+
+
+def test_bf16_mixed_precision_computes_fp32_kept_modules_in_fp32(train):
+    for result in train:
+        assert result["mixed"]["compute_dtypes"] == {
+            "model.layers.0.attn_hc.fn": "torch.float32",
+            "model.layers.1.self_attn.sinks": "torch.float32",
+            "model.norm.weight": "torch.float32",
+            "model.layers.0.self_attn.q_a_proj.weight": "torch.bfloat16",
+            "model.layers.1.mlp.experts.gate_up_proj": "torch.bfloat16",
+        }
+        assert result["mixed"]["changed"] == 80
+
+
+def test_lora_on_a_peft_model_trains_adapters_only(train):
+    for result in train:
+        assert result["lora"]["frozen_changed"] == []
+        assert result["lora"]["changed"] == 28  # 32 adapter tensors, 4 on the gradient-free indexer
