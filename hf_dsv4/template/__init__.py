@@ -7,3 +7,16 @@ __all__ = ["ChatFormatError", "Segment", "encode_messages", "render_segments"]
 from .tokenization import ConversationTokenizer, OverlongSampleError, tokenize_conversation  # noqa: E402
 
 __all__ += ["ConversationTokenizer", "OverlongSampleError", "tokenize_conversation"]
+
+from .parser import DSMLParseError, parse_completion  # noqa: E402
+from .react import (  # noqa: E402
+    AgentKeyword,
+    ToolDesc,
+    format_react,
+    parse_react,
+    parse_react_step,
+    react_to_messages,
+)
+
+__all__ += ["DSMLParseError", "parse_completion"]
+__all__ += ["AgentKeyword", "ToolDesc", "format_react", "parse_react", "parse_react_step", "react_to_messages"]
