@@ -45,9 +45,10 @@ def _pretrained_models(model: nn.Module) -> list[PreTrainedModel]:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """Modules whose class is named in a `_no_split_modules` anywhere in the tree (the decoder layers)."""
+    """Modules whose class is named in a `_no_split_modules` anywhere in the tree (the decoder layers); also after
+    `fully_shard`, which swaps a module's class for an `FSDP<name>` subclass."""
     names = {name for m in _pretrained_models(model) for name in (m._no_split_modules or ())}
-    return [m for m in model.modules() if type(m).__name__ in names]
+    return [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
 
 
 def _keep_fp32_pattern(model: nn.Module) -> re.Pattern | None:
@@ -243,10 +244,26 @@ def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: b for name, b in model.named_buffers() if name not in persistent}
 
 
+def _load_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(state-dict prefix, module) of each decoder layer, then ("", model) for what is left."""
+    names = {id(m): name for name, m in model.named_modules()}
+    return [(names[id(layer)] + ".", layer) for layer in decoder_layers(model)] + [("", model)]
+
+
 def load_from_source(model: nn.Module, full_state_dict: dict[str, torch.Tensor]) -> None:
-    """Send rank 0's full state dict into every rank's shards (DCP broadcast, one tensor at a time)."""
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, full_state_dict if dist.get_rank() == 0 else {}, options=options)
+    """Send rank 0's full state dict into every rank's shards with DCP (`broadcast_from_rank0`), one decoder layer
+    at a time. Rank 0 drops each part of `full_state_dict` once sent (the dict is emptied), so its memory falls as
+    the shards fill instead of holding the checkpoint and the shards at once."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    is_source = dist.get_rank() == 0
+    for prefix, module in _load_units(model):
+        part = {}
+        if is_source:
+            part = {
+                key[len(prefix) :]: full_state_dict.pop(key) for key in list(full_state_dict) if key.startswith(prefix)
+            }
+        set_model_state_dict(module, part, options=options)
+        del part
 
 
 def broadcast_non_persistent_buffers(model: nn.Module, source: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,232 @@
+"""Host memory and wall time of loading + sharding a DeepSeek-V4 checkpoint on N ranks, three ways.
+
+    python benchmarks/bench_load.py                 # 2 CPU ranks (gloo), ~1 GB bf16 checkpoint built locally
+    python benchmarks/bench_load.py --ranks 2 --ckpt /path/to/dsv4 --backend nccl   # on GPUs
+
+(a) stock transformers: every rank calls `from_pretrained` (what transformers 5 does under FSDP, even with
+    FSDP_CPU_RAM_EFFICIENT_LOADING);
+(b) stock accelerate FSDP2 with cpu_ram_efficient_loading: every rank `from_pretrained`, then accelerate's
+    `fsdp2_prepare_model` (called directly: on CPU processes `Accelerator.prepare` ignores FSDP);
+(c) hf_dsv4: `memory_efficient_init` + `shard_model`.
+
+Per rank it prints the peak RSS rise (VmHWM, reset just before loading, minus VmRSS at that moment) and the wall
+time from a barrier before loading to a barrier after sharding. A crash is reported, not hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
+
+# ~1 GB in bf16: 8 layers of every attention type, 16 experts of 1024x1024, vocab 32k.
+BENCH_CONFIG = dict(
+    vocab_size=32768,
+    hidden_size=1024,
+    moe_intermediate_size=1024,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    head_dim=128,
+    q_lora_rank=512,
+    n_routed_experts=16,
+    num_experts_per_tok=2,
+    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"] * 2
+    + ["compressed_sparse_attention", "heavily_compressed_attention"],
+    mlp_layer_types=["hash_moe"] * 2 + ["moe"] * 6,
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+    hc_mult=4,
+    sliding_window=128,
+    o_groups=4,
+    o_lora_rank=256,
+    index_n_heads=8,
+    index_head_dim=64,
+    index_topk=64,
+    max_position_embeddings=4096,
+)
+MODES = {"a": "stock transformers (every rank from_pretrained)", "b": "stock accelerate FSDP2 cpu_ram_efficient_loading",
+         "c": "hf_dsv4 memory_efficient_init + shard_model"}  # fmt: skip
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak() -> int:
+    """Reset VmHWM to the current RSS (Linux clear_refs 5); return the current RSS in kB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kb("VmRSS")
+
+
+# ---------------------------------------------------------------------------------------------- one rank
+
+
+def _load_stock(ckpt: str, dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+
+
+def _load_accelerate(ckpt: str, dtype):
+    """accelerate 1.15's FSDP2 path as `Accelerator.prepare` runs it under `fsdp_cpu_ram_efficient_loading`."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    model = _load_stock(ckpt, dtype)
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, cpu_ram_efficient_loading=True, auto_wrap_policy="transformer_based_wrap"
+    )
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no", is_main_process=dist.get_rank() == 0,
+        device=device, torch_device_mesh=None, parallelism_config=None,
+    )  # fmt: skip
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def _load_hf_dsv4(ckpt: str, dtype):
+    from transformers import AutoModelForCausalLM
+
+    from hf_dsv4 import memory_efficient_init, shard_model
+
+    with memory_efficient_init():
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+    return shard_model(model)
+
+
+def worker(mode: str, ckpt: str, out: str, backend: str) -> None:
+    """One rank: load with `mode`, write {rank, rise_mb, wall_s, error} to `out`/rank<r>.json."""
+    import accelerate.utils.fsdp_utils  # noqa: F401 - every library is imported before the baseline
+    import torch
+    import torch.distributed as dist
+    import transformers  # noqa: F401
+
+    import hf_dsv4  # noqa: F401
+
+    if mode == "b":  # what `accelerate launch` sets for fsdp_cpu_ram_efficient_loading
+        os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true", FSDP_VERSION="2")
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    load = {"a": _load_stock, "b": _load_accelerate, "c": _load_hf_dsv4}[mode]
+    dist.barrier()
+    baseline = _reset_peak()
+    start = time.perf_counter()
+    error = None
+    try:
+        model = load(ckpt, torch.bfloat16)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+    if error is None:
+        dist.barrier()
+    wall = time.perf_counter() - start
+    peak = _status_kb("VmHWM")
+    result = {"rank": dist.get_rank(), "rise_mb": (peak - baseline) / 1024, "wall_s": wall, "error": error}
+    Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    del model
+    if error is None:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def run_mode(mode: str, ckpt: Path, ranks: int, backend: str, out: Path, port: int, timeout: float) -> list[dict]:
+    """Launch `ranks` processes of this script in worker mode; return their results (or the failure)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("rank*.json"):
+        stale.unlink()
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(ranks),
+           "LOCAL_WORLD_SIZE": str(ranks), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--worker", mode, "--ckpt", str(ckpt), "--out", str(out), "--backend", backend],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.DEVNULL,
+            stderr=open(out / f"rank{r}.log", "w"),  # noqa: SIM115
+        )
+        for r in range(ranks)
+    ]
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    results = []
+    for r in range(ranks):
+        path = out / f"rank{r}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+        else:
+            tail = (out / f"rank{r}.log").read_text().strip().splitlines()[-1:] or ["no output"]
+            results.append({"rank": r, "rise_mb": None, "wall_s": None, "error": f"exit {procs[r].returncode}: {tail[0][:160]}"})  # fmt: skip
+    return results
+
+
+def build_checkpoint(path: Path) -> float:
+    """Build (once) the ~1 GB bf16 benchmark checkpoint; return its size in MB."""
+    from hf_dsv4.testing import build_tiny_dsv4
+
+    if not (path / "model.safetensors.index.json").exists():
+        build_tiny_dsv4(path, max_shard_bytes=256 * 2**20, **BENCH_CONFIG)
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM, {platform.system()}, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, default=Path("/tmp/hf_dsv4_bench_ckpt"))
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--backend", default="gloo")
+    parser.add_argument("--modes", default="abc")
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/hf_dsv4_bench_out"))
+    parser.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, str(args.ckpt), str(args.out), args.backend)
+
+    size_mb = build_checkpoint(args.ckpt)
+    print(f"machine: {machine()}")
+    print(f"checkpoint: {size_mb:.0f} MB bf16 safetensors ({args.ckpt}), {args.ranks} ranks, {args.backend}")
+    print(f"goals for (c): non-source rise <= {1.3 * size_mb / args.ranks:.0f} MB (1.3 x ckpt / world); source rise "
+          "<= 1.1 x (a) rank 0; wall <= (a)\n")  # fmt: skip
+    print("| mode | " + " | ".join(f"rank {r} rise MB" for r in range(args.ranks)) + " | wall s | note |")
+    print("|---" * (args.ranks + 3) + "|")
+    for i, mode in enumerate(args.modes):
+        results = run_mode(mode, args.ckpt, args.ranks, args.backend, args.out / mode, 29500 + 17 * i, args.timeout)
+        rises = " | ".join("-" if r["rise_mb"] is None else f"{r['rise_mb']:.0f}" for r in results)
+        walls = [r["wall_s"] for r in results if r["wall_s"] is not None]
+        errors = {r["error"] for r in results if r["error"]}
+        wall = f"{max(walls):.1f}" if walls and not errors else "-"
+        print(f"| ({mode}) {MODES[mode]} | {rises} | {wall} | {'; '.join(sorted(errors)) or 'ok'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
