@@ -20,3 +20,7 @@ from .react import (  # noqa: E402
 
 __all__ += ["DSMLParseError", "parse_completion"]
 __all__ += ["AgentKeyword", "ToolDesc", "format_react", "parse_react", "parse_react_step", "react_to_messages"]
+
+from .chat_template import CHAT_TEMPLATE, install_chat_template  # noqa: E402
+
+__all__ += ["CHAT_TEMPLATE", "install_chat_template"]
