@@ -259,6 +259,7 @@ def test_segments_mark_exactly_each_assistant_rendering():
         ([{"role": "assistant", "tool_calls": [call("f", "[1, 2]")]}], 0, "must be a JSON object, got list"),
         ([{"role": "assistant", "tool_calls": [call("f", "{oops")]}], 0, "not valid JSON"),
         ([{"role": "assistant", "tool_calls": [call("f", 7)]}], 0, "got int"),
+        ([{"role": "assistant", "tool_calls": [call("f", '{"n": ' + "9" * 5000 + "}")]}], 0, "not valid JSON"),
         ([{"role": "user", "content": [{"type": "text", "text": "x"}]}], 0, "must be a string or None, got list"),
         ([{"role": "system", "content": "s"}, {"role": "assistant", "content": 3}], 1, "got int"),
         ([{"role": "user", "content": "q", "task": "dance"}], 0, "unknown task 'dance'"),

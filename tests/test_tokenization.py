@@ -174,3 +174,37 @@ def test_bad_policy_names_are_rejected(tokenizer):
         ConversationTokenizer(tokenizer, turns="first")
     with pytest.raises(ValueError, match="overlong must be one of"):
         ConversationTokenizer(tokenizer, overlong="wrap")
+
+
+# ------------------------------------------------------------------ equality with the Jinja template's mask
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from strategies import conversations  # noqa: E402
+
+from hf_dsv4.template import install_chat_template  # noqa: E402
+from hf_dsv4.testing import tiny_tokenizer  # noqa: E402
+
+_TEMPLATED = install_chat_template(tiny_tokenizer())
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(conversation=conversations(), mode=st.sampled_from(["thinking", "chat"]), drop=st.booleans())
+def test_labels_equal_the_jinja_assistant_mask_and_ids_equal_apply_chat_template(conversation, mode, drop):
+    messages, tools = conversation
+    stock = _TEMPLATED.apply_chat_template(
+        messages,
+        tools=tools,
+        thinking_mode=mode,
+        drop_thinking=drop,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    sample = tokenize_conversation(_TEMPLATED, messages, tools, thinking_mode=mode, drop_thinking=drop)
+    if sample is None:  # nothing to train: the template marks nothing either
+        assert 1 not in stock["assistant_masks"]
+        return
+    assert sample["input_ids"] == stock["input_ids"]
+    assert [int(label != -100) for label in sample["labels"]] == stock["assistant_masks"]

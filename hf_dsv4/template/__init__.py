@@ -1,26 +1,27 @@
 """The DeepSeek-V4 chat format: encoder, tokenizer chat template, tokenization with labels, parsers."""
 
+from .chat_template import CHAT_TEMPLATE, install_chat_template
 from .encoder import ChatFormatError, Segment, encode_messages, render_segments
+from .parser import DSMLParseError, parse_completion
+from .react import AgentKeyword, ToolDesc, format_react, parse_react, parse_react_step, react_to_messages
+from .tokenization import ConversationTokenizer, OverlongSampleError, tokenize_conversation
 
-__all__ = ["ChatFormatError", "Segment", "encode_messages", "render_segments"]
-
-from .tokenization import ConversationTokenizer, OverlongSampleError, tokenize_conversation  # noqa: E402
-
-__all__ += ["ConversationTokenizer", "OverlongSampleError", "tokenize_conversation"]
-
-from .parser import DSMLParseError, parse_completion  # noqa: E402
-from .react import (  # noqa: E402
-    AgentKeyword,
-    ToolDesc,
-    format_react,
-    parse_react,
-    parse_react_step,
-    react_to_messages,
-)
-
-__all__ += ["DSMLParseError", "parse_completion"]
-__all__ += ["AgentKeyword", "ToolDesc", "format_react", "parse_react", "parse_react_step", "react_to_messages"]
-
-from .chat_template import CHAT_TEMPLATE, install_chat_template  # noqa: E402
-
-__all__ += ["CHAT_TEMPLATE", "install_chat_template"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "AgentKeyword",
+    "ChatFormatError",
+    "ConversationTokenizer",
+    "DSMLParseError",
+    "OverlongSampleError",
+    "Segment",
+    "ToolDesc",
+    "encode_messages",
+    "format_react",
+    "install_chat_template",
+    "parse_completion",
+    "parse_react",
+    "parse_react_step",
+    "react_to_messages",
+    "render_segments",
+    "tokenize_conversation",
+]

@@ -59,7 +59,7 @@ def tool_call_arguments(arguments: Any, index: int | None = None) -> dict:
     if isinstance(arguments, str):
         try:
             value = json.loads(arguments)
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # JSONDecodeError, and e.g. integers beyond Python's digit limit
             raise ChatFormatError(
                 f"tool call arguments are not valid JSON ({err}): {arguments[:80]!r}", index
             ) from None
