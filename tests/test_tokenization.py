@@ -176,6 +176,37 @@ def test_bad_policy_names_are_rejected(tokenizer):
         ConversationTokenizer(tokenizer, overlong="wrap")
 
 
+def test_prefix_cache_reuses_the_tools_block_ids_and_changes_no_id_or_label(tokenizer):
+    tools = [{"type": "function", "function": {"name": "f", "description": "d" * 300, "parameters": {}}}]
+    convs = [MULTI_TURN, MULTI_TURN[:3], load_fixture(1)[0]]
+    cached = ConversationTokenizer(tokenizer)
+    uncached = ConversationTokenizer(tokenizer, prefix_cache_size=0)
+    for messages in convs:
+        assert cached(messages, tools) == uncached(messages, tools)
+        assert (
+            cached(messages, tools)[0]["input_ids"]
+            == tokenizer(
+                encode_messages([{**messages[0], "tools": [*(messages[0].get("tools") or []), *tools]}, *messages[1:]]),
+                add_special_tokens=False,
+            )["input_ids"]
+        )
+    assert cached.stats["prefix_cache_hits"] == 4  # MULTI_TURN and MULTI_TURN[:3] share the system prompt
+    assert uncached.stats["prefix_cache_hits"] == 0
+
+
+def test_a_token_that_can_straddle_a_special_token_makes_it_unsafe_to_split_before():
+    from tokenizers import AddedToken
+
+    from hf_dsv4.template.tokenization import safe_split_tokens
+    from hf_dsv4.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    assert {T.USER, T.ASSISTANT} <= safe_split_tokens(tok.backend_tokenizer)
+    tok.add_tokens(["x<｜User｜>", AddedToken("<｜Assistant｜>", lstrip=True, special=True)])
+    safe = safe_split_tokens(tok.backend_tokenizer)
+    assert T.USER not in safe and T.ASSISTANT not in safe and T.EOS in safe
+
+
 # ------------------------------------------------------------------ equality with the Jinja template's mask
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -89,6 +89,48 @@ def char_spans_to_token_mask_ranges(
     return ranges
 
 
+def _encoding_ranges(encoding: Any, spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]] | None:
+    """`char_spans_to_token_mask_ranges` computed from a `tokenizers.Encoding` at the span edges only (a few calls
+    into Rust instead of materialising every offset); None when a span edge is not covered by a token."""
+    n = len(encoding)
+    ranges = []
+    for s, e in spans:
+        if e <= s:
+            continue
+        a, b = encoding.char_to_token(s), encoding.char_to_token(e - 1)
+        if a is None or b is None:
+            return None
+        while a > 0 and encoding.token_to_chars(a - 1)[1] > s:  # tokens sharing the edge character
+            a -= 1
+        while b + 1 < n and encoding.token_to_chars(b + 1)[0] < e:
+            b += 1
+        ranges.append((a, b + 1))
+    return ranges
+
+
+def safe_split_tokens(backend: Any) -> frozenset[str]:
+    """Added tokens before which a `tokenizers.Tokenizer` always splits, so that encoding the text before and the
+    text from such a token separately gives exactly the ids of encoding the whole text.
+
+    The backend first cuts the text at added-token matches (leftmost-longest), then normalizes, pre-tokenizes and
+    runs the model on each piece alone. A position where added token S begins is a cut unless some added token t
+    can straddle it, which needs a proper suffix of t to start with S or to be a prefix of S. Tokens that strip
+    whitespace to their left or only match whole words are never safe; tokens matched after normalization are
+    only safe when the backend has no normalizer.
+    """
+    added = list(backend.get_added_tokens_decoder().values())
+    contents = [t.content for t in added]
+    has_normalizer = backend.normalizer is not None
+    safe = set()
+    for token in added:
+        S = token.content
+        if token.lstrip or token.single_word or (has_normalizer and any(t.normalized for t in added)):
+            continue
+        if not any(t[k:].startswith(S) or S.startswith(t[k:]) for t in contents for k in range(1, len(t))):
+            safe.add(S)
+    return frozenset(safe)
+
+
 @dataclass
 class ConversationTokenizer:
     """Turns conversations into `input_ids`, `attention_mask` and assistant-only `labels`.
@@ -104,6 +146,7 @@ class ConversationTokenizer:
     turns: Literal["all", "last", "per_turn"] = "all"
     max_length: int | None = None
     overlong: Literal["truncate", "drop", "raise"] = "truncate"
+    prefix_cache_size: int = 64
     stats: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -111,8 +154,9 @@ class ConversationTokenizer:
             raise ValueError(f"turns must be one of {TURNS}, got {self.turns!r}")
         if self.overlong not in OVERLONG:
             raise ValueError(f"overlong must be one of {OVERLONG}, got {self.overlong!r}")
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        self._encode = backend.encode if backend is not None else None
+        self._backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self._safe_splits = safe_split_tokens(self._backend) if self._backend is not None else frozenset()
+        self._prefix_ids: dict[str, list[int]] = {}
 
     def __call__(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None) -> list[dict]:
         self.stats["conversations"] += 1
@@ -136,21 +180,49 @@ class ConversationTokenizer:
             if seg.message_index is not None and seg.message_index >= first_trained:
                 spans.append((pos, pos + len(seg.text)))
             pos += len(seg.text)
+        prefix = self._cacheable_prefix(segments)
         text = "".join(seg.text for seg in segments)
-        ids, offsets = self._tokenize(text)
-        labels = [IGNORE_INDEX] * len(ids)
-        for a, b in char_spans_to_token_mask_ranges(offsets, spans):
-            labels[a:b] = ids[a:b]
-        return self._fit(ids, labels)
+        ids, ranges = self._tokenize(text, spans, prefix)
+        return self._fit(ids, ranges)
 
-    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        if self._encode is not None:
-            enc = self._encode(text, add_special_tokens=False)
-            return enc.ids, enc.offsets
-        out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return out["input_ids"], out["offset_mapping"]
+    def _cacheable_prefix(self, segments: Sequence) -> str:
+        """The leading prompt text (BOS, system prompt, tools block) when the text after it starts at a safe split
+        point; the tools block repeats across a dataset, so its ids are cached. "" when not applicable."""
+        if self.prefix_cache_size <= 0 or len(segments) < 3 or segments[0].message_index is not None:
+            return ""
+        for k in range(1, len(segments)):
+            if segments[k].message_index is not None:
+                return ""
+            if any(segments[k].text.startswith(S) for S in self._safe_splits):
+                prefix = "".join(seg.text for seg in segments[:k])
+                return prefix if len(prefix) >= 256 else ""
+        return ""
 
-    def _fit(self, ids: list[int], labels: list[int]) -> dict | None:
+    def _tokenize(
+        self, text: str, spans: list[tuple[int, int]], prefix: str = ""
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` and the token ranges overlapping `spans` (which all start after `prefix`)."""
+        backend = self._backend
+        if backend is None or backend.truncation is not None or backend.padding is not None:
+            out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return out["input_ids"], char_spans_to_token_mask_ranges(out["offset_mapping"], spans)
+        head: list[int] = []
+        if prefix:
+            head = self._prefix_ids.get(prefix)
+            if head is None:
+                if len(self._prefix_ids) >= self.prefix_cache_size:
+                    self._prefix_ids.pop(next(iter(self._prefix_ids)))
+                head = self._prefix_ids[prefix] = backend.encode(prefix, add_special_tokens=False).ids
+            else:
+                self.stats["prefix_cache_hits"] += 1
+            text, spans = text[len(prefix) :], [(s - len(prefix), e - len(prefix)) for s, e in spans]
+        enc = backend.encode(text, add_special_tokens=False)
+        ranges = _encoding_ranges(enc, spans)
+        if ranges is None:
+            ranges = char_spans_to_token_mask_ranges(enc.offsets, spans)
+        return head + enc.ids, [(a + len(head), b + len(head)) for a, b in ranges]
+
+    def _fit(self, ids: list[int], ranges: list[tuple[int, int]]) -> dict | None:
         self.stats["samples"] += 1
         if self.max_length is not None and len(ids) > self.max_length:
             if self.overlong == "raise":
@@ -162,13 +234,20 @@ class ConversationTokenizer:
                 self.stats["dropped_overlong"] += 1
                 return None
             self.stats["truncated"] += 1
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-        if all(label == IGNORE_INDEX for label in labels):
+            ids = ids[: self.max_length]
+        labels = [IGNORE_INDEX] * len(ids)
+        trained = 0
+        for a, b in ranges:
+            b = min(b, len(ids))
+            if b > a:
+                labels[a:b] = ids[a:b]
+                trained += b - a
+        if not trained:
             self.stats["dropped_no_trainable_tokens"] += 1
             return None
         self.stats["kept"] += 1
         self.stats["tokens"] += len(ids)
-        self.stats["trained_tokens"] += sum(label != IGNORE_INDEX for label in labels)
+        self.stats["trained_tokens"] += trained
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
     def log_stats(self) -> None:
