@@ -1,6 +1,7 @@
 """Tokenization with assistant-only labels: exact spans, turn policies, over-long policies."""
 
 import logging
+import os
 
 import pytest
 from conftest import load_fixture
@@ -176,22 +177,40 @@ def test_bad_policy_names_are_rejected(tokenizer):
         ConversationTokenizer(tokenizer, overlong="wrap")
 
 
-def test_prefix_cache_reuses_the_tools_block_ids_and_changes_no_id_or_label(tokenizer):
+def test_fast_path_with_prefix_cache_gives_the_ids_of_encoding_the_whole_text(tokenizer):
+    from hf_dsv4.template.tokenization import _cutter_for
+
     tools = [{"type": "function", "function": {"name": "f", "description": "d" * 300, "parameters": {}}}]
     convs = [MULTI_TURN, MULTI_TURN[:3], load_fixture(1)[0]]
-    cached = ConversationTokenizer(tokenizer)
-    uncached = ConversationTokenizer(tokenizer, prefix_cache_size=0)
+    tok = tiny_tokenizer()  # a fresh tokenizer: a fresh prefix cache
+    cached = ConversationTokenizer(tok)
+    uncached = ConversationTokenizer(tok, prefix_cache_size=0)
     for messages in convs:
-        assert cached(messages, tools) == uncached(messages, tools)
-        assert (
-            cached(messages, tools)[0]["input_ids"]
-            == tokenizer(
-                encode_messages([{**messages[0], "tools": [*(messages[0].get("tools") or []), *tools]}, *messages[1:]]),
-                add_special_tokens=False,
-            )["input_ids"]
-        )
-    assert cached.stats["prefix_cache_hits"] == 4  # MULTI_TURN and MULTI_TURN[:3] share the system prompt
-    assert uncached.stats["prefix_cache_hits"] == 0
+        text = encode_messages([{**messages[0], "tools": [*(messages[0].get("tools") or []), *tools]}, *messages[1:]])
+        whole = tok(text, add_special_tokens=False)["input_ids"]
+        for _ in range(2):
+            [sample] = cached(messages, tools)
+            assert sample["input_ids"] == whole
+            assert sample == uncached(messages, tools)[0]
+    assert cached.stats["slow_path"] == 0
+    prefixes = _cutter_for(tok).prefix_ids
+    assert len(prefixes) == 2  # MULTI_TURN and MULTI_TURN[:3] share their system prompt and tools block
+    for prefix, ids in prefixes.items():
+        assert prefix.startswith(T.BOS) and ids == tok(prefix, add_special_tokens=False)["input_ids"]
+
+
+def test_span_edges_that_are_not_safe_cuts_take_the_slow_path_with_the_same_result(tokenizer):
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "open end", "wo_eos": True}]
+    ct = ConversationTokenizer(tokenizer)
+    [sample] = ct([{"role": "system", "content": "s"}, *msgs, {"role": "user", "content": "more"}])
+    assert ct.stats["slow_path"] == 0  # the open span ends right before <｜User｜>: still a safe cut
+    msgs = [{"role": "system", "content": "sys"}, {"role": "assistant", "content": "right after the system"}]
+    ct = ConversationTokenizer(tokenizer, thinking_mode="chat")
+    [sample] = ct(msgs)
+    assert ct.stats["slow_path"] == 1  # in chat mode the span starts right after plain system text
+    text = encode_messages(msgs, thinking_mode="chat")
+    assert sample["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert trained_pieces(tokenizer, sample) == [f"right after the system{E}"]
 
 
 def test_a_token_that_can_straddle_a_special_token_makes_it_unsafe_to_split_before():
@@ -201,10 +220,12 @@ def test_a_token_that_can_straddle_a_special_token_makes_it_unsafe_to_split_befo
     from hf_dsv4.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    assert {T.USER, T.ASSISTANT} <= safe_split_tokens(tok.backend_tokenizer)
-    tok.add_tokens(["x<｜User｜>", AddedToken("<｜Assistant｜>", lstrip=True, special=True)])
-    safe = safe_split_tokens(tok.backend_tokenizer)
-    assert T.USER not in safe and T.ASSISTANT not in safe and T.EOS in safe
+    starts, ends = safe_split_tokens(tok.backend_tokenizer)
+    assert {T.USER, T.ASSISTANT, T.THINK_START, T.EOS} <= starts and {T.THINK_START, T.EOS} <= ends
+    tok.add_tokens(["x<｜User｜>", "<think>!", AddedToken("<｜Assistant｜>", lstrip=True, special=True)])
+    starts, ends = safe_split_tokens(tok.backend_tokenizer)
+    assert T.USER not in starts and T.ASSISTANT not in starts and T.EOS in starts
+    assert T.THINK_START in starts and T.THINK_START not in ends  # "<think>!" may be matched instead
 
 
 # ------------------------------------------------------------------ equality with the Jinja template's mask
@@ -219,7 +240,11 @@ from hf_dsv4.testing import tiny_tokenizer  # noqa: E402
 _TEMPLATED = install_chat_template(tiny_tokenizer())
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=int(os.environ.get("HF_DSV4_EXAMPLES", 80)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(conversation=conversations(), mode=st.sampled_from(["thinking", "chat"]), drop=st.booleans())
 def test_labels_equal_the_jinja_assistant_mask_and_ids_equal_apply_chat_template(conversation, mode, drop):
     messages, tools = conversation

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -108,27 +109,93 @@ def _encoding_ranges(encoding: Any, spans: Iterable[tuple[int, int]]) -> list[tu
     return ranges
 
 
-def safe_split_tokens(backend: Any) -> frozenset[str]:
-    """Added tokens before which a `tokenizers.Tokenizer` always splits, so that encoding the text before and the
-    text from such a token separately gives exactly the ids of encoding the whole text.
+def safe_split_tokens(backend: Any) -> tuple[frozenset[str], frozenset[str]]:
+    """Added tokens at whose start (first set) or end (second set) a `tokenizers.Tokenizer` always cuts the text,
+    so that encoding the pieces between such cuts separately gives exactly the ids of encoding the whole text.
 
     The backend first cuts the text at added-token matches (leftmost-longest), then normalizes, pre-tokenizes and
-    runs the model on each piece alone. A position where added token S begins is a cut unless some added token t
-    can straddle it, which needs a proper suffix of t to start with S or to be a prefix of S. Tokens that strip
-    whitespace to their left or only match whole words are never safe; tokens matched after normalization are
-    only safe when the backend has no normalizer.
+    runs the model on each piece alone. The start of an occurrence of added token S is a cut unless another added
+    token t can straddle it (a proper suffix of t starts with S or is a prefix of S), S strips whitespace to its
+    left, or S only matches whole words; its end is a cut too when S strips nothing to its right and no longer
+    added token starts with S. With a normalizer and normalized added tokens, nothing is claimed.
     """
     added = list(backend.get_added_tokens_decoder().values())
     contents = [t.content for t in added]
-    has_normalizer = backend.normalizer is not None
-    safe = set()
+    if backend.normalizer is not None and any(t.normalized for t in added):
+        return frozenset(), frozenset()
+    starts, ends = set(), set()
     for token in added:
         S = token.content
-        if token.lstrip or token.single_word or (has_normalizer and any(t.normalized for t in added)):
+        if token.lstrip or token.single_word:
             continue
-        if not any(t[k:].startswith(S) or S.startswith(t[k:]) for t in contents for k in range(1, len(t))):
-            safe.add(S)
-    return frozenset(safe)
+        if any(t[k:].startswith(S) or S.startswith(t[k:]) for t in contents for k in range(1, len(t))):
+            continue
+        starts.add(S)
+        if not token.rstrip and not any(t != S and t.startswith(S) for t in contents):
+            ends.add(S)
+    return frozenset(starts), frozenset(ends)
+
+
+class _Cutter:
+    """Encodes a text as independent pieces cut at provably safe positions (see `safe_split_tokens`), with the ids
+    of repeated prompt prefixes (system prompt + tools block) cached. Built once per tokenizer vocabulary."""
+
+    def __init__(self, backend: Any):
+        self.backend = backend
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.starts, self.ends = safe_split_tokens(backend)
+        self.start_lengths = sorted({len(t) for t in self.starts})
+        self.end_lengths = sorted({len(t) for t in self.ends})
+        self.prefix_ids: dict[str, list[int]] = {}
+        encode_fast = getattr(backend, "encode_batch_fast", None)  # ids without offsets (tokenizers >= 0.21)
+        self.encode_batch = encode_fast or backend.encode_batch
+
+    def is_cut(self, text: str, p: int) -> bool:
+        if p <= 0 or p >= len(text):
+            return True
+        return any(text[p : p + n] in self.starts for n in self.start_lengths) or any(
+            text[p - n : p] in self.ends for n in self.end_lengths if n <= p
+        )
+
+    def prefix_end(self, text: str, candidates: Iterable[int], min_chars: int = 256) -> int:
+        """The first cut among `candidates` at or after `min_chars` (0 if none): the end of a cacheable prefix."""
+        return next((p for p in candidates if p >= min_chars and self.is_cut(text, p)), 0)
+
+    def encode(
+        self, text: str, spans: list[tuple[int, int]], prefix_end: int, cache_size: int
+    ) -> tuple[list[int], list[tuple[int, int]]] | None:
+        """(ids, token ranges of `spans`), or None when a span edge is not a safe cut."""
+        edges = {p for span in spans for p in span}
+        if not all(self.is_cut(text, p) for p in edges):
+            return None
+        bounds = sorted({0, len(text), prefix_end, *edges})
+        pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+        head: list[int] = []
+        if prefix_end and cache_size > 0:
+            head = self.prefix_ids.get(pieces[0])
+            if head is None:
+                if len(self.prefix_ids) >= cache_size:
+                    self.prefix_ids.pop(next(iter(self.prefix_ids)))
+                head = self.prefix_ids[pieces[0]] = self.backend.encode(pieces[0], add_special_tokens=False).ids
+            pieces = pieces[1:]
+        ids = list(head)
+        token_at = {0: 0, bounds[1]: len(head)} if head else {0: 0}
+        rest_bounds = bounds[2:] if head else bounds[1:]
+        for bound, encoding in zip(rest_bounds, self.encode_batch(pieces, add_special_tokens=False)):
+            ids += encoding.ids
+            token_at[bound] = len(ids)
+        return ids, [(token_at[s], token_at[e]) for s, e in spans if e > s]
+
+
+_CUTTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cutter_for(tokenizer: Any) -> _Cutter:
+    backend = tokenizer.backend_tokenizer
+    cutter = _CUTTERS.get(tokenizer)
+    if cutter is None or cutter.backend is not backend or cutter.vocab_size != backend.get_vocab_size(True):
+        cutter = _CUTTERS[tokenizer] = _Cutter(backend)  # new or changed vocabulary
+    return cutter
 
 
 @dataclass
@@ -155,8 +222,6 @@ class ConversationTokenizer:
         if self.overlong not in OVERLONG:
             raise ValueError(f"overlong must be one of {OVERLONG}, got {self.overlong!r}")
         self._backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        self._safe_splits = safe_split_tokens(self._backend) if self._backend is not None else frozenset()
-        self._prefix_ids: dict[str, list[int]] = {}
 
     def __call__(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None) -> list[dict]:
         self.stats["conversations"] += 1
@@ -180,47 +245,36 @@ class ConversationTokenizer:
             if seg.message_index is not None and seg.message_index >= first_trained:
                 spans.append((pos, pos + len(seg.text)))
             pos += len(seg.text)
-        prefix = self._cacheable_prefix(segments)
         text = "".join(seg.text for seg in segments)
-        ids, ranges = self._tokenize(text, spans, prefix)
+        ids, ranges = self._tokenize(text, spans, segments)
         return self._fit(ids, ranges)
 
-    def _cacheable_prefix(self, segments: Sequence) -> str:
-        """The leading prompt text (BOS, system prompt, tools block) when the text after it starts at a safe split
-        point; the tools block repeats across a dataset, so its ids are cached. "" when not applicable."""
-        if self.prefix_cache_size <= 0 or len(segments) < 3 or segments[0].message_index is not None:
-            return ""
-        for k in range(1, len(segments)):
-            if segments[k].message_index is not None:
-                return ""
-            if any(segments[k].text.startswith(S) for S in self._safe_splits):
-                prefix = "".join(seg.text for seg in segments[:k])
-                return prefix if len(prefix) >= 256 else ""
-        return ""
+    def _tokenize(self, text: str, spans: list[tuple[int, int]], segments: Sequence) -> tuple[list[int], list]:
+        """Token ids of `text` and the token ranges overlapping the char `spans`.
 
-    def _tokenize(
-        self, text: str, spans: list[tuple[int, int]], prefix: str = ""
-    ) -> tuple[list[int], list[tuple[int, int]]]:
-        """Token ids of `text` and the token ranges overlapping `spans` (which all start after `prefix`)."""
+        Fast path: cut the text at the span edges (each right after `<think>`/`</think>`/a task token, or at EOS),
+        which `safe_split_tokens` proves are token boundaries, and encode the pieces without offsets, reusing
+        the cached ids of the system/tools prefix. Otherwise one encoding with offsets. Both give the ids of
+        encoding the whole text (tested against `apply_chat_template`)."""
         backend = self._backend
         if backend is None or backend.truncation is not None or backend.padding is not None:
             out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             return out["input_ids"], char_spans_to_token_mask_ranges(out["offset_mapping"], spans)
-        head: list[int] = []
-        if prefix:
-            head = self._prefix_ids.get(prefix)
-            if head is None:
-                if len(self._prefix_ids) >= self.prefix_cache_size:
-                    self._prefix_ids.pop(next(iter(self._prefix_ids)))
-                head = self._prefix_ids[prefix] = backend.encode(prefix, add_special_tokens=False).ids
-            else:
-                self.stats["prefix_cache_hits"] += 1
-            text, spans = text[len(prefix) :], [(s - len(prefix), e - len(prefix)) for s, e in spans]
+        cutter = _cutter_for(self.tokenizer)
+        prompt_ends = []  # candidate ends of a cacheable prefix: segment ends before the first trained span
+        pos = 0
+        for seg in segments:
+            if seg.message_index is not None:
+                break
+            pos += len(seg.text)
+            prompt_ends.append(pos)
+        fast = cutter.encode(text, spans, cutter.prefix_end(text, prompt_ends), self.prefix_cache_size)
+        if fast is not None:
+            return fast
+        self.stats["slow_path"] += 1
         enc = backend.encode(text, add_special_tokens=False)
         ranges = _encoding_ranges(enc, spans)
-        if ranges is None:
-            ranges = char_spans_to_token_mask_ranges(enc.offsets, spans)
-        return head + enc.ids, [(a + len(head), b + len(head)) for a, b in ranges]
+        return enc.ids, ranges if ranges is not None else char_spans_to_token_mask_ranges(enc.offsets, spans)
 
     def _fit(self, ids: list[int], ranges: list[tuple[int, int]]) -> dict | None:
         self.stats["samples"] += 1
