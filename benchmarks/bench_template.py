@@ -63,7 +63,9 @@ def short_chat(rng: random.Random) -> tuple[list[dict], None]:
     ], None
 
 
-def tool_conversation(rng: random.Random, turns: int = 8) -> tuple[list[dict], list[dict]]:
+def tool_conversation(
+    rng: random.Random, turns: int = 8, dict_arguments: bool = False
+) -> tuple[list[dict], list[dict]]:
     messages = [{"role": "system", "content": "You are a helpful assistant."}]
     for t in range(turns):
         messages.append({"role": "user", "content": _text(rng, 15)})
@@ -71,7 +73,7 @@ def tool_conversation(rng: random.Random, turns: int = 8) -> tuple[list[dict], l
             {
                 "id": f"call_{t}_{k}",
                 "type": "function",
-                "function": {"name": "get_weather", "arguments": json.dumps({"city": _text(rng, 1), "days": k + 1})},
+                "function": {"name": "get_weather", "arguments": _arguments(rng, k, dict_arguments)},
             }
             for k in range(1 + t % 2)
         ]
@@ -84,9 +86,14 @@ def tool_conversation(rng: random.Random, turns: int = 8) -> tuple[list[dict], l
     return messages, TOOLS
 
 
-def conversations(n: int, seed: int = 0) -> list[tuple[list[dict], list[dict] | None]]:
+def _arguments(rng: random.Random, k: int, as_dict: bool) -> dict | str:
+    arguments = {"city": _text(rng, 1), "days": k + 1}
+    return arguments if as_dict else json.dumps(arguments)  # datasets usually store JSON strings
+
+
+def conversations(n: int, seed: int = 0, dict_arguments: bool = False) -> list[tuple[list[dict], list[dict] | None]]:
     rng = random.Random(seed)
-    return [short_chat(rng) if i % 2 == 0 else tool_conversation(rng) for i in range(n)]
+    return [short_chat(rng) if i % 2 == 0 else tool_conversation(rng, dict_arguments=dict_arguments) for i in range(n)]
 
 
 def _with_tools(messages, tools):
@@ -110,6 +117,9 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=400)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the tiny test tokenizer)")
+    parser.add_argument(
+        "--dict-arguments", action="store_true", help="tool-call arguments as dicts instead of JSON strings"
+    )
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
@@ -121,7 +131,7 @@ def main() -> None:
     else:
         tok = tiny_tokenizer()
     install_chat_template(tok)
-    convs = conversations(args.conversations)
+    convs = conversations(args.conversations, dict_arguments=args.dict_arguments)
 
     # warm up (template compilation, caches) and check that (c) and (d) agree exactly
     for messages, tools in convs[:20]:
@@ -147,7 +157,8 @@ def main() -> None:
     n_tokens = sum(len(tokenize_conversation(tok, m, t)["input_ids"]) for m, t in convs)
     print(f"machine: {platform.processor() or platform.machine()}, {platform.python_implementation()} "
           f"{platform.python_version()}, 1 core; {len(convs)} conversations (half short, half 8-turn tool), "
-          f"{n_tokens / len(convs):.0f} tokens each on average, tokenizer: {args.tokenizer or 'tiny'}")  # fmt: skip
+          f"{n_tokens / len(convs):.0f} tokens each on average, tool arguments as "
+          f"{'dicts' if args.dict_arguments else 'JSON strings'}, tokenizer: {args.tokenizer or 'tiny'}")  # fmt: skip
     print()
     print("| path | conversations/s | vs (d) |")
     print("| --- | ---: | ---: |")
