@@ -1,0 +1,118 @@
+"""`DSV4Accelerator` + `DSV4FSDP2Plugin` under `accelerate launch` with the 2-process CPU config (real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_dsv4 import DSV4FSDP2Plugin
+from hf_dsv4.testing import build_tiny_dsv4
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "accelerate_configs" / "fsdp2_cpu_2proc.yaml"
+SCRIPT = Path(__file__).with_name("accelerate_script.py")
+# (scenario, extra environment): the YAML alone, and the YAML with ACCELERATE_USE_CPU=true
+RUNS = {"stock": ("stock", {}), "stock_use_cpu": ("stock", {"ACCELERATE_USE_CPU": "true"}), "dsv4": ("dsv4", {})}
+
+
+def launch_all(ckpt: Path, out: Path, timeout: float = 150) -> dict[str, list[dict]]:
+    """`accelerate launch --config_file CONFIG tests/accelerate_script.py <scenario> ...` for every run in RUNS, at
+    the same time; each run's per-rank results. A run that fails or outlives `timeout` fails with its output."""
+    procs = {}
+    for name, (scenario, extra) in RUNS.items():
+        (out / name).mkdir(parents=True)
+        env = {**os.environ, **extra, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), str(SCRIPT),
+               scenario, str(ckpt), str(out / name)]  # fmt: skip
+        log = open(out / f"{name}.log", "w")  # noqa: SIM115 - closed below
+        procs[name] = (
+            subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
+            log,
+        )
+    results = {}
+    for name, (proc, log) in procs.items():
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started
+            proc.wait()
+        log.close()
+        files = sorted((out / name).glob("*.json"))
+        if proc.returncode != 0 or len(files) != 2:
+            raise AssertionError(f"{name}: exit {proc.returncode}\n{(out / f'{name}.log').read_text()[-6000:]}")
+        results[name] = [json.loads(f.read_text()) for f in files]
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, list[dict]]:
+    ckpt = build_tiny_dsv4(tmp_path_factory.mktemp("tiny_dsv4"))
+    return launch_all(ckpt, tmp_path_factory.mktemp("accelerate"))
+
+
+def test_stock_accelerator_ignores_fsdp_on_cpu_processes(runs):
+    # the YAML alone: two processes that each think they are alone
+    for result in runs["stock"]:
+        assert result == {"distributed_type": "DistributedType.NO", "is_fsdp2": False, "num_processes": 1,
+                          "process_index": 0, "model_class": "Linear", "sharded": False}  # fmt: skip
+    # with ACCELERATE_USE_CPU=true: one gloo group, but DDP instead of FSDP
+    for rank, result in enumerate(runs["stock_use_cpu"]):
+        assert result == {"distributed_type": "DistributedType.MULTI_CPU", "is_fsdp2": False, "num_processes": 2,
+                          "process_index": rank, "model_class": "DistributedDataParallel", "sharded": False}  # fmt: skip
+
+
+def test_prepare_shards_every_decoder_layer_with_fsdp2_on_cpu_processes(runs):
+    for result in runs["dsv4"]:
+        assert result["distributed_type"] == "DistributedType.FSDP" and result["is_fsdp2"]
+        assert result["plugin"] == "DSV4FSDP2Plugin"
+        assert result["backend"] == "gloo" and result["num_processes"] == 2
+        assert result["all_dtensor"] and result["root_sharded"] and result["layers_sharded"]
+        assert result["layers"] == ["FSDPDeepseekV4DecoderLayer"] * 3
+
+
+def test_prepare_uses_shard_model_not_accelerates_loader(runs):
+    for result in runs["dsv4"]:
+        assert result["shard_model_calls"] == 1 and result["stock_prepare_calls"] == 0
+    assert runs["dsv4"][1]["all_meta_before"] and not runs["dsv4"][0]["all_meta_before"]
+
+
+def test_prepared_model_equals_single_process_model_bit_for_bit(runs):
+    for result in runs["dsv4"]:
+        assert result["bad_params"] == [] and result["bad_buffers"] == [] and result["num_tensors"] == 105
+        assert result["logits_equal"], result["logits_max_diff"]
+
+
+def test_optimizer_steps_the_sharded_parameters_on_every_rank(runs):
+    for result in runs["dsv4"]:
+        assert result["optimizer_is_model"]
+        assert result["step_changed"] == 80  # every parameter with a gradient (the indexer gets none)
+        assert result["step_not_close"] == []  # = one single-process SGD step on the mean loss
+
+
+def test_plugin_reads_accelerate_launch_environment(monkeypatch):
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    plugin = DSV4FSDP2Plugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False
+    assert type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FSDP_VERSION": "1"}, "hf_dsv4 shards with FSDP2 only, got fsdp_version=1"),
+        ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "call `model.gradient_checkpointing_enable()`"),
+    ],
+)
+def test_plugin_rejects_what_it_cannot_do(monkeypatch, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DSV4FSDP2Plugin()
