@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -206,6 +207,7 @@ def main() -> None:
     parser.add_argument("--backend", default="gloo")
     parser.add_argument("--modes", default="abc")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per mode (interleaved); the table shows medians")
     parser.add_argument("--out", type=Path, default=Path("/tmp/hf_dsv4_bench_out"))
     parser.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,15 +219,24 @@ def main() -> None:
     print(f"checkpoint: {size_mb:.0f} MB bf16 safetensors ({args.ckpt}), {args.ranks} ranks, {args.backend}")
     print(f"goals for (c): non-source rise <= {1.3 * size_mb / args.ranks:.0f} MB (1.3 x ckpt / world); source rise "
           "<= 1.1 x (a) rank 0; wall <= (a)\n")  # fmt: skip
+    print(
+        f"{args.repeats} runs per mode, interleaved; medians (wall: slowest rank of a run), every run's wall in brackets\n"
+    )
     print("| mode | " + " | ".join(f"rank {r} rise MB" for r in range(args.ranks)) + " | wall s | note |")
     print("|---" * (args.ranks + 3) + "|")
-    for i, mode in enumerate(args.modes):
-        results = run_mode(mode, args.ckpt, args.ranks, args.backend, args.out / mode, 29500 + 17 * i, args.timeout)
-        rises = " | ".join("-" if r["rise_mb"] is None else f"{r['rise_mb']:.0f}" for r in results)
-        walls = [r["wall_s"] for r in results if r["wall_s"] is not None]
-        errors = {r["error"] for r in results if r["error"]}
-        wall = f"{max(walls):.1f}" if walls and not errors else "-"
-        print(f"| ({mode}) {MODES[mode]} | {rises} | {wall} | {'; '.join(sorted(errors)) or 'ok'} |", flush=True)
+    runs = {mode: [] for mode in args.modes}
+    for repeat in range(args.repeats):
+        for i, mode in enumerate(args.modes):
+            port = 29500 + 17 * (i + len(args.modes) * repeat)
+            runs[mode].append(run_mode(mode, args.ckpt, args.ranks, args.backend, args.out / mode, port, args.timeout))
+    for mode, results in runs.items():
+        errors = {r["error"] for run in results for r in run if r["error"]}
+        rises = [statistics.median(run[r]["rise_mb"] for run in results if run[r]["rise_mb"] is not None)
+                 if not errors else None for r in range(args.ranks)]  # fmt: skip
+        walls = [max(r["wall_s"] for r in run) for run in results] if not errors else []
+        rise_cells = " | ".join("-" if rise is None else f"{rise:.0f}" for rise in rises)
+        wall = f"{statistics.median(walls):.2f} [{', '.join(f'{w:.2f}' for w in walls)}]" if walls else "-"
+        print(f"| ({mode}) {MODES[mode]} | {rise_cells} | {wall} | {'; '.join(sorted(errors)) or 'ok'} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -250,13 +250,32 @@ def _load_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(names[id(layer)] + ".", layer) for layer in decoder_layers(model)] + [("", model)]
 
 
-def load_from_source(model: nn.Module, full_state_dict: dict[str, torch.Tensor]) -> None:
+def _materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
+    """Allocate every buffer on `device` (values follow); parameters stay on meta."""
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = torch.empty_like(buffer, device=device)
+
+
+def _on_meta(module: nn.Module) -> bool:
+    """Whether no tensor of `module`'s state dict is allocated yet (0-dim ones aside)."""
+    return all(t.is_meta for t in module.state_dict(keep_vars=True).values() if t.dim() > 0)
+
+
+def load_from_source(model: nn.Module, full_state_dict: dict[str, torch.Tensor], device: torch.device | str) -> None:
     """Send rank 0's full state dict into every rank's shards with DCP (`broadcast_from_rank0`), one decoder layer
     at a time. Rank 0 drops each part of `full_state_dict` once sent (the dict is emptied), so its memory falls as
-    the shards fill instead of holding the checkpoint and the shards at once."""
+    the shards fill instead of holding the checkpoint and the shards at once.
+
+    Parameters are expected on meta and buffers on `device` (`_materialize_buffers`): DCP then assigns each received
+    shard instead of copying it into an allocated parameter (and, for the root, every loaded parameter into itself),
+    and puts the shards on the device of the tensors it finds allocated."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     is_source = dist.get_rank() == 0
     for prefix, module in _load_units(model):
+        if _on_meta(module):  # no buffer to take the device from: DCP would use the process group's default device
+            module.to_empty(device=device)
         part = {}
         if is_source:
             part = {
@@ -318,8 +337,8 @@ def shard_model(
     _tie_weights(model)
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else None
     apply_fsdp(model, mesh, reshard_after_forward, mixed_precision, offload)
-    model.to_empty(device="cpu" if cpu_offload else device)
-    load_from_source(model, state_dict)
+    _materialize_buffers(model, "cpu" if cpu_offload else device)
+    load_from_source(model, state_dict, "cpu" if cpu_offload else device)
     del state_dict
     broadcast_non_persistent_buffers(model, buffers)
     _tie_weights(model)

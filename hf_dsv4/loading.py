@@ -124,6 +124,20 @@ def _strict_loading_info(info: dict[str, Any]) -> None:
         raise ValueError(f"the checkpoint does not match the model ({details})")
 
 
+@contextlib.contextmanager
+def _threads_of_idle_ranks() -> Iterator[None]:
+    """On a source rank, use the intra-op threads of the node's other ranks while they wait (converting the
+    checkpoint, e.g. fusing experts, is mostly parallel torch ops); restored on exit."""
+    threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # one source per node, the others wait
+    torch.set_num_threads(max(threads, min(threads * local_world, cores)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _rank_aware_from_pretrained(original: classmethod, source_per_node: bool) -> classmethod:
     """A `from_pretrained` classmethod body that loads on source ranks and builds on meta elsewhere."""
 
@@ -134,9 +148,10 @@ def _rank_aware_from_pretrained(original: classmethod, source_per_node: bool) ->
         model, info, error = None, {}, None
         if is_source_rank(source_per_node):
             try:
-                model, info = original.__get__(None, cls)(
-                    pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-                )
+                with _threads_of_idle_ranks():
+                    model, info = original.__get__(None, cls)(
+                        pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+                    )
                 _strict_loading_info(info)
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank by `_agree_on_load`
                 error = exc
