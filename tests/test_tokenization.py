@@ -226,6 +226,8 @@ def test_a_token_that_can_straddle_a_special_token_makes_it_unsafe_to_split_befo
     starts, ends = safe_split_tokens(tok.backend_tokenizer)
     assert T.USER not in starts and T.ASSISTANT not in starts and T.EOS in starts
     assert T.THINK_START in starts and T.THINK_START not in ends  # "<think>!" may be matched instead
+    tok.backend_tokenizer.encode_special_tokens = True  # what split_special_tokens=True sets
+    assert safe_split_tokens(tok.backend_tokenizer) == (frozenset(), frozenset())
 
 
 # ------------------------------------------------------------------ equality with the Jinja template's mask
@@ -264,3 +266,13 @@ def test_labels_equal_the_jinja_assistant_mask_and_ids_equal_apply_chat_template
         return
     assert sample["input_ids"] == stock["input_ids"]
     assert [int(label != -100) for label in sample["labels"]] == stock["assistant_masks"]
+
+
+def test_split_special_tokens_is_honoured_after_the_cutter_was_built():
+    tok = tiny_tokenizer()
+    [before] = ConversationTokenizer(tok)(MULTI_TURN)
+    tok.backend_tokenizer.encode_special_tokens = True  # special tokens now encode as plain text
+    ct = ConversationTokenizer(tok)
+    [after] = ct(MULTI_TURN)
+    assert after["input_ids"] == tok.backend_tokenizer.encode(encode_messages(MULTI_TURN), add_special_tokens=False).ids
+    assert len(after["input_ids"]) > len(before["input_ids"]) and ct.stats["slow_path"] == 1

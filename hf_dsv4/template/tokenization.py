@@ -117,19 +117,23 @@ def safe_split_tokens(backend: Any) -> tuple[frozenset[str], frozenset[str]]:
     runs the model on each piece alone. The start of an occurrence of added token S is a cut unless another added
     token t can straddle it (a proper suffix of t starts with S or is a prefix of S), S strips whitespace to its
     left, or S only matches whole words; its end is a cut too when S strips nothing to its right and no longer
-    added token starts with S. With a normalizer and normalized added tokens, nothing is claimed.
+    added token starts with S. Nothing is claimed when special tokens are encoded as text (`split_special_tokens`)
+    or when added tokens are matched after a normalizer.
     """
     added = list(backend.get_added_tokens_decoder().values())
     contents = [t.content for t in added]
-    if backend.normalizer is not None and any(t.normalized for t in added):
-        return frozenset(), frozenset()
+    if getattr(backend, "encode_special_tokens", False) or (
+        backend.normalizer is not None and any(t.normalized for t in added)
+    ):
+        return frozenset(), frozenset()  # special tokens encoded as text, or matched after normalization
+    suffixes = {t[k:] for t in contents for k in range(1, len(t))}  # proper suffixes of every added token
     starts, ends = set(), set()
     for token in added:
         S = token.content
         if token.lstrip or token.single_word:
             continue
-        if any(t[k:].startswith(S) or S.startswith(t[k:]) for t in contents for k in range(1, len(t))):
-            continue
+        if any(t.find(S, 1) != -1 for t in contents) or any(S[:j] in suffixes for j in range(1, len(S) + 1)):
+            continue  # some added token can straddle the start of S
         starts.add(S)
         if not token.rstrip and not any(t != S and t.startswith(S) for t in contents):
             ends.add(S)
@@ -142,7 +146,7 @@ class _Cutter:
 
     def __init__(self, backend: Any):
         self.backend = backend
-        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.key = _cutter_key(backend)
         self.starts, self.ends = safe_split_tokens(backend)
         self.start_lengths = sorted({len(t) for t in self.starts})
         self.end_lengths = sorted({len(t) for t in self.ends})
@@ -190,11 +194,16 @@ class _Cutter:
 _CUTTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _cutter_key(backend: Any) -> tuple:
+    """What a `_Cutter` depends on that can change on a live tokenizer."""
+    return backend.get_vocab_size(with_added_tokens=True), getattr(backend, "encode_special_tokens", False)
+
+
 def _cutter_for(tokenizer: Any) -> _Cutter:
     backend = tokenizer.backend_tokenizer
     cutter = _CUTTERS.get(tokenizer)
-    if cutter is None or cutter.backend is not backend or cutter.vocab_size != backend.get_vocab_size(True):
-        cutter = _CUTTERS[tokenizer] = _Cutter(backend)  # new or changed vocabulary
+    if cutter is None or cutter.backend is not backend or cutter.key != _cutter_key(backend):
+        cutter = _CUTTERS[tokenizer] = _Cutter(backend)  # new tokenizer, or its added tokens / flags changed
     return cutter
 
 
