@@ -20,7 +20,7 @@ import time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
-from hf_dsv4.template import encode_messages, install_chat_template, tokenize_conversation  # noqa: E402
+from hf_dsv4.template import attach_tools, encode_messages, install_chat_template, tokenize_conversation  # noqa: E402
 from hf_dsv4.testing import tiny_tokenizer  # noqa: E402
 
 WORDS = (
@@ -96,12 +96,6 @@ def conversations(n: int, seed: int = 0, dict_arguments: bool = False) -> list[t
     return [short_chat(rng) if i % 2 == 0 else tool_conversation(rng, dict_arguments=dict_arguments) for i in range(n)]
 
 
-def _with_tools(messages, tools):
-    if not tools:
-        return messages
-    return [{**messages[0], "tools": tools}, *messages[1:]]
-
-
 def _rate(fn, convs, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -143,7 +137,7 @@ def main() -> None:
         assert [int(x != -100) for x in ours["labels"]] == stock["assistant_masks"], "labels differ from the mask"
 
     rows = [
-        ("(a) encode_messages (text)", lambda m, t: encode_messages(_with_tools(m, t))),
+        ("(a) encode_messages (text)", lambda m, t: encode_messages(attach_tools(m, t))),
         ("(b) apply_chat_template, Jinja (text)", lambda m, t: tok.apply_chat_template(m, tools=t, tokenize=False)),
         ("(c) tokenize_conversation (ids + labels)", lambda m, t: tokenize_conversation(tok, m, t)),
         (

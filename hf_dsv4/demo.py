@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from .template import encode_messages, install_chat_template, parse_completion, tokenize_conversation
+from .template import attach_tools, encode_messages, install_chat_template, parse_completion, tokenize_conversation
 from .testing import tiny_tokenizer
 
 TOOLS = [
@@ -47,7 +47,7 @@ def _rule(title: str) -> None:
 def main() -> None:
     tok = install_chat_template(tiny_tokenizer())
 
-    text = encode_messages([{**CONVERSATION[0], "tools": TOOLS}, *CONVERSATION[1:]])
+    text = encode_messages(attach_tools(CONVERSATION, TOOLS))
     jinja_text = tok.apply_chat_template(CONVERSATION, tools=TOOLS, tokenize=False)
     _rule("prompt text (encode_messages == apply_chat_template: %s)" % (text == jinja_text))
     print(text)

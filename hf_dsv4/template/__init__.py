@@ -1,7 +1,7 @@
 """The DeepSeek-V4 chat format: encoder, tokenizer chat template, tokenization with labels, parsers."""
 
 from .chat_template import CHAT_TEMPLATE, install_chat_template
-from .encoder import ChatFormatError, Segment, encode_messages, render_segments
+from .encoder import ChatFormatError, Segment, attach_tools, encode_messages, render_segments
 from .parser import DSMLParseError, parse_completion
 from .react import AgentKeyword, ToolDesc, format_react, parse_react, parse_react_step, react_to_messages
 from .tokenization import ConversationTokenizer, OverlongSampleError, tokenize_conversation
@@ -15,6 +15,7 @@ __all__ = [
     "OverlongSampleError",
     "Segment",
     "ToolDesc",
+    "attach_tools",
     "encode_messages",
     "format_react",
     "install_chat_template",

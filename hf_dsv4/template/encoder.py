@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 from . import tokens as T
 
-__all__ = ["ChatFormatError", "Segment", "encode_messages", "render_segments", "tool_call_arguments"]
+__all__ = ["ChatFormatError", "Segment", "attach_tools", "encode_messages", "render_segments", "tool_call_arguments"]
 
 _KEEP_ROLES_WHEN_DROPPING = {"user", "system", "tool", "latest_reminder"}
 
@@ -69,6 +69,17 @@ def tool_call_arguments(arguments: Any, index: int | None = None) -> dict:
     raise ChatFormatError(
         f"tool call arguments must be a JSON-object string or a dict, got {type(arguments).__name__}", index
     )
+
+
+def attach_tools(messages: Sequence[Mapping], tools: Sequence[Mapping] | None) -> list[Mapping]:
+    """`messages` with `tools` appended to the leading system message's own tools, inserting an empty system
+    message when there is none: what `apply_chat_template(messages, tools=tools)` renders. Copies, never mutates."""
+    messages = list(messages)
+    if not tools:
+        return messages
+    if messages and messages[0].get("role") == "system":
+        return [{**messages[0], "tools": [*(messages[0].get("tools") or []), *tools]}, *messages[1:]]
+    return [{"role": "system", "content": "", "tools": list(tools)}, *messages]
 
 
 # ----------------------------------------------------------------------------------------------------------

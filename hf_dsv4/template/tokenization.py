@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .encoder import render_segments
+from .encoder import attach_tools, render_segments
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +44,6 @@ OVERLONG = ("truncate", "drop", "raise")
 
 class OverlongSampleError(ValueError):
     """A sample is longer than `max_length` under `overlong="raise"`."""
-
-
-def _with_tools(messages: Sequence[Mapping], tools: Sequence[Mapping] | None) -> list[Mapping]:
-    """Attach `tools` to the leading system message, creating an empty one if there is none (as the template does)."""
-    messages = list(messages)
-    if not tools:
-        return messages
-    if messages and messages[0].get("role") == "system":
-        head = dict(messages[0])
-        head["tools"] = list(head.get("tools") or []) + list(tools)
-        return [head, *messages[1:]]
-    return [{"role": "system", "content": "", "tools": list(tools)}, *messages]
 
 
 def _trailing_assistants(messages: Sequence[Mapping]) -> int:
@@ -246,7 +234,7 @@ class ConversationTokenizer:
         return samples
 
     def _one(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None, turns: str) -> dict | None:
-        messages = _with_tools(messages, tools)
+        messages = attach_tools(messages, tools)
         segments = render_segments(messages, self.thinking_mode, self.drop_thinking, self.reasoning_effort)
         first_trained = _trailing_assistants(messages) if turns == "last" else 0
         spans, pos = [], 0
