@@ -5,7 +5,7 @@ template (text only), (c) `tokenize_conversation` (text + input_ids + assistant-
 for the same output as (c): (d) `apply_chat_template(..., return_dict=True, return_assistant_tokens_mask=True)`.
 The mix is half short chats (system, user, reasoning assistant) and half 8-turn tool conversations.
 
-    python benchmarks/bench_template.py [--conversations 400] [--repeat 3] [--tokenizer PATH]
+    python benchmarks/bench_template.py [--conversations 400] [--repeat 5] [--tokenizer PATH]
 """
 
 from __future__ import annotations
@@ -96,20 +96,23 @@ def conversations(n: int, seed: int = 0, dict_arguments: bool = False) -> list[t
     return [short_chat(rng) if i % 2 == 0 else tool_conversation(rng, dict_arguments=dict_arguments) for i in range(n)]
 
 
-def _rate(fn, convs, repeat: int) -> float:
-    best = float("inf")
+def _rates(rows, convs, repeat: int) -> dict[str, float]:
+    """Best conversations/s of each row over `repeat` rounds; rows are interleaved within a round so that a noisy
+    neighbour slows every row alike instead of one row."""
+    best = {name: float("inf") for name, _ in rows}
     for _ in range(repeat):
-        start = time.perf_counter()
-        for messages, tools in convs:
-            fn(messages, tools)
-        best = min(best, time.perf_counter() - start)
-    return len(convs) / best
+        for name, fn in rows:
+            start = time.perf_counter()
+            for messages, tools in convs:
+                fn(messages, tools)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: len(convs) / seconds for name, seconds in best.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=400)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds; the best round counts")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the tiny test tokenizer)")
     parser.add_argument(
         "--dict-arguments", action="store_true", help="tool-call arguments as dicts instead of JSON strings"
@@ -147,7 +150,7 @@ def main() -> None:
             ),
         ),
     ]
-    rates = {name: _rate(fn, convs, args.repeat) for name, fn in rows}
+    rates = _rates(rows, convs, args.repeat)
     n_tokens = sum(len(tokenize_conversation(tok, m, t)["input_ids"]) for m, t in convs)
     print(f"machine: {platform.processor() or platform.machine()}, {platform.python_implementation()} "
           f"{platform.python_version()}, 1 core; {len(convs)} conversations (half short, half 8-turn tool), "
