@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -163,3 +166,32 @@ def _switch_to_sharded(optimizer: torch.optim.Optimizer, model: nn.Module, names
                 "model: build the optimizer from `model.parameters()` of the model passed to `prepare`"
             )
         group["params"] = [model.get_parameter(names[param]) for param in group["params"]]
+
+
+@contextmanager
+def dsv4_trainer_accelerator(fsdp_plugin_args: dict[str, Any] | None = None) -> Iterator[None]:
+    """Scope under which a `transformers.Trainer` (or any subclass, e.g. TRL's `SFTTrainer`) built inside it uses
+    `DSV4Accelerator` instead of `Accelerator`, so that under an FSDP launch config its model is sharded with
+    `hf_dsv4.shard_model`, on GPU and CPU processes alike:
+
+        with dsv4_trainer_accelerator():
+            trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[DSV4Callback()])
+
+    `fsdp_plugin_args` (what `TrainingArguments(fsdp=..., fsdp_config=...)` produces, `args.fsdp_plugin_args`)
+    builds the `DSV4FSDP2Plugin` when given; otherwise the plugin comes from the launch config's environment.
+    The Trainer module's `Accelerator` name is restored on exit, also on error.
+    """
+    import transformers.trainer as trainer_module
+
+    original = trainer_module.Accelerator
+
+    def build(*args: Any, fsdp_plugin: FullyShardedDataParallelPlugin | None = None, **kwargs: Any) -> DSV4Accelerator:
+        if fsdp_plugin_args is not None:
+            fsdp_plugin = DSV4FSDP2Plugin(**fsdp_plugin_args)
+        return DSV4Accelerator(*args, fsdp_plugin=fsdp_plugin, **kwargs)
+
+    trainer_module.Accelerator = build
+    try:
+        yield
+    finally:
+        trainer_module.Accelerator = original

@@ -33,6 +33,7 @@ __all__ = [
     "ToolDesc",
     "action_offset",
     "format_react",
+    "has_react_keywords",
     "openai_tool_call",
     "parse_react",
     "parse_react_step",
@@ -292,6 +293,11 @@ class _Converter:
 
 def _has_keyword(text: str, keywords: AgentKeyword) -> bool:
     return any(s.kind is not None for s in _sections(text, keywords))
+
+
+def has_react_keywords(text: str, keywords: AgentKeyword = AgentKeyword()) -> bool:
+    """Whether `text` has a ReAct keyword line (Thought, Action, Action Input, Observation, Final Answer)."""
+    return _has_keyword(text, keywords)
 
 
 def react_to_messages(messages: Sequence[Mapping], keywords: AgentKeyword = AgentKeyword()) -> list[dict]:

@@ -1,0 +1,176 @@
+"""PEFT adapters out of (and back into) an FSDP2-sharded model, moving only the trainable tensors.
+
+`gather_adapter(model)` collects the full trainable tensors on rank 0 (`get_model_state_dict(...,
+full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)`: frozen parameters are dropped before anything is
+gathered, so the base model never crosses the wire) and renames them the way `PeftModel.save_pretrained` does.
+`save_adapter` writes `adapter_model.safetensors` + `adapter_config.json` atomically; `load_adapter` sends a saved
+adapter from rank 0 into the shards (used to resume). All three are collectives: every rank calls them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+T = TypeVar("T")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _is_main() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def peft_model_of(model: nn.Module):
+    """The `PeftModel` in `model`'s tree (the model itself, or inside a wrapper), or None."""
+    from peft import PeftModel
+
+    return next((m for m in model.modules() if isinstance(m, PeftModel)), None)
+
+
+def on_main(fn: Callable[[], T], what: str) -> T | None:
+    """Run `fn` on rank 0 only (None elsewhere); if it fails, every rank raises the same error (a collective)."""
+    result, error = None, None
+    if _is_main():
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            error = f"{type(exc).__name__}: {exc}"
+    if _distributed():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise RuntimeError(f"rank 0 could not {what}: {error}")
+    return result
+
+
+def _require_peft(model: nn.Module):
+    peft_model = peft_model_of(model)
+    if peft_model is None:
+        raise ValueError(f"{type(model).__name__} holds no PeftModel: there is no adapter to save or load")
+    return peft_model
+
+
+def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the trainable parameters, by name; on rank 0 only (other ranks get {}). A collective."""
+    if _distributed():
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        state = get_model_state_dict(model, options=options)
+        return state if dist.get_rank() == 0 else {}
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _peft_keys(peft_model, names: list[str], adapter_name: str) -> dict[str, str]:
+    """model parameter name -> the key `PeftModel.save_pretrained` writes for it (adapter name removed)."""
+    from peft import get_peft_model_state_dict
+
+    prefix = _prefix_of(peft_model, names)
+    placeholders = {name[len(prefix) :]: torch.empty(0) for name in names}
+    renamed = get_peft_model_state_dict(peft_model, state_dict=dict(placeholders), adapter_name=adapter_name)
+    # peft only drops the adapter name (and filters); map each kept key back to its parameter by that rule.
+    out = {}
+    for name in placeholders:
+        key = name.replace(f".{adapter_name}", "")
+        if key in renamed:
+            out[prefix + name] = key
+    return out
+
+
+def _prefix_of(peft_model, names: list[str]) -> str:
+    """What wrappers add before the PeftModel's own parameter names (usually '')."""
+    own = next((n for n, p in peft_model.named_parameters() if p.requires_grad), None)
+    if own is None or not names:
+        return ""
+    match = next((n for n in names if n.endswith(own)), None)
+    return match[: len(match) - len(own)] if match else ""
+
+
+def gather_adapter(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors as `PeftModel.save_pretrained` would write them; on rank 0 ({} elsewhere). A collective."""
+    peft_model = _require_peft(model)
+    state = gather_trainable(model)
+    if not _is_main():
+        return {}
+    keys = _peft_keys(peft_model, list(state), adapter_name)
+    missing = sorted(set(state) - set(keys))
+    if missing:
+        logger.warning(
+            "%d trainable tensor(s) are not part of the adapter and are not saved: %s", len(missing), missing[:5]
+        )
+    return {keys[name]: state[name].contiguous() for name in keys}
+
+
+def save_adapter(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    adapter_name: str = "default",
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path | None:
+    """Write the adapter in PEFT format to `output_dir` (rank 0); every rank must call it (it gathers).
+
+    The files are written into a temporary folder beside `output_dir` and moved in one by one, weights first and
+    `adapter_config.json` last, so an interrupted save never leaves a folder that `PeftModel.from_pretrained` would
+    take for a complete adapter with missing or half-written weights. Returns the folder on rank 0, None elsewhere.
+    """
+    peft_model = _require_peft(model)
+    tensors = gather_adapter(model, adapter_name) if state_dict is None else state_dict
+    if not _is_main():
+        return None
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
+    try:
+        save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        peft_model.peft_config[adapter_name].save_pretrained(staging)
+        (output_dir / ADAPTER_CONFIG).unlink(missing_ok=True)
+        os.replace(staging / ADAPTER_WEIGHTS, output_dir / ADAPTER_WEIGHTS)
+        os.replace(staging / ADAPTER_CONFIG, output_dir / ADAPTER_CONFIG)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    n = sum(t.numel() for t in tensors.values())
+    logger.info("saved a PEFT adapter (%d tensors, %.2fM parameters) to %s", len(tensors), n / 1e6, output_dir)
+    return output_dir
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Load a PEFT adapter saved by `save_adapter` into `model`'s (sharded) adapter parameters, from rank 0's disk.
+
+    Every rank calls it; only rank 0 reads the file. Every adapter tensor of the model must be in the file."""
+    peft_model = _require_peft(model)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    keys = _peft_keys(peft_model, names, adapter_name)
+
+    def read() -> dict[str, torch.Tensor]:
+        stored = load_file(Path(adapter_dir) / ADAPTER_WEIGHTS)
+        absent = sorted(key for key in keys.values() if key not in stored)
+        if absent:
+            raise ValueError(f"{ADAPTER_WEIGHTS} lacks {len(absent)} adapter tensor(s), e.g. {absent[:3]}")
+        return {name: stored[key] for name, key in keys.items()}
+
+    state = on_main(read, f"load the adapter from {adapter_dir}") or {}
+    if _distributed():
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        set_model_state_dict(model, state, options=options)
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)

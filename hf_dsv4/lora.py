@@ -1,0 +1,95 @@
+"""LoRA presets for DeepSeek-V4: which projections to adapt, as `peft.LoraConfig`s.
+
+Named target sets (`dsv4_lora_config(targets=...)`), from smallest to largest:
+
+| name | adapted | how |
+| --- | --- | --- |
+| `"attention"` | `self_attn.q_a_proj, q_b_proj, kv_proj, o_b_proj` of every layer | `target_modules` (regex) |
+| `"attention+shared"` | + `mlp.shared_experts.gate_proj, up_proj, down_proj` | `target_modules` (regex) |
+| `"all"` | + routed experts `mlp.experts.gate_up_proj, down_proj` | + `target_parameters` |
+
+Choices, and why:
+
+- The compressor and lightning-indexer projections inside CSA/HCA attention (`self_attn.compressor.kv_proj`,
+  `...compressor.gate_proj`, `...indexer.*`) share names with the attention projections but are never adapted: the
+  indexer only picks which compressed entries to attend (a top-k, so the LM loss gives it no gradient) and the
+  compressor summarises the raw token stream that the sparse attention reads, so a low-rank update there shifts every
+  later query's view of the context. The regexes anchor on `self_attn.<name>` to leave them out.
+- `self_attn.o_a_proj` is a block-diagonal grouped projection (`DeepseekV4GroupedLinear`, an `nn.Linear` subclass that
+  reshapes its input per group); a plain LoRA on it would compute the wrong shape, so it is never targeted.
+- Routed experts are fused 3-D parameters; peft adapts them through `target_parameters` (one rank-`r` update per
+  expert, `r x num_experts` rows in `lora_A`). On V4-Flash (256 experts) that is most of the adapter: use it only
+  when the attention + shared-expert adapter is not enough.
+- Routers, hyper-connections, norms, sinks and embeddings are not adapted (they are small, and several are kept in
+  fp32 by the model).
+- Adapter weights are created in fp32 (peft's default `autocast_adapter_dtype=True`) beside a bf16 base. FSDP2
+  accepts that because `hf_dsv4.shard_model` puts each dtype in its own FSDP group; a bf16 `MixedPrecisionPolicy`
+  still computes them in bf16, with fp32 master weights and fp32 gradient reduction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from peft import LoraConfig
+
+ATTENTION = r".*\.self_attn\.(q_a_proj|q_b_proj|kv_proj|o_b_proj)"
+SHARED_EXPERTS = r".*\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)"
+ROUTED_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+# name -> (target_modules regex, target_parameters)
+LORA_TARGETS: dict[str, tuple[str, list[str] | None]] = {
+    "attention": (ATTENTION, None),
+    "attention+shared": (f"{ATTENTION}|{SHARED_EXPERTS}", None),
+    "all": (f"{ATTENTION}|{SHARED_EXPERTS}", ROUTED_EXPERTS),
+}
+
+
+def resolve_lora_targets(targets: str | Sequence[str] | None) -> tuple[str | list[str], list[str] | None]:
+    """`(target_modules, target_parameters)` for a preset name, or for explicit module names (kept as given).
+
+    `None` means the `"attention"` preset. A one-element list holding a preset name (what a CLI flag such as
+    `--lora_target_modules attention+shared` gives) counts as that preset.
+    """
+    if targets is None:
+        targets = "attention"
+    if not isinstance(targets, str) and len(targets) == 1 and targets[0] in LORA_TARGETS:
+        targets = targets[0]
+    if isinstance(targets, str):
+        if targets not in LORA_TARGETS:
+            raise ValueError(
+                f"unknown LoRA target preset {targets!r}: use one of {sorted(LORA_TARGETS)} or a list of module names"
+            )
+        modules, parameters = LORA_TARGETS[targets]
+        return modules, (list(parameters) if parameters else None)
+    if "o_a_proj" in targets:
+        raise ValueError("o_a_proj is a grouped (block-diagonal) projection that LoRA cannot adapt: remove it")
+    return list(targets), None
+
+
+def dsv4_lora_config(
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    targets: str | Sequence[str] | None = "attention",
+    **kwargs: Any,
+) -> LoraConfig:
+    """A causal-LM `LoraConfig` for DeepSeek-V4 with one of the `LORA_TARGETS` presets (or explicit module names).
+
+    Extra keyword arguments go to `LoraConfig` (for example `use_rslora=True`); `target_parameters` given there is
+    added to the preset's.
+    """
+    modules, parameters = resolve_lora_targets(targets)
+    extra = kwargs.pop("target_parameters", None)
+    if extra:
+        parameters = [*(parameters or []), *extra]
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=modules,
+        target_parameters=parameters,
+        task_type="CAUSAL_LM",
+        **kwargs,
+    )

@@ -1,0 +1,290 @@
+"""`DSV4SFTTrainer`: TRL's `SFTTrainer` for DeepSeek-V4 under FSDP2, and its config `DSV4SFTConfig`.
+
+What it adds to `SFTTrainer` (the user writes none of it):
+
+- model from a path or hub id: loaded under `memory_efficient_init` (only rank 0 reads the checkpoint, the other
+  ranks build on meta), on CPU, in the configured dtype (`model_init_kwargs["dtype"]`, default bf16), never with a
+  `device_map`; LoRA from `peft_config` (see `hf_dsv4.dsv4_lora_config`) is added by `SFTTrainer` as usual;
+- the DeepSeek-V4 chat template installed on the tokenizer, and the data tokenized by `hf_dsv4.data` (messages +
+  tools, prompt-completion, ReAct agent rows) with assistant-only labels and the multi-turn thinking policy of
+  `turns`; no packing or padding-free batches (DeepSeek-V4's compressors read the raw token stream);
+- an accelerator that shards with `hf_dsv4.shard_model` under an FSDP launch config (`DSV4Accelerator`, also on CPU
+  processes) and a `DSV4Callback` for throughput / memory / routing-load logs;
+- checkpoints without the frozen base: the adapter (`adapter_model.safetensors` + `adapter_config.json`, PEFT
+  format, gathered with only trainable tensors on the wire, written atomically), the optimizer state of the
+  trainable parameters (`optimizer.pt`, full tensors, rank 0), scheduler, RNG and trainer state; `resume_from_checkpoint`
+  sends them back into the shards from rank 0. `save_model()` writes the adapter + tokenizer; `push_to_hub()` uploads
+  that folder with a model card.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+from trl.data_utils import is_conversational
+
+from .accelerate_plugin import DSV4FSDP2Plugin, dsv4_trainer_accelerator
+from .adapter import _distributed, load_adapter, on_main, peft_model_of, save_adapter
+from .callback import DSV4Callback
+from .data import SFTRowTokenizer, tokenize_dataset
+from .loading import memory_efficient_init
+from .template import ConversationTokenizer, install_chat_template
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZER_NAME = "optimizer.pt"
+SCHEDULER_NAME = "scheduler.pt"
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+@dataclass
+class DSV4SFTConfig(SFTConfig):
+    """`trl.SFTConfig` with DeepSeek-V4 defaults and the chat-format options of `hf_dsv4.template`.
+
+    Changed defaults: `assistant_only_loss=True`, `router_aux_loss_coef=0.0` (DeepSeek-V4 balances its experts with
+    `e_score_correction_bias`, not an auxiliary loss; TRL's Mixtral-style loss also needs `config.num_experts`, which
+    DeepSeek-V4 does not have), `gradient_checkpointing=False` (turn it on for the real model).
+    """
+
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Train only the assistant spans (reasoning, content, tool calls, EOS) of conversational rows."
+        },
+    )
+    router_aux_loss_coef: float | None = field(
+        default=0.0,
+        metadata={"help": "TRL's MoE load-balancing loss coefficient; 0 for DeepSeek-V4 (bias-balanced routing)."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in backward (model.gradient_checkpointing_enable) to save memory."},
+    )
+    turns: str = field(
+        default="all",
+        metadata={
+            "help": "Which assistant turns to train in multi-turn thinking conversations: 'all' (as rendered in the "
+            "full conversation), 'last' (only the trailing turn) or 'per_turn' (one sample per turn, reasoning kept).",
+            "choices": ["all", "last", "per_turn"],
+        },
+    )
+    overlong: str = field(
+        default="truncate",
+        metadata={"help": "What to do with samples longer than max_length.", "choices": ["truncate", "drop", "raise"]},
+    )
+    thinking_mode: str = field(
+        default="thinking",
+        metadata={"help": "DeepSeek-V4 prompt mode: 'thinking' or 'chat'.", "choices": ["thinking", "chat"]},
+    )
+    drop_thinking: bool = field(
+        default=True,
+        metadata={"help": "Drop the reasoning of earlier assistant turns, as DeepSeek-V4 does at inference."},
+    )
+    reasoning_effort: str | None = field(
+        default=None, metadata={"help": "Reasoning effort prefix ('max' or 'high'), or None."}
+    )
+    react: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Convert ReAct-style assistant messages (Thought/Action/Observation lines) to native tool calls: "
+            "None = per row, when a ReAct keyword line is present; True = always; False = never."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.turns not in ("all", "last", "per_turn"):
+            raise ValueError(f"turns must be 'all', 'last' or 'per_turn', got {self.turns!r}")
+        if self.overlong not in ("truncate", "drop", "raise"):
+            raise ValueError(f"overlong must be 'truncate', 'drop' or 'raise', got {self.overlong!r}")
+        if self.packing or self.padding_free:
+            raise ValueError(
+                "packing / padding_free is not supported for DeepSeek-V4: its attention is eager-only and its "
+                "compressors run over the raw token stream, so samples packed into one row would see each other"
+            )
+        super().__post_init__()
+
+
+def _resolve_dtype(dtype: Any) -> Any:
+    if dtype is None:
+        return torch.bfloat16
+    if isinstance(dtype, str) and dtype != "auto":
+        return getattr(torch, dtype)
+    return dtype
+
+
+def load_dsv4_model(model_id: str, args: SFTConfig):
+    """`AutoModelForCausalLM.from_pretrained(model_id)` under `memory_efficient_init`, with `args.model_init_kwargs`
+    (dtype default bf16; `device_map` dropped: rank 0 loads on CPU and FSDP2 places the shards)."""
+    kwargs = dict(args.model_init_kwargs or {})
+    dtype = _resolve_dtype(kwargs.pop("dtype", kwargs.pop("torch_dtype", None)))
+    if kwargs.pop("device_map", None) is not None:
+        logger.info("device_map is ignored: rank 0 loads on CPU and FSDP2 places the shards")
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    _ = args.device  # joins the process group (accelerate's PartialState) before the collective load
+    with memory_efficient_init():
+        return AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **kwargs)
+
+
+class DSV4SFTTrainer(SFTTrainer):
+    """`trl.SFTTrainer` for DeepSeek-V4: memory-efficient loading, FSDP2 sharding, chat-format data, adapter-only
+    checkpoints. Arguments are `SFTTrainer`'s; `args` should be a `DSV4SFTConfig` (a plain `SFTConfig` or
+    `TrainingArguments` is converted)."""
+
+    _tag_names = ["trl", "sft", "hf_dsv4", "deepseek-v4"]
+
+    def __init__(
+        self,
+        model,
+        args: SFTConfig | None = None,
+        train_dataset: Dataset | None = None,
+        processing_class=None,
+        callbacks=None,
+        **kwargs,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = DSV4SFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-SFT")
+        elif not isinstance(args, DSV4SFTConfig):
+            values = args.to_dict()
+            values["hub_token"] = args.hub_token
+            args = DSV4SFTConfig(**values)
+        if isinstance(model, (str, os.PathLike)):
+            model_id = str(model)
+            model = load_dsv4_model(model_id, args)
+        else:
+            model_id = model.config._name_or_path
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model_id)
+        install_chat_template(processing_class)
+        if train_dataset is not None and args.assistant_only_loss and len(train_dataset):
+            if not is_conversational(train_dataset[0]):
+                logger.info(
+                    "text prompt-completion rows: the completion is trained (assistant_only_loss does not apply)"
+                )
+                args.assistant_only_loss = False
+        callbacks = list(callbacks or [])
+        for callback in callbacks:
+            if isinstance(callback, DSV4Callback):
+                callback.save_adapter = False  # save_model writes the adapter into every checkpoint already
+        if not any(isinstance(c, DSV4Callback) or c is DSV4Callback for c in callbacks):
+            callbacks.append(DSV4Callback(save_adapter=False))
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------------------------------------------ data
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if formatting_func is not None:
+            raise ValueError(
+                "formatting_func is not supported by DSV4SFTTrainer: the DeepSeek-V4 template formats rows"
+            )
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"DSV4SFTTrainer needs a map-style datasets.Dataset, got {type(dataset).__name__}")
+        if "input_ids" in dataset.column_names:
+            return dataset  # already tokenized (labels, if present, are used as they are)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        conversations = ConversationTokenizer(
+            tokenizer,
+            thinking_mode=args.thinking_mode,
+            drop_thinking=args.drop_thinking,
+            reasoning_effort=args.reasoning_effort,
+            turns=args.turns,
+            max_length=args.max_length,
+            overlong=args.overlong,
+        )
+        rows = SFTRowTokenizer(conversations, assistant_only_loss=args.assistant_only_loss, react=args.react)
+        with args.main_process_first(desc=f"tokenizing the {dataset_name} dataset"):
+            return tokenize_dataset(dataset, rows, num_proc=args.dataset_num_proc, desc=f"Tokenizing {dataset_name}")
+
+    # ----------------------------------------------------------------------------------------------- accelerator
+    def create_accelerator_and_postprocess(self) -> None:
+        with dsv4_trainer_accelerator(self.args.fsdp_plugin_args):
+            super().create_accelerator_and_postprocess()
+
+    @property
+    def is_dsv4_sharded(self) -> bool:
+        """True when the model is (to be) sharded by `hf_dsv4.shard_model` through `DSV4FSDP2Plugin`."""
+        return self.is_fsdp_enabled and isinstance(self.accelerator.state.fsdp_plugin, DSV4FSDP2Plugin)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # training logs: add the callback's metrics before the loggers see them
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, DSV4Callback) and callback._handles:
+                    logs.update(callback.collect(self.state.global_step))
+        super().log(logs, start_time)
+
+    # ---------------------------------------------------------------------------------------------------- saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the adapter in PEFT format (+ tokenizer and training arguments); for full fine-tuning under FSDP2,
+        the full model gathered on rank 0. Every rank must call it."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if peft_model_of(self.model) is not None:
+            save_adapter(self.model, output_dir)
+        elif self.is_dsv4_sharded:
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(self.model, options=options)
+            if self.args.should_save:
+                self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state)
+        else:
+            return super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _unwrapped_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_dsv4_sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # Only trainable parameters have optimizer state, so for LoRA this gathers the adapter's moments only.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_optimizer_state_dict(self.model, self._unwrapped_optimizer(), options=options)
+        if self.args.should_save:
+            torch.save(state, os.path.join(output_dir, OPTIMIZER_NAME))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    # --------------------------------------------------------------------------------------------------- resuming
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self.is_dsv4_sharded:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if peft_model_of(self.model) is None:
+            raise ValueError(
+                "resuming full fine-tuning under hf_dsv4's FSDP2 plugin is not supported: resume LoRA runs, or start "
+                f"a new run from the model saved in {resume_from_checkpoint}"
+            )
+        logger.info("loading the adapter from %s into the shards", resume_from_checkpoint)
+        load_adapter(self.model, resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not self.is_dsv4_sharded or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, OPTIMIZER_NAME)
+        state = on_main(lambda: torch.load(path, map_location="cpu", weights_only=True), f"read {path}") or {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_optimizer_state_dict(self.model, self._unwrapped_optimizer(), state, options=options)
+        scheduler = os.path.join(checkpoint, SCHEDULER_NAME)
+        self.lr_scheduler.load_state_dict(torch.load(scheduler, map_location="cpu", weights_only=True))
+        if _distributed():
+            logger.info("optimizer and scheduler state restored from %s", checkpoint)
