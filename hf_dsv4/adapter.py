@@ -1,8 +1,7 @@
 """PEFT adapters out of (and back into) an FSDP2-sharded model, moving only the trainable tensors.
 
-`gather_adapter(model)` collects the full trainable tensors on rank 0 (`get_model_state_dict(...,
-full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)`: frozen parameters are dropped before anything is
-gathered, so the base model never crosses the wire) and renames them the way `PeftModel.save_pretrained` does.
+`gather_adapter(model)` collects the full trainable tensors on rank 0 (one all-gather per trainable parameter;
+frozen parameters and buffers are never gathered, so the base model never crosses the wire) and renames them the way `PeftModel.save_pretrained` does.
 `save_adapter` writes `adapter_model.safetensors` + `adapter_config.json` atomically; `load_adapter` sends a saved
 adapter from rank 0 into the shards (used to resume). All three are collectives: every rank calls them.
 """
@@ -21,7 +20,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +70,21 @@ def _require_peft(model: nn.Module):
 
 
 def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full CPU copies of the trainable parameters, by name; on rank 0 only (other ranks get {}). A collective."""
-    if _distributed():
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        state = get_model_state_dict(model, options=options)
-        return state if dist.get_rank() == 0 else {}
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """Full CPU copies of the trainable parameters, by name, on rank 0 ({} on the other ranks). A collective.
+
+    Each sharded (DTensor) trainable parameter is all-gathered on its own; frozen parameters and buffers are never
+    touched, so for LoRA only the adapter crosses the wire. Every rank walks the parameters in the same order."""
+    main = _is_main()
+    out = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        tensor = param.detach()
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        if main:
+            out[name] = tensor.cpu().clone()
+    return out
 
 
 def _peft_keys(peft_model, names: list[str], adapter_name: str) -> dict[str, str]:

@@ -93,3 +93,28 @@ def dsv4_lora_config(
         task_type="CAUSAL_LM",
         **kwargs,
     )
+
+
+def align_parameter_adapter_dtypes(model) -> int:
+    """Cast LoRA weights that peft applies through `target_parameters` (routed experts) to the dtype of the parameter
+    they adapt; returns how many adapter modules were cast.
+
+    peft applies such an adapter by parametrizing the base parameter when the wrapper's forward starts, before any
+    FSDP2 group rooted below it could be all-gathered, so under FSDP2 the base parameter and its LoRA factors must be
+    all-gathered by an enclosing module's group (the decoder layer's), which holds a single dtype. With a bf16 base
+    the routed-expert adapter therefore trains in bf16 (attention and shared-expert adapters stay fp32). Meta tensors
+    are cast too, so every rank agrees.
+    """
+    from peft.tuners.lora.layer import ParamWrapper
+
+    cast = 0
+    for module in model.modules():
+        if not isinstance(module, ParamWrapper):
+            continue
+        dtype = module.get_param().dtype
+        for factors in (module.lora_A, module.lora_B):
+            for adapter in factors.values():
+                if any(p.dtype != dtype for p in adapter.parameters()):
+                    adapter.to(dtype)
+                    cast += 1
+    return cast
