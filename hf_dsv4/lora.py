@@ -63,8 +63,11 @@ def resolve_lora_targets(targets: str | Sequence[str] | None) -> tuple[str | lis
             )
         modules, parameters = LORA_TARGETS[targets]
         return modules, (list(parameters) if parameters else None)
-    if "o_a_proj" in targets:
-        raise ValueError("o_a_proj is a grouped (block-diagonal) projection that LoRA cannot adapt: remove it")
+    grouped = [t for t in targets if t == "o_a_proj" or t.endswith(".o_a_proj")]  # peft matches name suffixes
+    if grouped:
+        raise ValueError(
+            f"{grouped[0]!r}: o_a_proj is a grouped (block-diagonal) projection that LoRA cannot adapt: remove it"
+        )
     return list(targets), None
 
 
