@@ -8,6 +8,7 @@ adapter from rank 0 into the shards (used to resume). All three are collectives:
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -148,7 +149,9 @@ def save_adapter(
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
     try:
         save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        peft_model.peft_config[adapter_name].save_pretrained(staging)
+        config = copy.deepcopy(peft_model.peft_config[adapter_name])
+        config.inference_mode = True  # what `PeftModel.save_pretrained` writes
+        config.save_pretrained(staging)
         (output_dir / ADAPTER_CONFIG).unlink(missing_ok=True)
         os.replace(staging / ADAPTER_WEIGHTS, output_dir / ADAPTER_WEIGHTS)
         os.replace(staging / ADAPTER_CONFIG, output_dir / ADAPTER_CONFIG)
