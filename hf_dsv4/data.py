@@ -45,16 +45,17 @@ def clean_messages(messages: Sequence[Mapping]) -> list[dict]:
 
 
 def parse_tools(tools: Any, row: int | None = None) -> list[dict] | None:
-    """A `tools` cell: None, a list of tools, or its JSON string."""
+    """A `tools` cell: None, a list of tools, or its JSON string. Errors name `row` when it is given."""
+    where = "" if row is None else f"row {row}: "
     if tools is None or tools == "":
         return None
     if isinstance(tools, str):
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"row {row}: the `tools` column is not valid JSON ({exc})") from exc
+            raise ValueError(f"{where}the `tools` column is not valid JSON ({exc})") from exc
     if not isinstance(tools, list):
-        raise ValueError(f"row {row}: `tools` must be a list of tools or its JSON string, got {type(tools).__name__}")
+        raise ValueError(f"{where}`tools` must be a list of tools or its JSON string, got {type(tools).__name__}")
     return _drop_nulls(tools)
 
 
@@ -98,11 +99,11 @@ class SFTRowTokenizer:
     def tokenizer(self):
         return self.conversations.tokenizer
 
-    def _messages(self, messages: Sequence[Mapping], tools: Any, index: int) -> list[dict]:
+    def _messages(self, messages: Sequence[Mapping], tools: Any) -> list[dict]:
         messages = clean_messages(messages)
         if _is_react(messages, self.react):
             messages = react_to_messages(messages)
-        samples = self.conversations(messages, parse_tools(tools, index))
+        samples = self.conversations(messages, parse_tools(tools))  # errors get the row index in __call__
         if not self.assistant_only_loss:
             for sample in samples:
                 sample["labels"] = list(sample["input_ids"])
@@ -117,7 +118,7 @@ class SFTRowTokenizer:
         limit = self.conversations.max_length
         if limit is not None and len(ids) > limit:
             if self.conversations.overlong == "drop":
-                self.conversations.stats["dropped"] += 1
+                self.conversations.stats["dropped_overlong"] += 1  # the key `log_stats` reports
                 return []
             if self.conversations.overlong == "raise":
                 raise ValueError(f"a prompt-completion sample has {len(ids)} tokens, more than max_length={limit}")
@@ -135,16 +136,14 @@ class SFTRowTokenizer:
             try:
                 if fmt == "messages":
                     tools = batch["tools"][i] if "tools" in batch else None
-                    samples = self._messages(batch["messages"][i], tools, indices[i])
+                    samples = self._messages(batch["messages"][i], tools)
                 elif isinstance(batch["prompt"][i], str):
                     samples = self._text(batch["prompt"][i], batch["completion"][i])
                 else:
                     tools = batch["tools"][i] if "tools" in batch else None
                     saved, self.conversations.turns = self.conversations.turns, "last"
                     try:
-                        samples = self._messages(
-                            list(batch["prompt"][i]) + list(batch["completion"][i]), tools, indices[i]
-                        )
+                        samples = self._messages(list(batch["prompt"][i]) + list(batch["completion"][i]), tools)
                     finally:
                         self.conversations.turns = saved
             except ValueError as exc:

@@ -13,6 +13,7 @@ import transformers
 from peft import PeftModel
 from safetensors.torch import load_file
 from safetensors.torch import save_file as real_save_file
+from test_lora import single_thread  # noqa: F401 - autouse fixture
 from torch import nn
 
 import hf_dsv4.adapter
