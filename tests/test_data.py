@@ -7,19 +7,13 @@ import json
 
 import datasets
 import pytest
+from test_react import WEATHER
+from test_tokenization import MULTI_TURN
 
 from hf_dsv4.data import SFTRowTokenizer, clean_messages, parse_tools, row_format, tokenize_dataset
 from hf_dsv4.template import ConversationTokenizer, install_chat_template, react_to_messages, tokenize_conversation
 from hf_dsv4.testing import tiny_tokenizer
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather of a city.",
-        "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
-    },
-}
 SEARCH = {
     "type": "function",
     "function": {
@@ -44,13 +38,7 @@ TOOL_CONVERSATION = [
     {"role": "tool", "tool_call_id": "call_0", "content": "sunny"},
     {"role": "assistant", "reasoning_content": "Report it.", "content": "Sunny."},
 ]
-TWO_TURNS = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hello"},
-    {"role": "assistant", "reasoning_content": "greet", "content": "Hi!"},
-    {"role": "user", "content": "Capital of France?"},
-    {"role": "assistant", "reasoning_content": "easy", "content": "Paris."},
-]
+TWO_TURNS = MULTI_TURN  # system, user, assistant, user, assistant
 REACT = [
     {"role": "user", "content": "What is the capital of France?"},
     {
