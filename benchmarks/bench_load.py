@@ -7,10 +7,14 @@
     FSDP_CPU_RAM_EFFICIENT_LOADING);
 (b) stock accelerate FSDP2 with cpu_ram_efficient_loading: every rank `from_pretrained`, then accelerate's
     `fsdp2_prepare_model` (called directly: on CPU processes `Accelerator.prepare` ignores FSDP);
-(c) hf_dsv4: `memory_efficient_init` + `shard_model`.
+(c) hf_dsv4: `memory_efficient_init` + `shard_model`;
+(s) for scale, not a goal: (a) followed by the same FSDP2 layout as (c) (`hf_dsv4.fsdp.apply_fsdp` on every rank's
+    full copy, each rank slicing its own shards), i.e. stock loading that ends, like (c), with a sharded model.
 
-Per rank it prints the peak RSS rise (VmHWM, reset just before loading, minus VmRSS at that moment) and the wall
-time from a barrier before loading to a barrier after sharding. A crash is reported, not hidden.
+Per rank it prints the peak RSS rise (VmHWM, reset just before loading, minus VmRSS at that moment), the wall time
+from a barrier before loading to a barrier after sharding, the CPU seconds of the process (all threads) and its
+minor page faults over the same span; for (c) also the wall time of the rank-aware `from_pretrained` alone. On a
+shared machine the CPU seconds and page faults are steadier than the wall time. A crash is reported, not hidden.
 """
 
 from __future__ import annotations
@@ -53,7 +57,9 @@ BENCH_CONFIG = dict(
     max_position_embeddings=4096,
 )
 MODES = {"a": "stock transformers (every rank from_pretrained)", "b": "stock accelerate FSDP2 cpu_ram_efficient_loading",
-         "c": "hf_dsv4 memory_efficient_init + shard_model"}  # fmt: skip
+         "c": "hf_dsv4 memory_efficient_init + shard_model",
+         "s": "(a) + fully_shard on every rank's full copy (scale only)"}  # fmt: skip
+PHASES: dict[str, float] = {}  # wall seconds of named phases of one run, filled by the loaders
 
 
 def _status_kb(field: str) -> int:
@@ -61,6 +67,14 @@ def _status_kb(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def _cpu_and_faults() -> tuple[float, int]:
+    """(CPU seconds of this process, all threads, user + system; minor page faults) so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime, usage.ru_minflt
 
 
 def _reset_peak() -> int:
@@ -104,9 +118,29 @@ def _load_hf_dsv4(ckpt: str, dtype):
 
     from hf_dsv4 import memory_efficient_init, shard_model
 
+    start = time.perf_counter()
     with memory_efficient_init():
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+    PHASES["load_s"] = time.perf_counter() - start
     return shard_model(model)
+
+
+def _load_stock_and_shard(ckpt: str, dtype):
+    """(a), then the FSDP2 layout of (c) applied to every rank's full copy (FSDP2 slices each rank's own shards)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hf_dsv4.fsdp import apply_fsdp
+
+    start = time.perf_counter()
+    model = _load_stock(ckpt, dtype)
+    PHASES["load_s"] = time.perf_counter() - start
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    apply_fsdp(model, init_device_mesh(device, (dist.get_world_size(),)))
+    if device == "cuda":
+        model.to(torch.device("cuda", torch.cuda.current_device()))
+    return model
 
 
 def worker(mode: str, ckpt: str, out: str, backend: str) -> None:
@@ -123,9 +157,10 @@ def worker(mode: str, ckpt: str, out: str, backend: str) -> None:
     dist.init_process_group(backend)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    load = {"a": _load_stock, "b": _load_accelerate, "c": _load_hf_dsv4}[mode]
+    load = {"a": _load_stock, "b": _load_accelerate, "c": _load_hf_dsv4, "s": _load_stock_and_shard}[mode]
     dist.barrier()
     baseline = _reset_peak()
+    cpu_start, faults_start = _cpu_and_faults()
     start = time.perf_counter()
     error = None
     try:
@@ -135,8 +170,10 @@ def worker(mode: str, ckpt: str, out: str, backend: str) -> None:
     if error is None:
         dist.barrier()
     wall = time.perf_counter() - start
+    cpu, faults = _cpu_and_faults()
     peak = _status_kb("VmHWM")
-    result = {"rank": dist.get_rank(), "rise_mb": (peak - baseline) / 1024, "wall_s": wall, "error": error}
+    result = {"rank": dist.get_rank(), "rise_mb": (peak - baseline) / 1024, "wall_s": wall, "error": error,
+              "cpu_s": cpu - cpu_start, "faults": faults - faults_start, **PHASES}  # fmt: skip
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     del model
     if error is None:
@@ -222,8 +259,9 @@ def main() -> None:
     print(
         f"{args.repeats} runs per mode, interleaved; medians (wall: slowest rank of a run), every run's wall in brackets\n"
     )
-    print("| mode | " + " | ".join(f"rank {r} rise MB" for r in range(args.ranks)) + " | wall s | note |")
-    print("|---" * (args.ranks + 3) + "|")
+    print("| mode | " + " | ".join(f"rank {r} rise MB" for r in range(args.ranks))
+          + " | wall s | CPU s (all ranks) | page faults (all ranks) | note |")  # fmt: skip
+    print("|---" * (args.ranks + 5) + "|")
     runs = {mode: [] for mode in args.modes}
     for repeat in range(args.repeats):
         for i, mode in enumerate(args.modes):
@@ -236,7 +274,13 @@ def main() -> None:
         walls = [max(r["wall_s"] for r in run) for run in results] if not errors else []
         rise_cells = " | ".join("-" if rise is None else f"{rise:.0f}" for rise in rises)
         wall = f"{statistics.median(walls):.2f} [{', '.join(f'{w:.2f}' for w in walls)}]" if walls else "-"
-        print(f"| ({mode}) {MODES[mode]} | {rise_cells} | {wall} | {'; '.join(sorted(errors)) or 'ok'} |", flush=True)
+        cpu = f"{statistics.median(sum(r['cpu_s'] for r in run) for run in results):.2f}" if walls else "-"
+        faults = f"{statistics.median(sum(r['faults'] for r in run) for run in results) / 1000:.0f}k" if walls else "-"
+        note = "; ".join(sorted(errors)) or "ok"
+        if walls and all("load_s" in r for run in results for r in run):  # the loading phase, on the slowest rank
+            load = statistics.median(max(r["load_s"] for r in run) for run in results)
+            note += f"; from_pretrained {load:.2f} s, then sharding {statistics.median(walls) - load:.2f} s"
+        print(f"| ({mode}) {MODES[mode]} | {rise_cells} | {wall} | {cpu} | {faults} | {note} |", flush=True)
 
 
 if __name__ == "__main__":
