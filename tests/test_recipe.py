@@ -1,0 +1,200 @@
+"""The main job end to end with real processes: `accelerate launch recipes/sft_dsv4.py` on 2 CPU ranks under FSDP2
+and on 1 process; loss alignment between them; interrupted + resumed runs; a plain `transformers.Trainer` with the
+plugin and the callback. All runs start together (module fixture) and are checked by the tests below."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_dsv4.data import SFTRowTokenizer
+from hf_dsv4.template import ConversationTokenizer, install_chat_template
+from hf_dsv4.testing import build_tiny_dsv4, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_2PROC = ["--config_file", str(REPO / "accelerate_configs" / "fsdp2_cpu_2proc.yaml")]
+ONE_PROC = ["--num_processes", "1", "--num_cpu_threads_per_process", "1", "--cpu"]
+RECIPE = str(REPO / "tests" / "recipe_script.py")
+DEMO = REPO / "recipes" / "data" / "dsv4_demo.jsonl"
+STEPS, SAVE_AT = 20, 10
+
+
+def _short_rows(path: Path, n: int = 28, max_tokens: int = 256) -> Path:
+    """The first `n` demo rows whose sample fits `max_tokens` (n a multiple of the global batch of 4, so every epoch
+    ends on a full step on 1 and 2 ranks alike: a ragged last batch is wrapped around differently by the
+    distributed sampler, which would make the runs see different data)."""
+    rows_tokenizer = SFTRowTokenizer(ConversationTokenizer(install_chat_template(tiny_tokenizer())))
+    kept = []
+    for index, line in enumerate(DEMO.read_text().splitlines()):
+        row = json.loads(line)
+        sample = rows_tokenizer({"messages": [row["messages"]], "tools": [row.get("tools")]}, [index])
+        if len(sample["input_ids"]) == 1 and len(sample["input_ids"][0]) <= max_tokens:
+            kept.append(line)
+    assert len(kept) >= n
+    path.write_text("\n".join(kept[:n]) + "\n")
+    return path
+
+
+def _start(name: str, launcher: list[str], script: str, args: list[str], out: Path, env: dict | None = None):
+    env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, script, *args]
+    log = open(out / f"{name}.log", "w")  # noqa: SIM115 - closed in _wait
+    return (
+        name,
+        subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=out),
+        log,
+    )
+
+
+def _wait(run, out: Path, result_dir: Path, timeout: float = 600) -> dict:
+    name, proc, log = run
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started
+        proc.wait()
+    log.close()
+    result = result_dir / "test_result.json"
+    if proc.returncode != 0 or not result.is_file():
+        raise AssertionError(f"{name}: exit {proc.returncode}\n{(out / f'{name}.log').read_text()[-8000:]}")
+    return json.loads(result.read_text())
+
+
+def _losses(result: dict) -> dict[int, float]:
+    return {entry["step"]: entry["loss"] for entry in result["log_history"] if "loss" in entry}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("recipe")
+    model = build_tiny_dsv4(out / "tiny", dtype=torch.float32, seed=0)
+    data = _short_rows(out / "short.jsonl")
+    fp32 = ["--model_name_or_path", str(model), "--dataset_name", str(data), "--dtype", "float32", "--bf16", "false",
+            "--max_length", "256", "--max_steps", str(STEPS), "--save_steps", str(SAVE_AT), "--logging_steps", "1",
+            "--per_device_train_batch_size", "2", "--learning_rate", "0.005", "--lora_target_modules", "all",
+            "--report_to", "none", "--seed", "42", "--use_cpu", "true"]  # fmt: skip
+    first = [
+        _start("default_2proc", CPU_2PROC, RECIPE,
+               ["--output_dir", str(out / "default_2proc"), "--max_steps", "6", "--logging_steps", "3"], out),
+        _start("bf16", CPU_2PROC, RECIPE,
+               [*fp32, "--dtype", "bfloat16", "--bf16", "true", "--max_steps", "4", "--logging_steps", "2",
+                "--output_dir", str(out / "bf16")], out),
+        _start("fsdp", CPU_2PROC, RECIPE, [*fp32, "--output_dir", str(out / "fsdp")], out),
+        _start("single", ONE_PROC, RECIPE, [*fp32, "--gradient_accumulation_steps", "2", "--output_dir", str(out / "single")], out),
+        _start("interrupted", CPU_2PROC, RECIPE, [*fp32, "--output_dir", str(out / "resumed")], out,
+               {"HF_DSV4_STOP_AT": str(SAVE_AT)}),
+    ]  # fmt: skip
+    results = {}
+    for run in first:
+        results[run[0]] = _wait(run, out, out / ("resumed" if run[0] == "interrupted" else run[0]))
+    results["interrupted_files"] = sorted(p.name for p in (out / "resumed").iterdir())
+    second = [
+        _start("resumed", CPU_2PROC, RECIPE,
+               [*fp32, "--output_dir", str(out / "resumed"),
+                "--resume_from_checkpoint", str(out / "resumed" / f"checkpoint-{SAVE_AT}")], out),
+        _start("plain_trainer", CPU_2PROC, str(REPO / "tests" / "plain_trainer_script.py"),
+               [str(model), str(data), str(out / "plain_trainer")], out),
+    ]  # fmt: skip
+    for run in second:
+        results[run[0]] = _wait(run, out, out / run[0])
+    results["dirs"] = {
+        name: out / name for name in ("default_2proc", "bf16", "fsdp", "single", "resumed", "plain_trainer")
+    }
+    results["model"] = model
+    return results
+
+
+def _assert_adapter_changes_model(model_path: Path, adapter_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    ids = torch.arange(3, 43).reshape(2, 20)
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, adapter_dir)
+        after = tuned(input_ids=ids).logits
+    assert not torch.allclose(before, after)
+
+
+def test_default_recipe_on_two_ranks_trains_and_saves_a_peft_adapter(runs):
+    result, folder = runs["default_2proc"], runs["dirs"]["default_2proc"]
+    assert result["world_size"] == 2 and result["sharded"]
+    losses = list(_losses(result).values())
+    assert len(losses) == 2 and losses[-1] < losses[0]  # 6 steps, logged every 3
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    logged = [entry for entry in result["log_history"] if "loss" in entry]
+    assert all(entry["tokens_per_second"] > 0 and entry["peak_memory_gb"] > 0 for entry in logged)
+    assert all(entry["moe_imbalance"] >= 1.0 for entry in logged)
+    _assert_adapter_changes_model(folder / "tiny-dsv4", folder)
+
+
+def test_two_ranks_and_one_process_give_the_same_losses_and_adapter(runs):
+    fsdp, single = runs["fsdp"], runs["single"]
+    assert fsdp["world_size"] == 2 and fsdp["sharded"] and single["world_size"] == 1 and not single["sharded"]
+    a, b = _losses(fsdp), _losses(single)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-4 * abs(b[step]), (step, a[step], b[step])
+    assert a[STEPS] < a[1]
+    x = load_file(runs["dirs"]["fsdp"] / "adapter_model.safetensors")
+    y = load_file(runs["dirs"]["single"] / "adapter_model.safetensors")
+    assert sorted(x) == sorted(y)
+    for key in x:
+        torch.testing.assert_close(x[key], y[key], rtol=1e-4, atol=1e-6)
+    _assert_adapter_changes_model(runs["model"], runs["dirs"]["fsdp"])
+
+
+def test_interrupted_run_resumes_to_the_same_losses(runs):
+    assert f"checkpoint-{SAVE_AT}" in runs["interrupted_files"]
+    checkpoint = runs["dirs"]["resumed"] / f"checkpoint-{SAVE_AT}"
+    names = {p.name for p in checkpoint.iterdir()}
+    # the adapter, the trainable parameters' optimizer state, and no copy of the frozen base
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json",
+            "rng_state_0.pth", "rng_state_1.pth"} <= names  # fmt: skip
+    assert not any(name.startswith(("pytorch_model", "model", "optimizer_0")) for name in names)
+    interrupted = _losses(runs["interrupted"])
+    uninterrupted, resumed = _losses(runs["fsdp"]), _losses(runs["resumed"])
+    assert sorted(interrupted) == list(range(1, SAVE_AT + 1))
+    assert sorted(resumed) == list(range(SAVE_AT + 1, STEPS + 1))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6), step
+    x = load_file(runs["dirs"]["resumed"] / "adapter_model.safetensors")
+    y = load_file(runs["dirs"]["fsdp"] / "adapter_model.safetensors")
+    for key in y:
+        torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-7)
+
+
+def test_plain_trainer_with_the_plugin_and_the_callback(runs):
+    result, folder = runs["plain_trainer"], runs["dirs"]["plain_trainer"]
+    assert result["fsdp"] and result["accelerator"] == "DSV4Accelerator" and result["sharded_params"] > 0
+    for step in (2, 4):
+        assert {"adapter_model.safetensors", "adapter_config.json"} <= {
+            p.name for p in (folder / f"checkpoint-{step}").iterdir()
+        }
+    assert result["final_equals_checkpoint"]
+    assert all(".lora_A.weight" in key or ".lora_B.weight" in key for key in result["adapter_keys"])
+    assert result["callback_metrics"]["tokens_per_second"] > 0
+    _assert_adapter_changes_model(runs["model"], folder / "checkpoint-4")
+
+
+def test_bf16_run_keeps_attention_adapters_fp32_and_expert_adapters_bf16(runs):
+    result = runs["bf16"]
+    assert result["sharded"]
+    losses = _losses(result)
+    assert sorted(losses) == [2, 4] and all(torch.isfinite(torch.tensor(list(losses.values()))))
+    adapter = load_file(runs["dirs"]["bf16"] / "adapter_model.safetensors")
+    experts = {k for k in adapter if ".mlp.experts." in k}
+    assert experts and all(adapter[k].dtype == torch.bfloat16 for k in experts)
+    assert all(adapter[k].dtype == torch.float32 for k in set(adapter) - experts)

@@ -1,0 +1,166 @@
+"""`DSV4SFTTrainer` in one process: data preparation, training, PEFT-format save that reloads to the same logits,
+and `push_to_hub` with the hub client intercepted at its upload API (no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from huggingface_hub import CommitInfo, HfApi
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from hf_dsv4 import DSV4SFTConfig, DSV4SFTTrainer, dsv4_lora_config
+from hf_dsv4.template import tokenize_conversation
+from hf_dsv4.testing import build_tiny_dsv4
+
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": {
+    "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}]  # fmt: skip
+
+
+def _rows(n: int = 8) -> list[dict]:
+    rows = []
+    for i in range(n):
+        if i % 2:
+            call = {"id": "call_0", "type": "function", "function": {"name": "add", "arguments": json.dumps({"a": i, "b": i})}}  # fmt: skip
+            messages = [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "reasoning_content": "Use the tool.", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_0", "content": str(2 * i)},
+                {"role": "assistant", "content": f"{2 * i}."},
+            ]
+            rows.append({"messages": messages, "tools": json.dumps(TOOLS)})
+        else:
+            messages = [
+                {"role": "user", "content": f"Say {i}."},
+                {"role": "assistant", "reasoning_content": "Easy.", "content": f"{i}!"},
+            ]
+            rows.append({"messages": messages, "tools": None})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_dsv4(tmp_path_factory.mktemp("tiny"), dtype=torch.float32, seed=0)
+
+
+def _args(out: Path, **overrides) -> DSV4SFTConfig:
+    values = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+                  logging_steps=2, save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0,
+                  model_init_kwargs={"dtype": "float32"}, dataloader_num_workers=0)  # fmt: skip
+    values.update(overrides)
+    return DSV4SFTConfig(**values)
+
+
+def test_trains_saves_and_reloads_to_the_same_logits(checkpoint, tmp_path):
+    rows = _rows()
+    trainer = DSV4SFTTrainer(
+        str(checkpoint),
+        args=_args(tmp_path / "out"),
+        train_dataset=Dataset.from_list(rows),
+        peft_config=dsv4_lora_config(r=4, alpha=8, targets="attention+shared"),
+    )
+    # the data is our tokenization of each row (tools from the JSON string column), nothing else
+    assert trainer.train_dataset.column_names == ["input_ids", "attention_mask", "labels"]
+    for row, sample in zip(rows, trainer.train_dataset):
+        expected = tokenize_conversation(trainer.processing_class, row["messages"], json.loads(row["tools"] or "null"))
+        assert sample["input_ids"] == expected["input_ids"] and sample["labels"] == expected["labels"]
+
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(
+        {"tokens_per_second", "peak_memory_gb", "moe_imbalance", "moe_max_expert_share"} <= set(e) for e in logged
+    )
+
+    trainer.save_model()
+    out = tmp_path / "out"
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in out.iterdir()
+    }
+    ids = torch.tensor([trainer.train_dataset[1]["input_ids"]])
+    model = trainer.model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+        plain = base(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(base, out)(input_ids=ids).logits
+    assert torch.equal(reloaded, trained)
+    assert not torch.allclose(plain, trained)
+
+
+def test_push_to_hub_uploads_exactly_the_saved_folder_and_a_model_card(checkpoint, tmp_path, monkeypatch):
+    uploads: list[dict] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        from huggingface_hub import RepoUrl
+
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        files = {}
+        for op in operations:
+            source = op.path_or_fileobj
+            files[op.path_in_repo] = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
+        uploads.append({"repo_id": repo_id, "files": files, "message": kwargs.get("commit_message")})
+        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="", commit_description="", oid="0" * 40)  # fmt: skip
+
+    def validate_yaml(self, content, **kwargs):  # the hub validates the card's YAML header server-side
+        import yaml
+
+        assert content.startswith("---\n")
+        yaml.safe_load(content.split("---\n")[1])
+
+    import huggingface_hub.hf_api
+
+    # one commit for the whole folder (the path without hf_xet's streamed multi-commit pipeline), intercepted below
+    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "_validate_yaml", validate_yaml)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    out = tmp_path / "out"
+    trainer = DSV4SFTTrainer(
+        str(checkpoint),
+        args=_args(out, max_steps=2, push_to_hub=True, hub_model_id="acme/dsv4-lora", hub_token="hf_test"),
+        train_dataset=Dataset.from_list(_rows(4)),
+        peft_config=dsv4_lora_config(r=4, alpha=8),
+    )
+    trainer.train()
+    trainer.push_to_hub()
+
+    assert len(uploads) == 1 and uploads[0]["repo_id"] == "acme/dsv4-lora"
+    files = uploads[0]["files"]
+    on_disk = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert files == on_disk  # the folder itself, byte for byte, and nothing else
+    assert set(files) == {"README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
+                          "tokenizer.json", "tokenizer_config.json", "training_args.bin"}  # fmt: skip
+    card = files["README.md"].decode()
+    assert "hf_dsv4" in card and "deepseek-v4" in card
+
+
+def test_text_prompt_completion_rows_train_the_completion(checkpoint, tmp_path):
+    rows = [{"prompt": f"Count to {i}:", "completion": " " + " ".join(map(str, range(1, i + 1)))} for i in range(2, 6)]
+    trainer = DSV4SFTTrainer(
+        str(checkpoint), args=_args(tmp_path, max_steps=1), train_dataset=Dataset.from_list(rows),
+        peft_config=dsv4_lora_config(r=2, alpha=4),
+    )  # fmt: skip
+    tok = trainer.processing_class
+    for row, sample in zip(rows, trainer.train_dataset):
+        prompt = [tok.bos_token_id] + tok.encode(row["prompt"], add_special_tokens=False)
+        completion = tok.encode(row["completion"], add_special_tokens=False) + [tok.eos_token_id]
+        assert sample["input_ids"] == prompt + completion
+        assert sample["labels"] == [-100] * len(prompt) + completion
+    trainer.train()
+
+
+def test_config_rejects_packing_and_unknown_options(tmp_path):
+    with pytest.raises(ValueError, match="packing"):
+        DSV4SFTConfig(output_dir=str(tmp_path), packing=True, report_to=[])
+    with pytest.raises(ValueError, match="turns"):
+        DSV4SFTConfig(output_dir=str(tmp_path), turns="every", report_to=[])
+    with pytest.raises(ValueError, match="overlong"):
+        DSV4SFTConfig(output_dir=str(tmp_path), overlong="cut", report_to=[])
