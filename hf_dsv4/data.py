@@ -6,8 +6,8 @@ Row formats (one dataset uses one of them):
   string). Assistant messages written in ReAct style (`Thought:` / `Action:` / `Action Input:` / `Observation:` /
   `Final Answer:` lines) are converted to native tool calls first (`react=None` converts a row when one of its
   assistant messages has such a line; True always; False never).
-- conversational prompt-completion: `prompt` and `completion` are message lists; only the trailing assistant
-  message(s) of `prompt + completion` are trained.
+- conversational prompt-completion: `prompt` and `completion` are message lists; every assistant message of the
+  completion is trained (tool calls included), nothing of the prompt.
 - text prompt-completion: `prompt` and `completion` are strings; the tokens are BOS + prompt + completion + EOS with
   only completion + EOS trained.
 
@@ -99,11 +99,22 @@ class SFTRowTokenizer:
     def tokenizer(self):
         return self.conversations.tokenizer
 
-    def _messages(self, messages: Sequence[Mapping], tools: Any) -> list[dict]:
+    def _convert(self, messages: Sequence[Mapping]) -> list[dict]:
         messages = clean_messages(messages)
-        if _is_react(messages, self.react):
-            messages = react_to_messages(messages)
-        samples = self.conversations(messages, parse_tools(tools))  # errors get the row index in __call__
+        return react_to_messages(messages) if _is_react(messages, self.react) else messages
+
+    def _messages(
+        self, messages: Sequence[Mapping], tools: Any, completion: Sequence[Mapping] | None = None
+    ) -> list[dict]:
+        """Samples of a conversation, or of `messages` (the prompt) + `completion` with only the completion trained.
+        ReAct text is converted in the prompt and in the completion separately. Errors get the row index in
+        `__call__`."""
+        if completion is None:
+            samples = self.conversations(self._convert(messages), parse_tools(tools))
+        else:
+            samples = self.conversations.completion(
+                self._convert(messages), self._convert(completion), parse_tools(tools)
+            )
         if not self.assistant_only_loss:
             for sample in samples:
                 sample["labels"] = list(sample["input_ids"])
@@ -141,11 +152,7 @@ class SFTRowTokenizer:
                     samples = self._text(batch["prompt"][i], batch["completion"][i])
                 else:
                     tools = batch["tools"][i] if "tools" in batch else None
-                    saved, self.conversations.turns = self.conversations.turns, "last"
-                    try:
-                        samples = self._messages(list(batch["prompt"][i]) + list(batch["completion"][i]), tools)
-                    finally:
-                        self.conversations.turns = saved
+                    samples = self._messages(batch["prompt"][i], tools, completion=batch["completion"][i])
             except ValueError as exc:
                 raise ValueError(f"dataset row {indices[i]}: {exc}") from exc
             for sample in samples:

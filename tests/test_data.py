@@ -190,6 +190,22 @@ def test_conversational_prompt_completion_trains_only_the_completion(tok):
     assert tok.decode(sample["input_ids"][start:end]) == f"easy</think>Paris.{tok.eos_token}"
 
 
+def test_a_completion_with_a_tool_round_trains_every_completion_assistant_message(tok):
+    call = {"id": "call_0", "type": "function", "function": {"name": "search", "arguments": '{"q": "Paris"}'}}
+    prompt = [{"role": "user", "content": "Where is the Louvre?"}]
+    completion = [
+        {"role": "assistant", "reasoning_content": "look it up", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_0", "content": "Paris"},
+        {"role": "assistant", "content": "In Paris."},
+    ]
+    [sample] = one(rows_tokenizer(tok), {"prompt": prompt, "completion": completion, "tools": json.dumps([SEARCH])})
+    # exactly what training the whole conversation gives: the prompt has no assistant message
+    assert sample == tokenize_conversation(tok, prompt + completion, [SEARCH])
+    runs = trained_runs(sample["labels"])
+    assert len(runs) == 2  # the tool-call turn and the answer, not only the trailing message
+    assert tok.decode(sample["input_ids"][slice(*runs[-1])]) == f"</think>In Paris.{tok.eos_token}"
+
+
 def test_prompt_completion_restores_the_turn_policy(tok):
     row_tokenizer = rows_tokenizer(tok, turns="per_turn")
     one(row_tokenizer, {"prompt": TWO_TURNS[:4], "completion": TWO_TURNS[4:]})

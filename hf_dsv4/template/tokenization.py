@@ -233,10 +233,25 @@ class ConversationTokenizer:
                 samples.append(sample)
         return samples
 
-    def _one(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None, turns: str) -> dict | None:
-        messages = attach_tools(messages, tools)
+    def completion(
+        self, prompt: Sequence[Mapping], completion: Sequence[Mapping], tools: Sequence[Mapping] | None = None
+    ) -> list[dict]:
+        """One sample of `prompt + completion` in which only the completion's assistant messages are trained (all
+        of them, tool calls included), or none when it is dropped as over-long."""
+        self.stats["conversations"] += 1
+        sample = self._one([*prompt, *completion], tools, "all", train_from=len(prompt))
+        return [sample] if sample is not None else []
+
+    def _one(
+        self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None, turns: str, train_from: int | None = None
+    ) -> dict | None:
+        attached = attach_tools(messages, tools)
+        if train_from is not None:  # attach_tools may have inserted a leading system message
+            first_trained = train_from + len(attached) - len(messages)
+        else:
+            first_trained = _trailing_assistants(attached) if turns == "last" else 0
+        messages = attached
         segments = render_segments(messages, self.thinking_mode, self.drop_thinking, self.reasoning_effort)
-        first_trained = _trailing_assistants(messages) if turns == "last" else 0
         spans, pos = [], 0
         for seg in segments:
             if seg.message_index is not None and seg.message_index >= first_trained:
