@@ -56,7 +56,8 @@ class DSV4SFTConfig(SFTConfig):
 
     Changed defaults: `assistant_only_loss=True`, `router_aux_loss_coef=0.0` (DeepSeek-V4 balances its experts with
     `e_score_correction_bias`, not an auxiliary loss; TRL's Mixtral-style loss also needs `config.num_experts`, which
-    DeepSeek-V4 does not have), `gradient_checkpointing=False` (turn it on for the real model).
+    DeepSeek-V4 does not have), activation checkpointing off (`activation_checkpointing=True`, or its alias
+    `gradient_checkpointing=True`, for the real model).
     """
 
     assistant_only_loss: bool = field(
@@ -69,9 +70,9 @@ class DSV4SFTConfig(SFTConfig):
         default=0.0,
         metadata={"help": "TRL's MoE load-balancing loss coefficient; 0 for DeepSeek-V4 (bias-balanced routing)."},
     )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Recompute activations in backward (model.gradient_checkpointing_enable) to save memory."},
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of `activation_checkpointing` (TRL turns it on by default; here it is off)."},
     )
     turns: str = field(
         default="all",
