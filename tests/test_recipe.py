@@ -102,6 +102,8 @@ def runs(tmp_path_factory) -> dict:
                 "--resume_from_checkpoint", str(out / "resumed" / f"checkpoint-{SAVE_AT}")], out),
         _start("plain_trainer", CPU_2PROC, str(REPO / "tests" / "plain_trainer_script.py"),
                [str(model), str(data), str(out / "plain_trainer")], out),
+        _start("full", CPU_2PROC, RECIPE,
+               [*fp32, "--use_peft", "false", "--max_steps", "2", "--save_steps", "2", "--output_dir", str(out / "full")], out),
     ]  # fmt: skip
     for run in second:
         results[run[0]] = _wait(run, out, out / run[0])
@@ -202,3 +204,18 @@ def test_bf16_run_keeps_attention_adapters_fp32_and_expert_adapters_bf16(runs):
     experts = {k for k in adapter if ".mlp.experts." in k}
     assert experts and all(adapter[k].dtype == torch.bfloat16 for k in experts)
     assert all(adapter[k].dtype == torch.float32 for k in set(adapter) - experts)
+
+
+def test_full_fine_tuning_saves_a_complete_model_that_reloads(runs):
+    from transformers import AutoModelForCausalLM
+
+    assert runs["full"]["sharded"]
+    folder = runs["dirs"]["full"]
+    assert not (folder / "adapter_config.json").exists()
+    tuned, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    base = AutoModelForCausalLM.from_pretrained(runs["model"], dtype=torch.float32)
+    changed = {n for (n, p), (_, q) in zip(tuned.named_parameters(), base.named_parameters()) if not torch.equal(p, q)}
+    # every parameter that gets a gradient moved; the lightning indexer's get none from the LM loss
+    assert changed and all(".indexer." in n for n, _ in tuned.named_parameters() if n not in changed)
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(tuned.named_buffers(), base.named_buffers()))
