@@ -173,6 +173,8 @@ def tokenize_dataset(dataset, row_tokenizer: SFTRowTokenizer, num_proc: int | No
         num_proc=num_proc,
         desc=desc,
     )
-    if num_proc is None:
+    if row_tokenizer.conversations.stats["conversations"]:
         row_tokenizer.conversations.log_stats()
+    elif num_proc is None and len(dataset):
+        logger.info("tokenized samples reused from the datasets cache (%d samples)", len(result))
     return result

@@ -97,10 +97,13 @@ def tiny_model(training_args: DSV4SFTConfig, model_args: DSV4ModelConfig) -> str
 def main(script_args, training_args, model_args, callbacks=None) -> DSV4SFTTrainer:
     log_level = training_args.get_process_log_level()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=log_level)
-    for name in ("hf_dsv4", "sft_dsv4"):
-        logging.getLogger(name).setLevel(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     datasets.utils.logging.set_verbosity(log_level)
+    # hf_dsv4's own progress (loading, sharding, tokenization counts, adapter saves) at INFO on the main process
+    # unless --log_level says otherwise; WARNING on the other ranks.
+    ours = log_level if training_args.log_level != "passive" else logging.INFO
+    for name in ("hf_dsv4", "sft_dsv4"):
+        logging.getLogger(name).setLevel(ours if training_args.should_log else max(ours, logging.WARNING))
 
     model_id = model_args.model_name_or_path or tiny_model(training_args, model_args)
     training_args.model_init_kwargs = {
