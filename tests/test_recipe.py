@@ -108,7 +108,7 @@ def runs(tmp_path_factory) -> dict:
     for run in second:
         results[run[0]] = _wait(run, out, out / run[0])
     results["dirs"] = {
-        name: out / name for name in ("default_2proc", "bf16", "fsdp", "single", "resumed", "plain_trainer")
+        name: out / name for name in ("default_2proc", "bf16", "fsdp", "single", "resumed", "plain_trainer", "full")
     }
     results["model"] = model
     return results
