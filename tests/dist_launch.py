@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,3 +71,33 @@ def run_ranks(scenario: str, out_dir: Path, *args: str, world_size: int = 2, tim
             raise AssertionError(f"{scenario}: rank {rank} exited with {proc.returncode}\n{logs}")
         results.append(json.loads(result.read_text()))
     return results
+
+
+class AccelerateRun:
+    """`accelerate launch <launcher args> <script> <args>` started in the background (its own process group, output
+    to `<log_dir>/<name>.log`); `wait()` kills the launcher and every rank it started after `timeout` seconds."""
+
+    def __init__(
+        self, name: str, launcher: list[str], script: str, args: list[str], log_dir: Path, env: dict | None = None
+    ):
+        self.name, self.log_path = name, log_dir / f"{name}.log"
+        full_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1",
+                    "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, script, *args]
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(
+            cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=log_dir
+        )
+
+    def wait(self, timeout: float = 600) -> int:
+        """The exit status (-9 after a timeout)."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the launcher and the ranks it started
+            self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def failure(self, why: str) -> AssertionError:
+        return AssertionError(f"{self.name}: {why}, exit {self.proc.returncode}\n{self.log_path.read_text()[-8000:]}")

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from dist_launch import AccelerateRun
 
 from hf_dsv4 import DSV4FSDP2Plugin
 from hf_dsv4.testing import build_tiny_dsv4
@@ -25,29 +22,17 @@ RUNS = {"stock": ("stock", {}), "stock_use_cpu": ("stock", {"ACCELERATE_USE_CPU"
 def launch_all(ckpt: Path, out: Path, timeout: float = 150) -> dict[str, list[dict]]:
     """`accelerate launch --config_file CONFIG tests/accelerate_script.py <scenario> ...` for every run in RUNS, at
     the same time; each run's per-rank results. A run that fails or outlives `timeout` fails with its output."""
-    procs = {}
+    runs = []
     for name, (scenario, extra) in RUNS.items():
         (out / name).mkdir(parents=True)
-        env = {**os.environ, **extra, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), str(SCRIPT),
-               scenario, str(ckpt), str(out / name)]  # fmt: skip
-        log = open(out / f"{name}.log", "w")  # noqa: SIM115 - closed below
-        procs[name] = (
-            subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
-            log,
-        )
+        runs.append(AccelerateRun(name, ["--config_file", str(CONFIG)], str(SCRIPT), [scenario, str(ckpt), str(out / name)], out, extra))  # fmt: skip
     results = {}
-    for name, (proc, log) in procs.items():
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started
-            proc.wait()
-        log.close()
-        files = sorted((out / name).glob("*.json"))
-        if proc.returncode != 0 or len(files) != 2:
-            raise AssertionError(f"{name}: exit {proc.returncode}\n{(out / f'{name}.log').read_text()[-6000:]}")
-        results[name] = [json.loads(f.read_text()) for f in files]
+    for run in runs:
+        status = run.wait(timeout)
+        files = sorted((out / run.name).glob("*.json"))
+        if status != 0 or len(files) != 2:
+            raise run.failure(f"{len(files)} rank results")
+        results[run.name] = [json.loads(f.read_text()) for f in files]
     return results
 
 

@@ -5,14 +5,11 @@ plugin and the callback. All runs start together (module fixture) and are checke
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_launch import AccelerateRun
 from safetensors.torch import load_file
 
 from hf_dsv4.data import SFTRowTokenizer
@@ -44,27 +41,14 @@ def _short_rows(path: Path, n: int = 28, max_tokens: int = 256) -> Path:
 
 
 def _start(name: str, launcher: list[str], script: str, args: list[str], out: Path, env: dict | None = None):
-    env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, script, *args]
-    log = open(out / f"{name}.log", "w")  # noqa: SIM115 - closed in _wait
-    return (
-        name,
-        subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=out),
-        log,
-    )
+    return AccelerateRun(name, launcher, script, args, out, env)
 
 
-def _wait(run, out: Path, result_dir: Path, timeout: float = 600) -> dict:
-    name, proc, log = run
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started
-        proc.wait()
-    log.close()
+def _wait(run: AccelerateRun, result_dir: Path, timeout: float = 600) -> dict:
+    status = run.wait(timeout)
     result = result_dir / "test_result.json"
-    if proc.returncode != 0 or not result.is_file():
-        raise AssertionError(f"{name}: exit {proc.returncode}\n{(out / f'{name}.log').read_text()[-8000:]}")
+    if status != 0 or not result.is_file():
+        raise run.failure("no result")
     return json.loads(result.read_text())
 
 
@@ -94,7 +78,7 @@ def runs(tmp_path_factory) -> dict:
     ]  # fmt: skip
     results = {}
     for run in first:
-        results[run[0]] = _wait(run, out, out / ("resumed" if run[0] == "interrupted" else run[0]))
+        results[run.name] = _wait(run, out / ("resumed" if run.name == "interrupted" else run.name))
     results["interrupted_files"] = sorted(p.name for p in (out / "resumed").iterdir())
     second = [
         _start("resumed", CPU_2PROC, RECIPE,
@@ -106,7 +90,7 @@ def runs(tmp_path_factory) -> dict:
                [*fp32, "--use_peft", "false", "--max_steps", "2", "--save_steps", "2", "--output_dir", str(out / "full")], out),
     ]  # fmt: skip
     for run in second:
-        results[run[0]] = _wait(run, out, out / run[0])
+        results[run.name] = _wait(run, out / run.name)
     results["dirs"] = {
         name: out / name for name in ("default_2proc", "bf16", "fsdp", "single", "resumed", "plain_trainer", "full")
     }
