@@ -36,7 +36,6 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy
 
 from .fsdp import shard_model
-from .lora import align_parameter_adapter_dtypes
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +139,6 @@ class DSV4Accelerator(Accelerator):
         names: dict[nn.Parameter, str] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
             names.setdefault(param, name)
-        cast = align_parameter_adapter_dtypes(model)
-        if cast:
-            logger.info("%d routed-expert LoRA factor(s) kept in the experts' dtype (see hf_dsv4.lora)", cast)
         mesh = self.torch_device_mesh
         if mesh is not None:
             mesh = mesh[tuple(self.parallelism_config.fsdp_dim_names)]

@@ -24,6 +24,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from transformers import PreTrainedModel
 
+from .lora import align_parameter_adapter_dtypes
+
 logger = logging.getLogger(__name__)
 
 # (dtype, keep): parameters of one FSDP group share both. `keep` = compute in the stored dtype, whatever the
@@ -324,12 +326,17 @@ def shard_model(
     (`memory_efficient_init`) or real weights (ignored). `mesh` defaults to a 1-D mesh over all ranks on this
     rank's device (GPU under NCCL, else CPU); `mixed_precision` applies to bf16/fp32 groups only, never to
     fp32-kept modules or FP8/integer tensors; `cpu_offload` keeps sharded parameters on the CPU (also on CPU-only
-    machines). Raises `ShardingError` on every rank if any rank's model differs from rank 0's.
+    machines). LoRA factors that peft applies through `target_parameters` (routed experts) are cast to the dtype of
+    the weight they adapt first (`hf_dsv4.lora.align_parameter_adapter_dtypes`). Raises `ShardingError` on every
+    rank if any rank's model differs from rank 0's.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise ShardingError("shard_model needs torch.distributed; start with torchrun or `accelerate launch`")
     device = _device()
     mesh = mesh or init_device_mesh(device.type, (dist.get_world_size(),))
+    cast = align_parameter_adapter_dtypes(model)  # before validation: every rank casts the same factors
+    if cast:
+        logger.info("%d routed-expert LoRA factor(s) kept in the experts' dtype (see hf_dsv4.lora)", cast)
     validate_against_source(model)
     state_dict, buffers = _detach_source_weights(model)
     # Every rank shards a meta model the same way; rank 0's real tensors live on in `state_dict` only.
