@@ -4,7 +4,7 @@ MoE routing load. Works with `transformers.Trainer`, TRL's `SFTTrainer` and `hf_
 - On every checkpoint save it writes `adapter_model.safetensors` + `adapter_config.json` (the keys
   `PeftModel.save_pretrained` writes) into the checkpoint folder, gathered with only the trainable tensors crossing
   the wire (`hf_dsv4.adapter.save_adapter`; atomic). `DSV4SFTTrainer` saves the adapter itself and switches this off.
-- At each logging step it adds to the logs: `tokens_per_second` (non-padding input tokens on all ranks per second of
+- At each logging step it adds to the logs (and to that step's entry in `state.log_history`): `tokens_per_second` (non-padding input tokens on all ranks per second of
   wall time since the previous log), `peak_memory_gb` (the largest peak on any rank: CUDA allocator peak on GPUs,
   process peak RSS on CPU), and for MoE models `moe_imbalance` (mean over MoE layers of max/mean tokens per expert;
   1.0 is perfectly balanced) and `moe_max_expert_share` (the largest fraction of a layer's routed slots that one
@@ -155,6 +155,11 @@ class DSV4Callback(TrainerCallback):
             return
         metrics = self.collect(state.global_step)
         logs.update({key: value for key, value in metrics.items() if key not in logs})
+        # `Trainer.log` appended its own copy of these logs to the history before calling us: complete that entry
+        # too, so that trainer_state.json has the metrics (loggers that ran before this callback do not).
+        entry = state.log_history[-1] if state.log_history else None
+        if entry is not None and entry.get("step") == state.global_step and "loss" in entry:
+            entry.update({key: value for key, value in metrics.items() if key not in entry})
         if state.is_world_process_zero:
             logger.info("step %d: %s", state.global_step, metrics)
 

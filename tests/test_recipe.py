@@ -176,6 +176,8 @@ def test_plain_trainer_with_the_plugin_and_the_callback(runs):
     assert result["final_equals_checkpoint"]
     assert all(".lora_A.weight" in key or ".lora_B.weight" in key for key in result["adapter_keys"])
     assert result["callback_metrics"]["tokens_per_second"] > 0
+    logged = [entry for entry in result["log_history"] if "loss" in entry]
+    assert len(logged) == 4 and all(entry["tokens_per_second"] > 0 and entry["moe_imbalance"] >= 1 for entry in logged)
     _assert_adapter_changes_model(runs["model"], folder / "checkpoint-4")
 
 
