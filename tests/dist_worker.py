@@ -6,13 +6,18 @@ Run by `dist_launch.run_ranks` with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_POR
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, DeepseekV4ForCausalLM, PreTrainedModel
 
 from hf_dsv4 import CheckpointLoadError, ShardingError, memory_efficient_init, shard_model
@@ -94,12 +99,15 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
     return {n: None if p.grad is None else full(p.grad) for n, p in model.named_parameters()}
 
 
-def grad_parity(ckpt: str) -> dict:
-    """fp32 data-parallel gradients (rank r trains on batch r) vs the single-process mean gradient."""
+def grad_parity(ckpt: str, model: torch.nn.Module | None = None) -> dict:
+    """fp32 data-parallel gradients (rank r trains on batch r) vs the single-process mean gradient.
+
+    `model`: an fp32 model already sharded by the caller (default: `ckpt` sharded over all ranks)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    with memory_efficient_init():
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    shard_model(model)
+    if model is None:
+        with memory_efficient_init():
+            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+        shard_model(model)
     model.train()
     model(batch(10 + rank), labels=batch(10 + rank)).loss.backward()
     grads = _grads(model)
@@ -112,12 +120,47 @@ def grad_parity(ckpt: str) -> dict:
     diffs = {n: (grads[n] - ref_grads[n]).abs().max().item() for n in grads if grads[n] is not None}
     close = [n for n in diffs if torch.allclose(grads[n], ref_grads[n], rtol=1e-5, atol=1e-7)]
     return {
+        "bitwise_equal": sum(torch.equal(grads[n], ref_grads[n]) for n in diffs),
         "none_mismatch": none_mismatch,
         "not_close": sorted(set(diffs) - set(close)),
         "max_diff": max(diffs.values()),
         "with_grad": len(diffs),
         "without_grad": [n for n in grads if grads[n] is None],
     }
+
+
+def scenario_hsdp(ckpt: str) -> dict:
+    """Hybrid sharding on 4 ranks: a (dp_replicate=2, dp_shard=2) mesh; weights, logits and fp32 gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    start = time.perf_counter()
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
+    with memory_efficient_init():
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    shard_model(model, mesh=mesh)
+    seconds = {"load_and_shard": time.perf_counter() - start}
+    placements, meshes, local_rows = {}, set(), {}
+    for name, param in model.named_parameters():
+        key = str(param.placements) if isinstance(param, DTensor) else "not a DTensor"
+        placements[key] = placements.get(key, 0) + 1
+        if isinstance(param, DTensor):
+            meshes.add((tuple(param.device_mesh.shape), param.device_mesh.mesh_dim_names))
+            local_rows[name] = [list(param.to_local().shape), list(param.shape)]
+    digest = hashlib.sha256()
+    for param in model.parameters():
+        digest.update(param.to_local().detach().numpy().tobytes())
+    out = {
+        "placements": placements,
+        "meshes": [list(m) for m in meshes],
+        "coordinate": [mesh.get_local_rank("dp_replicate"), mesh.get_local_rank("dp_shard")],
+        "local_shapes": local_rows,
+        "local_shards_sha256": digest.hexdigest(),
+        **compare_to_reference(model, AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)),
+    }
+    seconds["compare"] = time.perf_counter() - start - seconds["load_and_shard"]
+    out["grad_parity"] = grad_parity(ckpt, model)
+    out["seconds"] = {**seconds, "total": time.perf_counter() - start}
+    return out
 
 
 def _compute_dtypes(model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, str]:
@@ -213,6 +256,176 @@ def scenario_load(ckpt: str, blind_ckpt: str, corrupt_ckpt: str, missing_key_ckp
             out[name] = str(exc)
     out["restored_after_error"] = PreTrainedModel.__dict__["from_pretrained"] is original
     return out
+
+
+# ------------------------------------------------------------------------------------------------- adapters
+
+
+class CollectiveRecorder(TorchDispatchMode):
+    """Records every collective op this process dispatches: the functional collectives that DTensor uses
+    (`_c10d_functional.*`) and the `c10d.*` ops behind the `torch.distributed` Python API (`dist.broadcast`,
+    `broadcast_object_list`, ...): op name, dtype, and the elements and bytes of the tensor it sends."""
+
+    # c10d op -> index of its input (sent) tensor argument; the other ops send their first argument
+    _INPUT_ARG = {"allgather_": 1, "_allgather_base_": 1, "allgather_into_tensor_coalesced_": 1,
+                  "reduce_scatter_": 1, "_reduce_scatter_base_": 1, "reduce_scatter_tensor_coalesced_": 1,
+                  "gather_": 1, "scatter_": 1, "alltoall_": 1, "alltoall_base_": 1}  # fmt: skip
+    _NOT_COLLECTIVES = {"wait_tensor", "wait", "recv_", "recv_any_source_", "_wrap_tensor_autograd"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[dict] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        namespace, name = func.namespace, func._schema.name.split("::")[-1]
+        if namespace in ("_c10d_functional", "c10d", "_dtensor") and name not in self._NOT_COLLECTIVES:
+            sent = args[self._INPUT_ARG.get(name, 0)] if args else None
+            tensors = [t for t in pytree.tree_leaves(sent) if isinstance(t, torch.Tensor)]
+            self.calls.append({
+                "op": f"{namespace}.{name}",
+                "dtypes": sorted({str(t.dtype) for t in tensors}),
+                "elements": sum(t.numel() for t in tensors),
+                "bytes": sum(t.numel() * t.element_size() for t in tensors),
+            })  # fmt: skip
+        return func(*args, **(kwargs or {}))
+
+    def summary(self) -> dict:
+        """op -> {calls, elements, bytes, elements_by_dtype}."""
+        out = {}
+        for call in self.calls:
+            entry = out.setdefault(call["op"], {"calls": 0, "elements": 0, "bytes": 0, "elements_by_dtype": {}})
+            entry["calls"] += 1
+            entry["elements"] += call["elements"]
+            entry["bytes"] += call["bytes"]
+            by_dtype = entry["elements_by_dtype"]
+            key = ",".join(call["dtypes"])
+            by_dtype[key] = by_dtype.get(key, 0) + call["elements"]
+        return out
+
+
+def recorder_self_test() -> dict:
+    """What the recorder sees of a known all_reduce, broadcast_object_list and DTensor.full_tensor(): proves it is not
+    blind to the Python-level API or to DTensor's gathers."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    dtensor = distribute_tensor(torch.arange(24.0).reshape(6, 4), mesh, [Shard(0)])
+    with CollectiveRecorder() as recorder:
+        dist.all_reduce(torch.ones(3))
+        dist.broadcast_object_list([{"x": 1}], src=0)
+        full_tensor = dtensor.full_tensor()
+    return {"summary": recorder.summary(), "full_tensor_ok": torch.equal(full_tensor, torch.arange(24.0).reshape(6, 4))}
+
+
+def lora_model(ckpt: str, dtype: torch.dtype):
+    """The tiny model as every rank builds it (`memory_efficient_init`), with the "all" LoRA preset and, on rank 0,
+    random non-zero LoRA B weights (`tests/test_adapter_dist.set_lora_b` does the same in one process)."""
+    from peft import get_peft_model
+
+    from hf_dsv4.lora import align_parameter_adapter_dtypes, dsv4_lora_config
+
+    with memory_efficient_init():
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+    torch.manual_seed(0)
+    model = get_peft_model(model, dsv4_lora_config(r=4, alpha=8, targets="all"))
+    align_parameter_adapter_dtypes(model)  # what DSV4Accelerator does before sharding
+    if dist.get_rank() == 0:
+        set_lora_b(model)
+    return model
+
+
+def set_lora_b(model: torch.nn.Module, seed: int = 7) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def _padded_local_numel(param: torch.Tensor, world: int) -> int:
+    """Elements of one rank's Shard(0) chunk as DTensor sends it to an all-gather (uneven chunks padded)."""
+    rows = -(-param.shape[0] // world) if param.dim() else 1
+    return rows * (param[0].numel() if param.dim() else 1)
+
+
+def _sizes(model: torch.nn.Module) -> dict:
+    world = dist.get_world_size()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    return {
+        "trainable_tensors": len(trainable),
+        "trainable_elements": sum(p.numel() for p in trainable),
+        "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
+        "trainable_local_elements": sum(p.to_local().numel() for p in trainable),
+        "trainable_padded_local_elements": sum(_padded_local_numel(p, world) for p in trainable),
+        "trainable_padded_local_bytes": sum(_padded_local_numel(p, world) * p.element_size() for p in trainable),
+        "trainable_dtensors": sum(isinstance(p, DTensor) for p in trainable),
+        "frozen_elements": sum(p.numel() for p in frozen),
+        "frozen_bytes": sum(p.numel() * p.element_size() for p in frozen),
+        "buffer_elements": sum(b.numel() for b in model.buffers()),
+    }
+
+
+def scenario_adapter(ckpt: str, out_dir: str) -> dict:
+    """save_adapter (collectives recorded), zero the adapter, load_adapter, gather again; a missing adapter."""
+    from safetensors.torch import load_file
+
+    from hf_dsv4.adapter import ADAPTER_WEIGHTS, gather_adapter, load_adapter, save_adapter
+
+    out = {"self_test": recorder_self_test()}
+    for dtype_name, dtype in DTYPES.items():
+        model = lora_model(ckpt, dtype)
+        shard_model(model)
+        folder = Path(out_dir) / f"adapter_{dtype_name}"
+        with CollectiveRecorder() as save_record:
+            returned = save_adapter(model, folder)
+        result = {**_sizes(model), "returned": None if returned is None else str(returned)}
+        result["save_calls"], result["save"] = save_record.calls, save_record.summary()
+
+        frozen = {n: p.to_local().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.to_local().zero_()
+        zeroed = gather_adapter(model)
+        result["zeroed_nonzero"] = [k for k, t in zeroed.items() if t.count_nonzero()]
+        with CollectiveRecorder() as load_record:
+            load_adapter(model, folder)
+        result["load"] = load_record.summary()
+        reloaded = gather_adapter(model)
+        if dist.get_rank() == 0:
+            stored = load_file(folder / ADAPTER_WEIGHTS)
+            result["reload_keys_equal"] = sorted(reloaded) == sorted(stored)
+            result["reload_not_equal"] = [
+                k for k in stored if k not in reloaded or not torch.equal(reloaded[k], stored[k])
+                or reloaded[k].dtype != stored[k].dtype
+            ]  # fmt: skip
+            result["reload_tensors"] = len(reloaded)
+        result["frozen_changed_by_load"] = [
+            n for n, p in model.named_parameters() if n in frozen and not torch.equal(p.to_local(), frozen[n])
+        ]
+        try:
+            load_adapter(model, Path(out_dir) / "no_such_adapter")
+            result["missing"] = None
+        except RuntimeError as exc:
+            result["missing"] = f"{type(exc).__name__}: {exc}"
+        out[dtype_name] = result
+    out["save_error"] = save_error(model, Path(out_dir) / "a_file")
+    return out
+
+
+def save_error(model: torch.nn.Module, target: Path) -> str | None:
+    """What `save_adapter` raises on this rank when rank 0 cannot write (`target` is a file, not a folder)."""
+    from hf_dsv4.adapter import save_adapter
+
+    if dist.get_rank() == 0:
+        target.write_text("not a folder")
+    try:
+        save_adapter(model, target)
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def main() -> None:
