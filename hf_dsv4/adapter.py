@@ -142,24 +142,30 @@ def save_adapter(
     """
     peft_model = _require_peft(model)
     tensors = gather_adapter(model, adapter_name) if state_dict is None else state_dict
-    if not _is_main():
-        return None
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
-    try:
-        save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        config = copy.deepcopy(peft_model.peft_config[adapter_name])
-        config.inference_mode = True  # what `PeftModel.save_pretrained` writes
-        config.save_pretrained(staging)
-        (output_dir / ADAPTER_CONFIG).unlink(missing_ok=True)
-        os.replace(staging / ADAPTER_WEIGHTS, output_dir / ADAPTER_WEIGHTS)
-        os.replace(staging / ADAPTER_CONFIG, output_dir / ADAPTER_CONFIG)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    n = sum(t.numel() for t in tensors.values())
-    logger.info("saved a PEFT adapter (%d tensors, %.2fM parameters) to %s", len(tensors), n / 1e6, output_dir)
-    return output_dir
+
+    def write() -> Path:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
+        try:
+            save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+            config = copy.deepcopy(peft_model.peft_config[adapter_name])
+            config.inference_mode = True  # what `PeftModel.save_pretrained` writes
+            config.save_pretrained(staging)
+            (output_dir / ADAPTER_CONFIG).unlink(missing_ok=True)
+            os.replace(staging / ADAPTER_WEIGHTS, output_dir / ADAPTER_WEIGHTS)
+            os.replace(staging / ADAPTER_CONFIG, output_dir / ADAPTER_CONFIG)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        n = sum(t.numel() for t in tensors.values())
+        logger.info("saved a PEFT adapter (%d tensors, %.2fM parameters) to %s", len(tensors), n / 1e6, output_dir)
+        return output_dir
+
+    if not _distributed():
+        return write()  # errors propagate as they are
+    # Under torch.distributed a failed write on rank 0 raises the same error on every rank (no rank goes on as if
+    # the adapter had been saved, to wait in the next collective).
+    return on_main(write, f"save the adapter to {output_dir}")
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default") -> None:
