@@ -24,6 +24,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from .loading import is_distributed
+
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -31,12 +33,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 T = TypeVar("T")
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _is_main() -> bool:
-    return not _distributed() or dist.get_rank() == 0
+    return not is_distributed() or dist.get_rank() == 0
 
 
 def peft_model_of(model: nn.Module):
@@ -54,7 +52,7 @@ def on_main(fn: Callable[[], T], what: str) -> T | None:
             result = fn()
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
             error = f"{type(exc).__name__}: {exc}"
-    if _distributed():
+    if is_distributed():
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
@@ -161,7 +159,7 @@ def save_adapter(
         logger.info("saved a PEFT adapter (%d tensors, %.2fM parameters) to %s", len(tensors), n / 1e6, output_dir)
         return output_dir
 
-    if not _distributed():
+    if not is_distributed():
         return write()  # errors propagate as they are
     # Under torch.distributed a failed write on rank 0 raises the same error on every rank (no rank goes on as if
     # the adapter had been saved, to wait in the next collective).
@@ -184,7 +182,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name:
         return {name: stored[key] for name, key in keys.items()}
 
     state = on_main(read, f"load the adapter from {adapter_dir}") or {}
-    if _distributed():
+    if is_distributed():
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(model, state, options=options)
     else:

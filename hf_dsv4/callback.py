@@ -29,6 +29,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .adapter import peft_model_of, save_adapter
+from .loading import is_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,11 @@ class DSV4Callback(TrainerCallback):
             self._handles += [router.register_forward_hook(self._count_routes) for router in self._routers]
         self._tokens, self._counts, self._since = 0, {}, time.perf_counter()
 
+    @property
+    def attached(self) -> bool:
+        """Whether the callback is counting on a model (between `attach` and `detach`)."""
+        return bool(self._handles)
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -115,7 +121,7 @@ class DSV4Callback(TrainerCallback):
         ]
         flat = torch.cat([torch.tensor([self._tokens], dtype=torch.long, device=device), *counts])
         peak = torch.tensor([process_peak_memory_bytes()], dtype=torch.float64, device=device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             if dist.get_backend() == "nccl" and device.type == "cpu":
                 flat, peak = flat.cuda(), peak.cuda()
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -151,7 +157,7 @@ class DSV4Callback(TrainerCallback):
         self.detach()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs or not self._handles:
+        if logs is None or "loss" not in logs or not self.attached:
             return
         metrics = self.collect(state.global_step)
         logs.update({key: value for key, value in metrics.items() if key not in logs})

@@ -37,7 +37,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
 
 from .accelerate_plugin import DSV4FSDP2Plugin, dsv4_trainer_accelerator
-from .adapter import _distributed, load_adapter, on_main, peft_model_of, save_adapter
+from .adapter import load_adapter, on_main, peft_model_of, save_adapter
 from .callback import DSV4Callback
 from .data import SFTRowTokenizer, tokenize_dataset
 from .loading import memory_efficient_init
@@ -72,7 +72,9 @@ class DSV4SFTConfig(SFTConfig):
     )
     gradient_checkpointing: bool | None = field(
         default=None,
-        metadata={"help": "Deprecated alias of `activation_checkpointing` (TRL turns it on by default; here it is off)."},
+        metadata={
+            "help": "Deprecated alias of `activation_checkpointing` (TRL turns it on by default; here it is off)."
+        },
     )
     turns: str = field(
         default="all",
@@ -228,7 +230,7 @@ class DSV4SFTTrainer(SFTTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # training logs: add the callback's metrics before the loggers see them
             for callback in self.callback_handler.callbacks:
-                if isinstance(callback, DSV4Callback) and callback._handles:
+                if isinstance(callback, DSV4Callback) and callback.attached:
                     logs.update(callback.collect(self.state.global_step))
         super().log(logs, start_time)
 
@@ -287,5 +289,4 @@ class DSV4SFTTrainer(SFTTrainer):
         set_optimizer_state_dict(self.model, self._unwrapped_optimizer(), state, options=options)
         scheduler = os.path.join(checkpoint, SCHEDULER_NAME)
         self.lr_scheduler.load_state_dict(torch.load(scheduler, map_location="cpu", weights_only=True))
-        if _distributed():
-            logger.info("optimizer and scheduler state restored from %s", checkpoint)
+        logger.info("optimizer and scheduler state restored from %s", checkpoint)
