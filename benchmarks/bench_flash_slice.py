@@ -227,7 +227,7 @@ def _peak_bytes(device: torch.device) -> tuple[float, float]:
     """(peak allocated, peak reserved) on a GPU; (peak RSS, nan) on CPU."""
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device)), float(torch.cuda.max_memory_reserved(device))
-    from hf_dsv4.callback import process_peak_memory_bytes
+    from hf_dsv4.training.callback import process_peak_memory_bytes
 
     return float(process_peak_memory_bytes()), float("nan")
 
@@ -245,7 +245,7 @@ def train(args: argparse.Namespace, device: torch.device, result: dict) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from hf_dsv4 import DSV4Callback, shard_model
-    from hf_dsv4.lora import align_parameter_adapter_dtypes
+    from hf_dsv4.sharding import align_parameter_adapter_dtypes
 
     rank = dist.get_rank() if args.fsdp else 0
     world = dist.get_world_size() if args.fsdp else 1

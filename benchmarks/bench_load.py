@@ -8,7 +8,7 @@
 (b) stock accelerate FSDP2 with cpu_ram_efficient_loading: every rank `from_pretrained`, then accelerate's
     `fsdp2_prepare_model` (called directly: on CPU processes `Accelerator.prepare` ignores FSDP);
 (c) hf_dsv4: `memory_efficient_init` + `shard_model`;
-(s) for scale, not a goal: (a) followed by the same FSDP2 layout as (c) (`hf_dsv4.fsdp.apply_fsdp` on every rank's
+(s) for scale, not a goal: (a) followed by the same FSDP2 layout as (c) (`hf_dsv4.sharding.apply_fsdp` on every rank's
     full copy, each rank slicing its own shards), i.e. stock loading that ends, like (c), with a sharded model.
 
 Per rank it prints the peak RSS rise (VmHWM, reset just before loading, minus VmRSS at that moment), the wall time
@@ -131,7 +131,7 @@ def _load_stock_and_shard(ckpt: str, dtype):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from hf_dsv4.fsdp import apply_fsdp
+    from hf_dsv4.sharding import apply_fsdp
 
     start = time.perf_counter()
     model = _load_stock(ckpt, dtype)

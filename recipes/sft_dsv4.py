@@ -6,7 +6,7 @@
 Flags are TRL's (`ScriptArguments`, `SFTConfig`, `ModelConfig`) plus hf_dsv4's `DSV4SFTConfig` fields (`--turns`,
 `--overlong`, `--thinking_mode`, `--drop_thinking`, `--react`); a `--config` YAML sets the same names and the command
 line overrides it. `--dataset_name` is a hub dataset or a local .json/.jsonl/.parquet file; `--lora_target_modules`
-takes a preset name (`attention`, `attention+shared`, `all`; see `hf_dsv4.lora`) or module names.
+takes a preset name (`attention`, `attention+shared`, `all`; see `hf_dsv4.training.lora`) or module names.
 
 With no `--model_name_or_path` (and no `--config`), the built-in default runs: `recipes/configs/tiny_cpu.yaml`, a
 tiny DeepSeek-V4 built locally by `hf_dsv4.testing` (every layer type, hash and top-k routers) trained on the demo

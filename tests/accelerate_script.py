@@ -18,15 +18,15 @@ from unittest import mock
 import accelerate.accelerator
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from dist_worker import batch, compare_to_reference, full
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
-import hf_dsv4.accelerate_plugin
+import hf_dsv4.training.accelerate_plugin
 from hf_dsv4 import DSV4Accelerator, memory_efficient_init
-from hf_dsv4.fsdp import decoder_layers
+from hf_dsv4.sharding import decoder_layers
 
 LR = 0.5
 
@@ -67,7 +67,9 @@ def dsv4(ckpt: str) -> dict:
     stock_prepare = mock.patch.object(
         accelerate.accelerator, "fsdp2_prepare_model", wraps=accelerate.accelerator.fsdp2_prepare_model
     )
-    ours = mock.patch.object(hf_dsv4.accelerate_plugin, "shard_model", wraps=hf_dsv4.accelerate_plugin.shard_model)
+    ours = mock.patch.object(
+        hf_dsv4.training.accelerate_plugin, "shard_model", wraps=hf_dsv4.training.accelerate_plugin.shard_model
+    )
     with stock_prepare as stock_spy, ours as shard_spy:
         model, optimizer = accelerator.prepare(model, optimizer)
     params = list(model.parameters())
@@ -98,6 +100,9 @@ def dsv4(ckpt: str) -> dict:
         n for n, p in model.named_parameters() if not torch.allclose(full(p), ref[n], rtol=1e-5, atol=1e-6)
     ]
     out["step_changed"] = sum(not torch.equal(full(p), before[n]) for n, p in model.named_parameters())
+    out["partial_state_during"] = str(PartialState().distributed_type)
+    accelerator.end_training()  # what `Trainer.end()` calls: accelerate's process-wide state is put back
+    out["partial_state_after"] = str(PartialState().distributed_type)
     return out
 
 

@@ -255,6 +255,72 @@ def scenario_load(ckpt: str, blind_ckpt: str, corrupt_ckpt: str, missing_key_ckp
         except CheckpointLoadError as exc:
             out[name] = str(exc)
     out["restored_after_error"] = PreTrainedModel.__dict__["from_pretrained"] is original
+    with memory_efficient_init(), memory_efficient_init():  # nested: one hook, one agreement per load
+        nested = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        out["nested_inner_restored"] = PreTrainedModel.__dict__["from_pretrained"] is not original
+    out["nested_restored"] = PreTrainedModel.__dict__["from_pretrained"] is original
+    out["nested_all_meta"] = all(t.is_meta for t in [*nested.parameters(), *nested.buffers()])
+    out["nested_table"] = table(nested) == out["table"]
+    return out
+
+
+class NeedsTwoArguments(Exception):
+    """An exception that pickles but cannot be unpickled (its args are not its constructor's)."""
+
+    def __init__(self, what: str, where: str):
+        super().__init__(f"{what} at {where}")
+
+
+def describe(exc: BaseException) -> dict:
+    """Type, message, cause chain and first note of an exception, as the tests compare them."""
+    chain, link = [], exc.__cause__
+    while link is not None:
+        chain.append(f"{type(link).__name__}: {link}")
+        link = link.__cause__
+    notes = getattr(exc, "__notes__", None) or [None]
+    return {"type": type(exc).__name__, "message": str(exc), "chain": chain, "note": notes[0]}
+
+
+def scenario_errors() -> dict:
+    """hf_dsv4.distributed: what each rank raises when one rank fails inside `every_rank_raises` / `on_source`."""
+    from hf_dsv4.distributed import every_rank_raises, on_source
+
+    rank = dist.get_rank()
+    out = {}
+
+    def rank1_fails_with_a_cause() -> None:
+        try:
+            {}["missing"]
+        except KeyError as exc:
+            raise ValueError("row 3: bad tools") from exc
+
+    def both_fail() -> None:
+        raise OSError(f"disk full on rank {rank}")
+
+    def unpicklable() -> None:
+        raise NeedsTwoArguments("torn write", "shard 2")
+
+    for name, body, failing in (
+        ("every_rank_raises", rank1_fails_with_a_cause, {1}),
+        ("lowest_rank_wins", both_fail, {0, 1}),
+        ("unpicklable", unpicklable, {1}),
+    ):
+        try:
+            with every_rank_raises():
+                if rank in failing:
+                    body()
+            out[name] = None
+        except Exception as exc:  # noqa: BLE001 - recorded for the test
+            out[name] = describe(exc)
+    try:
+        on_source(lambda: rank1_fails_with_a_cause() if rank == 0 else None)
+        out["on_source"] = None
+    except Exception as exc:  # noqa: BLE001
+        out["on_source"] = describe(exc)
+    out["on_source_result"] = on_source(lambda: {"read": "by rank 0"})
+    with every_rank_raises():
+        pass
+    out["after"] = "no hang"
     return out
 
 
@@ -323,7 +389,8 @@ def lora_model(ckpt: str, dtype: torch.dtype):
     random non-zero LoRA B weights (`tests/test_adapter_dist.set_lora_b` does the same in one process)."""
     from peft import get_peft_model
 
-    from hf_dsv4.lora import align_parameter_adapter_dtypes, dsv4_lora_config
+    from hf_dsv4.sharding import align_parameter_adapter_dtypes
+    from hf_dsv4.training.lora import dsv4_lora_config
 
     with memory_efficient_init():
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
@@ -371,7 +438,7 @@ def scenario_adapter(ckpt: str, out_dir: str) -> dict:
     """save_adapter (collectives recorded), zero the adapter, load_adapter, gather again; a missing adapter."""
     from safetensors.torch import load_file
 
-    from hf_dsv4.adapter import ADAPTER_WEIGHTS, gather_adapter, load_adapter, save_adapter
+    from hf_dsv4.training.adapter import ADAPTER_WEIGHTS, gather_adapter, load_adapter, save_adapter
 
     out = {"self_test": recorder_self_test()}
     for dtype_name, dtype in DTYPES.items():
@@ -408,8 +475,9 @@ def scenario_adapter(ckpt: str, out_dir: str) -> dict:
         try:
             load_adapter(model, Path(out_dir) / "no_such_adapter")
             result["missing"] = None
-        except RuntimeError as exc:
+        except Exception as exc:  # noqa: BLE001 - recorded for the test
             result["missing"] = f"{type(exc).__name__}: {exc}"
+            result["missing_note"] = (getattr(exc, "__notes__", None) or [None])[0]
         out[dtype_name] = result
     out["save_error"] = save_error(model, Path(out_dir) / "a_file")
     return out
@@ -417,7 +485,7 @@ def scenario_adapter(ckpt: str, out_dir: str) -> dict:
 
 def save_error(model: torch.nn.Module, target: Path) -> str | None:
     """What `save_adapter` raises on this rank when rank 0 cannot write (`target` is a file, not a folder)."""
-    from hf_dsv4.adapter import save_adapter
+    from hf_dsv4.training.adapter import save_adapter
 
     if dist.get_rank() == 0:
         target.write_text("not a folder")

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from hf_dsv4 import DSV4Callback, dsv4_lora_config, dsv4_trainer_accelerator, gather_adapter, memory_efficient_init
-from hf_dsv4.data import SFTRowTokenizer, tokenize_dataset
 from hf_dsv4.template import ConversationTokenizer, install_chat_template
+from hf_dsv4.training.data import SFTRowTokenizer, tokenize_dataset
 
 if __name__ == "__main__":
     checkpoint, data_file, output_dir = sys.argv[1:4]
@@ -55,7 +55,7 @@ if __name__ == "__main__":
         result = {
             "log_history": trainer.state.log_history,
             "fsdp": trainer.is_fsdp_enabled,
-            "accelerator": type(trainer.accelerator).__name__,
+            "accelerator": [cls.__name__ for cls in type(trainer.accelerator).__mro__[:2]],
             "sharded_params": sum(type(p).__name__ == "DTensor" for p in trainer.model.parameters()),
             "final_equals_checkpoint": sorted(final) == sorted(saved)
             and all(torch.equal(final[k], saved[k]) for k in saved),

@@ -62,6 +62,12 @@ def test_prepare_shards_every_decoder_layer_with_fsdp2_on_cpu_processes(runs):
         assert result["layers"] == ["FSDPDeepseekV4DecoderLayer"] * 3
 
 
+def test_end_training_puts_back_accelerates_process_state(runs):
+    for result in runs["dsv4"]:
+        assert result["partial_state_during"] == "DistributedType.FSDP"
+        assert result["partial_state_after"] == "DistributedType.MULTI_CPU"
+
+
 def test_prepare_uses_shard_model_not_accelerates_loader(runs):
     for result in runs["dsv4"]:
         assert result["shard_model_calls"] == 1 and result["stock_prepare_calls"] == 0

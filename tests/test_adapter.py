@@ -16,10 +16,10 @@ from safetensors.torch import save_file as real_save_file
 from test_lora import single_thread  # noqa: F401 - autouse fixture
 from torch import nn
 
-import hf_dsv4.adapter
-from hf_dsv4.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, gather_adapter, load_adapter, save_adapter
-from hf_dsv4.lora import dsv4_lora_config
+import hf_dsv4.training.adapter
 from hf_dsv4.testing import tiny_dsv4_config
+from hf_dsv4.training.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, gather_adapter, load_adapter, save_adapter
+from hf_dsv4.training.lora import dsv4_lora_config
 
 IDS = torch.tensor([[0, 17, 230, 5, 999, 42, 7, 64, 300, 12, 1, 3]])
 
@@ -124,11 +124,9 @@ def test_load_adapter_with_a_missing_tensor_raises_naming_the_file(saved, tmp_pa
     dropped = sorted(stored)[0]
     del stored[dropped]
     real_save_file(stored, tmp_path / ADAPTER_WEIGHTS)
-    with pytest.raises(RuntimeError) as excinfo:
+    with pytest.raises(ValueError) as excinfo:  # in one process: the original exception, not a wrapper
         load_adapter(peft_model(seed=2), tmp_path)
-    message = str(excinfo.value)
-    assert message.startswith(f"rank 0 could not load the adapter from {tmp_path}: ValueError: ")
-    assert f"{ADAPTER_WEIGHTS} lacks 1 adapter tensor(s), e.g. [{dropped!r}]" in message
+    assert str(excinfo.value) == f"{tmp_path / ADAPTER_WEIGHTS} lacks 1 adapter tensor(s), e.g. [{dropped!r}]"
 
 
 @pytest.mark.parametrize("function", [gather_adapter, save_adapter, load_adapter])
@@ -146,7 +144,7 @@ def partial_then_fail(tensors, path, metadata=None):
 
 def test_interrupted_first_save_leaves_no_adapter_and_no_staging(saved, tmp_path, monkeypatch):
     model, _, _ = saved
-    monkeypatch.setattr(hf_dsv4.adapter, "save_file", partial_then_fail)
+    monkeypatch.setattr(hf_dsv4.training.adapter, "save_file", partial_then_fail)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
@@ -172,7 +170,7 @@ def test_interrupted_save_over_a_previous_adapter_never_leaves_a_config_with_oth
     assert previous[ADAPTER_WEIGHTS] != new[ADAPTER_WEIGHTS]
 
     if where == "save_file":
-        monkeypatch.setattr(hf_dsv4.adapter, "save_file", partial_then_fail)
+        monkeypatch.setattr(hf_dsv4.training.adapter, "save_file", partial_then_fail)
     elif where == "config":
         monkeypatch.setattr(
             peft.LoraConfig, "save_pretrained", lambda self, path: partial_then_fail({}, Path(path) / ADAPTER_CONFIG)
@@ -186,7 +184,7 @@ def test_interrupted_save_over_a_previous_adapter_never_leaves_a_config_with_oth
                 raise OSError("disk full")
             real_replace(src, dst)
 
-        monkeypatch.setattr(hf_dsv4.adapter.os, "replace", replace)
+        monkeypatch.setattr(hf_dsv4.training.adapter.os, "replace", replace)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, folder)
     monkeypatch.undo()

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from test_lora import single_thread  # noqa: F401 - autouse fixture
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-import hf_dsv4.callback
-from hf_dsv4.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, gather_adapter
-from hf_dsv4.callback import DSV4Callback, process_peak_memory_bytes
-from hf_dsv4.lora import dsv4_lora_config
+import hf_dsv4.training.callback
 from hf_dsv4.testing import tiny_dsv4_config
+from hf_dsv4.training.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, gather_adapter
+from hf_dsv4.training.callback import DSV4Callback, process_peak_memory_bytes
+from hf_dsv4.training.lora import dsv4_lora_config
 
 N_EXPERTS = tiny_dsv4_config().n_routed_experts
 IDS = torch.tensor([[2, 2, 17, 230, 5, 999], [0, 42, 7, 64, 300, 12]])
@@ -40,7 +40,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch) -> Clock:
     clock = Clock()
-    monkeypatch.setattr(hf_dsv4.callback, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(hf_dsv4.training.callback, "time", SimpleNamespace(perf_counter=clock.perf_counter))
     return clock
 
 
@@ -125,7 +125,7 @@ def test_collect_counts_routing_and_real_tokens_exactly(model, clock, caplog):
     train_begin(callback, model)
     forward(model, **batch)
     clock.now += 2.0
-    caplog.set_level(logging.DEBUG, logger="hf_dsv4.callback")
+    caplog.set_level(logging.DEBUG, logger="hf_dsv4.training.callback")
     metrics = callback.collect(step=5)
 
     assert logged_counts(caplog) == [c.tolist() for c in expected]
@@ -147,7 +147,7 @@ def test_counts_accumulate_over_forwards_until_collect_and_then_reset(model, clo
     forward(model, **first)
     forward(model, **second)  # no attention mask: every input id counts
     clock.now += 4.0
-    caplog.set_level(logging.DEBUG, logger="hf_dsv4.callback")
+    caplog.set_level(logging.DEBUG, logger="hf_dsv4.training.callback")
     metrics = callback.collect(step=1)
     assert logged_counts(caplog) == [c.tolist() for c in both]
     assert metrics["tokens_per_second"] == (MASK.sum().item() + IDS_2.numel()) / 4.0

@@ -10,9 +10,9 @@ import pytest
 from test_react import WEATHER
 from test_tokenization import MULTI_TURN
 
-from hf_dsv4.data import SFTRowTokenizer, clean_messages, parse_tools, row_format, tokenize_dataset
 from hf_dsv4.template import ConversationTokenizer, install_chat_template, react_to_messages, tokenize_conversation
 from hf_dsv4.testing import tiny_tokenizer
+from hf_dsv4.training.data import SFTRowTokenizer, clean_messages, parse_tools, row_format, tokenize_dataset
 
 SEARCH = {
     "type": "function",

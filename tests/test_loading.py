@@ -171,3 +171,10 @@ def test_missing_checkpoint_key_raises_the_same_error_on_every_rank(load_results
     source, other = load_results
     assert source["missing_key"] == other["missing_key"]
     assert "missing_keys: model.layers.1.self_attn.compressor.position_bias" in source["missing_key"]
+
+
+def test_nested_memory_efficient_init_is_harmless_on_every_rank(load_results):
+    source, other = load_results
+    for result in load_results:
+        assert result["nested_inner_restored"] and result["nested_restored"] and result["nested_table"]
+    assert not source["nested_all_meta"] and other["nested_all_meta"]  # one load on rank 0, one meta build on rank 1

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from hf_dsv4.loading import _threads_of_idle_ranks
+from hf_dsv4.loading.pretrained import _threads_of_idle_ranks
 
 
 @pytest.fixture

@@ -10,16 +10,16 @@ import torch
 import transformers
 from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
-from hf_dsv4.lora import (
+from hf_dsv4.sharding import align_parameter_adapter_dtypes
+from hf_dsv4.testing import tiny_dsv4_config
+from hf_dsv4.training.lora import (
     ATTENTION,
     LORA_TARGETS,
     ROUTED_EXPERTS,
     SHARED_EXPERTS,
-    align_parameter_adapter_dtypes,
     dsv4_lora_config,
     resolve_lora_targets,
 )
-from hf_dsv4.testing import tiny_dsv4_config
 
 LAYERS = range(3)  # sliding, CSA (compressor + indexer), HCA (compressor); hash router on layer 0
 ATTENTION_NAMES = {

@@ -42,6 +42,14 @@ TURNS = ("all", "last", "per_turn")
 OVERLONG = ("truncate", "drop", "raise")
 
 
+def validate_policies(turns: str, overlong: str) -> None:
+    """Raise ValueError unless `turns` is one of TURNS and `overlong` one of OVERLONG."""
+    if turns not in TURNS:
+        raise ValueError(f"turns must be one of {TURNS}, got {turns!r}")
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
+
+
 class OverlongSampleError(ValueError):
     """A sample is longer than `max_length` under `overlong="raise"`."""
 
@@ -214,10 +222,7 @@ class ConversationTokenizer:
     stats: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
-        if self.turns not in TURNS:
-            raise ValueError(f"turns must be one of {TURNS}, got {self.turns!r}")
-        if self.overlong not in OVERLONG:
-            raise ValueError(f"overlong must be one of {OVERLONG}, got {self.overlong!r}")
+        validate_policies(self.turns, self.overlong)
         self._backend = getattr(self.tokenizer, "backend_tokenizer", None)
 
     def __call__(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None) -> list[dict]:

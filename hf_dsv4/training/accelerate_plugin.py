@@ -17,25 +17,28 @@ from the same `FSDP_*` environment variables accelerate's plugin reads, and `pre
   each of them alone, `DistributedType.NO`).
 
 Nothing in accelerate is replaced: the routing is a subclass override of `Accelerator._prepare_fsdp2` (the step
-`prepare` runs for FSDP2), and the CPU state is set once, when the accelerator is built.
+`prepare` runs for FSDP2), and the CPU state is set when the accelerator is built and put back by `end_training()`
+or when the accelerator is garbage-collected. Every accelerate internal used here goes through `hf_dsv4.compat`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DistributedType, DynamoBackend, FullyShardedDataParallelPlugin
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy
 
-from .fsdp import shard_model
+from .. import compat
+from ..sharding import shard_model
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +84,8 @@ def _launched_without_accelerator() -> bool:
 
 
 def _use_fsdp_on_cpu(accelerator: Accelerator, plugin: DSV4FSDP2Plugin) -> None:
-    """Set a MULTI_CPU accelerator state to FSDP with `plugin`, as `AcceleratorState` does for GPU processes."""
+    """Set a MULTI_CPU accelerator state to FSDP with `plugin`, as `AcceleratorState` does for GPU processes; the
+    process-wide `PartialState` change is put back by `DSV4Accelerator.end_training` (or garbage collection)."""
     state = accelerator.state
     if state.distributed_type != DistributedType.MULTI_CPU:
         return
@@ -89,7 +93,8 @@ def _use_fsdp_on_cpu(accelerator: Accelerator, plugin: DSV4FSDP2Plugin) -> None:
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    restore = compat.set_process_distributed_type(DistributedType.FSDP)
+    accelerator._restore_partial_state = weakref.finalize(accelerator, restore)
     logger.info("FSDP2 enabled on %d CPU processes (gloo)", state.num_processes)
 
 
@@ -106,10 +111,18 @@ class DSV4Accelerator(Accelerator):
     the model on meta. The model is sharded in place and the optimizer's parameter groups are switched to the sharded
     parameters (create the optimizer before `prepare`, without state). Activation checkpointing and
     `torch.compile` are not applied on this path.
+
+    `fsdp_plugin_args` (class attribute): keyword arguments for the `DSV4FSDP2Plugin` built in place of any
+    `fsdp_plugin` passed in; set by the subclass `dsv4_trainer_accelerator` gives the Trainer.
     """
 
+    fsdp_plugin_args: ClassVar[dict[str, Any] | None] = None
+
     def __init__(self, *args, fsdp_plugin: FullyShardedDataParallelPlugin | None = None, **kwargs) -> None:
-        if fsdp_plugin is None and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        self._restore_partial_state: weakref.finalize | None = None
+        if self.fsdp_plugin_args is not None:
+            fsdp_plugin = DSV4FSDP2Plugin(**self.fsdp_plugin_args)
+        elif fsdp_plugin is None and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
             fsdp_plugin = DSV4FSDP2Plugin()
         if _launched_without_accelerator() and not kwargs.get("cpu"):
             logger.info("no GPU-like accelerator: running the %s processes on CPU", os.environ["WORLD_SIZE"])
@@ -117,6 +130,13 @@ class DSV4Accelerator(Accelerator):
         super().__init__(*args, fsdp_plugin=fsdp_plugin, **kwargs)
         if isinstance(fsdp_plugin, DSV4FSDP2Plugin):
             _use_fsdp_on_cpu(self, fsdp_plugin)
+
+    def end_training(self) -> None:
+        """accelerate's end of a run (trackers finished), then accelerate's process-wide state put back as it was
+        before this accelerator switched CPU processes to FSDP."""
+        super().end_training()
+        if self._restore_partial_state is not None:
+            self._restore_partial_state()
 
     def _prepare_fsdp2(self, *args):
         """`prepare`'s FSDP2 step: optimizers, schedulers and data loaders as accelerate prepares them, the model with
@@ -127,8 +147,8 @@ class DSV4Accelerator(Accelerator):
         if self.state.dynamo_plugin.backend != DynamoBackend.NO:
             raise ValueError("torch.compile (dynamo_backend) is not applied by hf_dsv4's FSDP2 plugin: set it to 'no'")
         # Optimizers before schedulers (a scheduler wraps the prepared optimizer), as accelerate does.
-        result = [obj if isinstance(obj, nn.Module) else self._prepare_one(obj, first_pass=True) for obj in args]
-        result = [obj if isinstance(obj, nn.Module) else self._prepare_one(obj) for obj in result]
+        result = [obj if isinstance(obj, nn.Module) else compat.prepare_one(self, obj, first_pass=True) for obj in args]
+        result = [obj if isinstance(obj, nn.Module) else compat.prepare_one(self, obj) for obj in result]
         optimizers = [obj for obj in result if isinstance(obj, torch.optim.Optimizer)]
         for model in (obj for obj in result if isinstance(obj, nn.Module)):
             self._shard(model, plugin, optimizers)
@@ -151,7 +171,7 @@ class DSV4Accelerator(Accelerator):
         )
         for optimizer in optimizers:
             _switch_to_sharded(optimizer, model, names)
-        self._models.append(model)
+        compat.register_prepared_model(self, model)
 
 
 def _switch_to_sharded(optimizer: torch.optim.Optimizer, model: nn.Module, names: dict[nn.Parameter, str]) -> None:
@@ -169,7 +189,7 @@ def _switch_to_sharded(optimizer: torch.optim.Optimizer, model: nn.Module, names
 
 
 @contextmanager
-def dsv4_trainer_accelerator(fsdp_plugin_args: dict[str, Any] | None = None) -> Iterator[None]:
+def dsv4_trainer_accelerator(fsdp_plugin_args: dict[str, Any] | None = None) -> Iterator[type[DSV4Accelerator]]:
     """Scope under which a `transformers.Trainer` (or any subclass, e.g. TRL's `SFTTrainer`) built inside it uses
     `DSV4Accelerator` instead of `Accelerator`, so that under an FSDP launch config its model is sharded with
     `hf_dsv4.shard_model`, on GPU and CPU processes alike:
@@ -179,19 +199,9 @@ def dsv4_trainer_accelerator(fsdp_plugin_args: dict[str, Any] | None = None) -> 
 
     `fsdp_plugin_args` (what `TrainingArguments(fsdp=..., fsdp_config=...)` produces, `args.fsdp_plugin_args`)
     builds the `DSV4FSDP2Plugin` when given; otherwise the plugin comes from the launch config's environment.
-    The Trainer module's `Accelerator` name is restored on exit, also on error.
+    The Trainer module's `Accelerator` is swapped for a `DSV4Accelerator` subclass (yielded) and restored on exit,
+    also on error.
     """
-    import transformers.trainer as trainer_module
-
-    original = trainer_module.Accelerator
-
-    def build(*args: Any, fsdp_plugin: FullyShardedDataParallelPlugin | None = None, **kwargs: Any) -> DSV4Accelerator:
-        if fsdp_plugin_args is not None:
-            fsdp_plugin = DSV4FSDP2Plugin(**fsdp_plugin_args)
-        return DSV4Accelerator(*args, fsdp_plugin=fsdp_plugin, **kwargs)
-
-    trainer_module.Accelerator = build
-    try:
-        yield
-    finally:
-        trainer_module.Accelerator = original
+    accelerator_class = type("DSV4TrainerAccelerator", (DSV4Accelerator,), {"fsdp_plugin_args": fsdp_plugin_args})
+    with compat.trainer_accelerator_class(accelerator_class):
+        yield accelerator_class

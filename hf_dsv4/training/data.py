@@ -23,12 +23,11 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .template import ConversationTokenizer
-from .template.react import has_react_keywords, react_to_messages
+from ..template import ConversationTokenizer
+from ..template.react import has_react_keywords, react_to_messages
+from ..template.tokenization import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
-
-IGNORE = -100
 
 
 def _drop_nulls(value: Any) -> Any:
@@ -125,7 +124,7 @@ class SFTRowTokenizer:
         prompt_ids = [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
         completion_ids = tok.encode(completion, add_special_tokens=False) + [tok.eos_token_id]
         ids = prompt_ids + completion_ids
-        labels = [IGNORE] * len(prompt_ids) + completion_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
         limit = self.conversations.max_length
         if limit is not None and len(ids) > limit:
             if self.conversations.overlong == "drop":

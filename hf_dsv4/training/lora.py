@@ -24,7 +24,9 @@ Choices, and why:
   fp32 by the model).
 - Adapter weights are created in fp32 (peft's default `autocast_adapter_dtype=True`) beside a bf16 base. FSDP2
   accepts that because `hf_dsv4.shard_model` puts each dtype in its own FSDP group; a bf16 `MixedPrecisionPolicy`
-  still computes them in bf16, with fp32 master weights and fp32 gradient reduction.
+  still computes them in bf16, with fp32 master weights and fp32 gradient reduction. The one exception, routed-expert
+  factors, which must share the decoder layer's group, is handled by
+  `hf_dsv4.sharding.align_parameter_adapter_dtypes` (called by `shard_model`).
 """
 
 from __future__ import annotations
@@ -96,28 +98,3 @@ def dsv4_lora_config(
         task_type="CAUSAL_LM",
         **kwargs,
     )
-
-
-def align_parameter_adapter_dtypes(model) -> int:
-    """Cast LoRA weights that peft applies through `target_parameters` (routed experts) to the dtype of the parameter
-    they adapt; returns how many adapter modules were cast.
-
-    peft applies such an adapter by parametrizing the base parameter when the wrapper's forward starts, before any
-    FSDP2 group rooted below it could be all-gathered, so under FSDP2 the base parameter and its LoRA factors must be
-    all-gathered by an enclosing module's group (the decoder layer's), which holds a single dtype. With a bf16 base
-    the routed-expert adapter therefore trains in bf16 (attention and shared-expert adapters stay fp32). Meta tensors
-    are cast too, so every rank agrees.
-    """
-    from peft.tuners.lora.layer import ParamWrapper
-
-    cast = 0
-    for module in model.modules():
-        if not isinstance(module, ParamWrapper):
-            continue
-        dtype = module.get_param().dtype
-        for factors in (module.lora_A, module.lora_B):
-            for adapter in factors.values():
-                if any(p.dtype != dtype for p in adapter.parameters()):
-                    adapter.to(dtype)
-                    cast += 1
-    return cast

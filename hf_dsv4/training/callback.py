@@ -3,12 +3,12 @@ MoE routing load. Works with `transformers.Trainer`, TRL's `SFTTrainer` and `hf_
 
 - On every checkpoint save it writes `adapter_model.safetensors` + `adapter_config.json` (the keys
   `PeftModel.save_pretrained` writes) into the checkpoint folder, gathered with only the trainable tensors crossing
-  the wire (`hf_dsv4.adapter.save_adapter`; atomic). `DSV4SFTTrainer` saves the adapter itself and switches this off.
+  the wire (`hf_dsv4.training.adapter.save_adapter`; atomic). `DSV4SFTTrainer` saves the adapter itself and switches this off.
 - At each logging step it adds to the logs (and to that step's entry in `state.log_history`): `tokens_per_second` (non-padding input tokens on all ranks per second of
   wall time since the previous log), `peak_memory_gb` (the largest peak on any rank: CUDA allocator peak on GPUs,
   process peak RSS on CPU), and for MoE models `moe_imbalance` (mean over MoE layers of max/mean tokens per expert;
   1.0 is perfectly balanced) and `moe_max_expert_share` (the largest fraction of a layer's routed slots that one
-  expert took). Per-layer tokens per expert go to the `hf_dsv4.callback` logger at DEBUG level.
+  expert took). Per-layer tokens per expert go to the `hf_dsv4.training.callback` logger at DEBUG level.
 
 Routing is counted by forward hooks on the routers (every module with `num_experts` and `top_k` whose forward returns
 `(logits, weights, indices)`), on all tokens of the batch, padding included. Counting a log is one small all-reduce,
@@ -28,8 +28,8 @@ import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 
+from ..distributed import is_distributed, local_device
 from .adapter import peft_model_of, save_adapter
-from .loading import is_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class DSV4Callback(TrainerCallback):
         """The metrics since the previous call, reduced over ranks (a collective), and reset the counters."""
         if self._collected_at == step:
             return self.last_metrics
-        device = next((c.device for c in self._counts.values()), torch.device("cpu"))
+        device = local_device()  # where the collective runs: the GPU under NCCL
         n_experts = [r.num_experts for r in self._routers]
         counts = [
             self._counts.get(r, torch.zeros(n, dtype=torch.long, device=device)).to(device)
@@ -122,8 +122,6 @@ class DSV4Callback(TrainerCallback):
         flat = torch.cat([torch.tensor([self._tokens], dtype=torch.long, device=device), *counts])
         peak = torch.tensor([process_peak_memory_bytes()], dtype=torch.float64, device=device)
         if is_distributed():
-            if dist.get_backend() == "nccl" and device.type == "cpu":
-                flat, peak = flat.cuda(), peak.cuda()
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         flat = flat.cpu()
@@ -156,18 +154,25 @@ class DSV4Callback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.detach()
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs or not self.attached:
+    def add_metrics(self, logs: dict[str, float], state) -> None:
+        """The one place the metrics join a training log (`logs` with a "loss"): added to `logs` and to this step's
+        entry of `state.log_history`, never over a value already there. A collective the first time per step
+        (`collect`); `DSV4SFTTrainer.log` calls it before the loggers run, `on_log` for any other Trainer."""
+        if "loss" not in logs or not self.attached:
             return
+        first = self._collected_at != state.global_step
         metrics = self.collect(state.global_step)
-        logs.update({key: value for key, value in metrics.items() if key not in logs})
-        # `Trainer.log` appended its own copy of these logs to the history before calling us: complete that entry
-        # too, so that trainer_state.json has the metrics (loggers that ran before this callback do not).
+        # `Trainer.log` appends its own copy of the logs to the history before the callbacks run: complete that
+        # entry too, so that trainer_state.json has the metrics.
         entry = state.log_history[-1] if state.log_history else None
-        if entry is not None and entry.get("step") == state.global_step and "loss" in entry:
-            entry.update({key: value for key, value in metrics.items() if key not in entry})
-        if state.is_world_process_zero:
+        for target in (logs, entry if entry and entry.get("step") == state.global_step and "loss" in entry else {}):
+            target.update({key: value for key, value in metrics.items() if key not in target})
+        if first and state.is_world_process_zero:
             logger.info("step %d: %s", state.global_step, metrics)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None:
+            self.add_metrics(logs, state)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not self.save_adapter or model is None or peft_model_of(model) is None:

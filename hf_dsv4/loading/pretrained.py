@@ -1,14 +1,13 @@
 """Rank-aware `from_pretrained`: only the source rank reads the checkpoint, every other rank builds on meta.
 
 transformers 5 reads and converts the whole checkpoint on every rank, so N ranks on a node need N times the host
-RAM of the checkpoint (about 2.1x each, measured). Under `memory_efficient_init()` the source rank (global rank 0,
-or local rank 0 of every node with `source_per_node=True`) loads real weights on CPU as usual, while every other
-rank builds the same model from the config on the meta device and never opens a weight file. `shard_model` then
-sends rank 0's weights into every FSDP shard.
+RAM of the checkpoint (about 2.1x each, measured). Under `memory_efficient_init()` the source rank (global rank 0)
+loads real weights on CPU as usual, while every other rank builds the same model from the config on the meta device
+and never opens a weight file. `hf_dsv4.sharding.shard_model` then sends rank 0's weights into every FSDP shard.
 
-Loading is a collective under the hook: every rank calls `from_pretrained`, and a failure on a source rank (a
-corrupted or mismatched checkpoint) is raised as the same `CheckpointLoadError` on every rank instead of leaving
-the others waiting in a later collective.
+Loading is a collective under the hook: every rank calls `from_pretrained`, and a failure on any rank (a corrupted
+or mismatched checkpoint) is raised as the same `CheckpointLoadError` on every rank
+(`hf_dsv4.distributed.every_rank_raises`) instead of leaving the others waiting in a later collective.
 """
 
 from __future__ import annotations
@@ -20,8 +19,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from transformers import PreTrainedModel
+
+from .. import compat
+from ..distributed import every_rank_raises, is_distributed, rank
 
 logger = logging.getLogger(__name__)
 
@@ -36,31 +37,19 @@ LOAD_ONLY_KWARGS = (
 )  # fmt: skip
 # Passed to the config loader (where the config comes from), never to the model.
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
+# Passed to the model's constructor (`_from_config`).
+MODEL_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "experts_implementation")
 
 
 class CheckpointLoadError(RuntimeError):
-    """A source rank could not load the checkpoint; raised with the same message on every rank."""
-
-
-def is_distributed() -> bool:
-    """True inside an initialized torch.distributed group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def is_source_rank(source_per_node: bool = False) -> bool:
-    """Whether this process reads the checkpoint: global rank 0, or local rank 0 of each node if `source_per_node`."""
-    if not is_distributed():
-        return True
-    if source_per_node:
-        return int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
-    return dist.get_rank() == 0
+    """A rank could not load (or build) the model; raised with the same message on every rank."""
 
 
 def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(kwargs for the config loader, kwargs for `_from_config`): load-only arguments are dropped."""
     config_kwargs = {k: v for k, v in kwargs.items() if k not in LOAD_ONLY_KWARGS}
     model_kwargs = {}
-    for key in ("dtype", "torch_dtype", "attn_implementation", "experts_implementation"):
+    for key in MODEL_KWARGS:
         if key in config_kwargs:
             model_kwargs[key] = config_kwargs.pop(key)
     if "torch_dtype" in model_kwargs:
@@ -69,11 +58,14 @@ def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return config_kwargs, model_kwargs
 
 
-def _resolve_dtype(dtype: Any, config: Any) -> torch.dtype:
-    """The dtype `from_pretrained` would use: `"auto"`/None -> the config's dtype (fp32 if it has none)."""
-    if dtype in (None, "auto"):
-        dtype = getattr(config, "dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+def resolve_dtype(dtype: str | torch.dtype | None, default: str | torch.dtype | None) -> torch.dtype | str | None:
+    """A `dtype` argument as `from_pretrained` reads it: None -> `default`; a name ("bfloat16") -> the torch dtype;
+    "auto" stays "auto" unless `default` is given for it (`resolve_dtype("auto", config.dtype)`)."""
+    if dtype is None or (dtype == "auto" and default is not None):
+        dtype = default
+    if isinstance(dtype, str) and dtype != "auto":
+        return getattr(torch, dtype)
+    return dtype
 
 
 def build_on_meta(cls: type[PreTrainedModel], path: str | os.PathLike | None, *args, **kwargs) -> PreTrainedModel:
@@ -93,26 +85,12 @@ def build_on_meta(cls: type[PreTrainedModel], path: str | os.PathLike | None, *a
             if hasattr(config, key):
                 setattr(config, key, unused.pop(key))
     unused = {k: v for k, v in unused.items() if k not in HUB_KWARGS}
-    model_kwargs["dtype"] = _resolve_dtype(model_kwargs.get("dtype"), config)
+    model_kwargs["dtype"] = resolve_dtype(model_kwargs.get("dtype"), getattr(config, "dtype", None) or torch.float32)
     config.name_or_path = str(path) if path is not None else config.name_or_path
     with torch.device("meta"):
-        model = cls._from_config(config, *args, **model_kwargs, **unused)
+        model = compat.from_config(cls, config, *args, **model_kwargs, **unused)
     model.tie_weights()
     return model.eval()
-
-
-def _agree_on_load(error: BaseException | None) -> None:
-    """Collective: every rank learns whether any source rank failed, and all raise the same error if one did."""
-    message = None if error is None else f"{type(error).__name__}: {error}"
-    messages: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, message)
-    failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
-    if failed:
-        rank, message = failed[0]
-        raise CheckpointLoadError(
-            f"rank {rank} could not load the checkpoint: {message}. Check that every shard listed in "
-            "model.safetensors.index.json is complete and matches config.json."
-        ) from error
 
 
 def _strict_loading_info(info: dict[str, Any]) -> None:
@@ -138,48 +116,54 @@ def _threads_of_idle_ranks() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _rank_aware_from_pretrained(original: classmethod, source_per_node: bool) -> classmethod:
-    """A `from_pretrained` classmethod body that loads on source ranks and builds on meta elsewhere."""
+def _load(original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict]:
+    """(model, loading info) on the source rank; (meta model, {}) elsewhere. Any failure is a CheckpointLoadError."""
+    try:
+        if rank() != 0:
+            return build_on_meta(cls, path, *args, **kwargs), {}
+        with _threads_of_idle_ranks():
+            model, info = original.__get__(None, cls)(path, *args, output_loading_info=True, **kwargs)
+        _strict_loading_info(info)
+        return model, info
+    except Exception as exc:
+        raise CheckpointLoadError(
+            f"rank {rank()} could not load the checkpoint: {type(exc).__name__}: {exc}. Check that every shard listed "
+            "in model.safetensors.index.json is complete and matches config.json."
+        ) from exc
+
+
+def _rank_aware_from_pretrained(original: classmethod) -> classmethod:
+    """A `from_pretrained` classmethod body that loads on the source rank and builds on meta elsewhere."""
 
     def from_pretrained(cls, pretrained_model_name_or_path=None, *args, **kwargs):
         if not is_distributed():
             return original.__get__(None, cls)(pretrained_model_name_or_path, *args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
-        model, info, error = None, {}, None
-        if is_source_rank(source_per_node):
-            try:
-                with _threads_of_idle_ranks():
-                    model, info = original.__get__(None, cls)(
-                        pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-                    )
-                _strict_loading_info(info)
-            except Exception as exc:  # noqa: BLE001 - re-raised on every rank by `_agree_on_load`
-                error = exc
-        else:
-            try:
-                model = build_on_meta(cls, pretrained_model_name_or_path, *args, **kwargs)
-            except Exception as exc:  # noqa: BLE001
-                error = exc
-        _agree_on_load(error)
-        where = "loaded the weights" if is_source_rank(source_per_node) else "built the model on meta"
-        logger.info("rank %d %s", dist.get_rank(), where)
+        with every_rank_raises():  # a failure on any rank is raised on every rank, never left as a hang
+            model, info = _load(original, cls, pretrained_model_name_or_path, args, kwargs)
+        logger.info("rank %d %s", rank(), "loaded the weights" if rank() == 0 else "built the model on meta")
         return (model, info) if want_info else model
 
+    from_pretrained.__hf_dsv4_rank_aware__ = True
     return classmethod(from_pretrained)
 
 
 @contextlib.contextmanager
-def memory_efficient_init(source_per_node: bool = False) -> Iterator[None]:
-    """Scope under which `from_pretrained` reads the checkpoint on the source rank only.
+def memory_efficient_init() -> Iterator[None]:
+    """Scope under which `from_pretrained` reads the checkpoint on the source rank (global rank 0) only.
 
     Inside the block, `AutoModelForCausalLM.from_pretrained(path, dtype=...)` (and the same method of any
-    `PreTrainedModel` subclass) loads real weights on CPU on the source rank (global rank 0; local rank 0 of each
-    node with `source_per_node=True`) and returns the same model built on the meta device elsewhere. Every rank must
-    call it (it is a collective). Outside torch.distributed, or with one process, it is exactly `from_pretrained`.
-    `PreTrainedModel.from_pretrained` is restored on exit, also on error.
+    `PreTrainedModel` subclass) loads real weights on CPU on rank 0 and returns the same model built on the meta
+    device elsewhere. Every rank must call it (it is a collective; a failure on any rank raises the same
+    `CheckpointLoadError` on every rank). Outside torch.distributed, or with one process, it is exactly
+    `from_pretrained`. Nesting is harmless: an inner block changes nothing. `PreTrainedModel.from_pretrained` is
+    restored on exit, also on error.
     """
     original = PreTrainedModel.__dict__["from_pretrained"]
-    PreTrainedModel.from_pretrained = _rank_aware_from_pretrained(original, source_per_node)
+    if getattr(original.__func__, "__hf_dsv4_rank_aware__", False):
+        yield  # already inside a memory_efficient_init block: one hook, one agreement per load
+        return
+    PreTrainedModel.from_pretrained = _rank_aware_from_pretrained(original)
     try:
         yield
     finally:

@@ -3,7 +3,8 @@
 `gather_adapter(model)` collects the full trainable tensors on rank 0 (one all-gather per trainable parameter;
 frozen parameters and buffers are never gathered, so the base model never crosses the wire) and renames them the way `PeftModel.save_pretrained` does.
 `save_adapter` writes `adapter_model.safetensors` + `adapter_config.json` atomically; `load_adapter` sends a saved
-adapter from rank 0 into the shards (used to resume). All three are collectives: every rank calls them.
+adapter from rank 0 into the shards (used to resume). All three are collectives: every rank calls them, and a failure
+on rank 0 (a file that cannot be written or read) is raised as the same exception on every rank.
 """
 
 from __future__ import annotations
@@ -13,18 +14,16 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from .loading import is_distributed
+from ..distributed import is_distributed, is_main, on_source
 
 logger = logging.getLogger(__name__)
 
@@ -33,32 +32,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 T = TypeVar("T")
 
 
-def _is_main() -> bool:
-    return not is_distributed() or dist.get_rank() == 0
-
-
 def peft_model_of(model: nn.Module):
     """The `PeftModel` in `model`'s tree (the model itself, or inside a wrapper), or None."""
     from peft import PeftModel
 
     return next((m for m in model.modules() if isinstance(m, PeftModel)), None)
-
-
-def on_main(fn: Callable[[], T], what: str) -> T | None:
-    """Run `fn` on rank 0 only (None elsewhere); if it fails, every rank raises the same error (a collective)."""
-    result, error = None, None
-    if _is_main():
-        try:
-            result = fn()
-        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-            error = f"{type(exc).__name__}: {exc}"
-    if is_distributed():
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise RuntimeError(f"rank 0 could not {what}: {error}")
-    return result
 
 
 def _require_peft(model: nn.Module):
@@ -73,7 +51,7 @@ def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Each sharded (DTensor) trainable parameter is all-gathered on its own; frozen parameters and buffers are never
     touched, so for LoRA only the adapter crosses the wire. Every rank walks the parameters in the same order."""
-    main = _is_main()
+    main = is_main()
     out = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -115,7 +93,7 @@ def gather_adapter(model: nn.Module, adapter_name: str = "default") -> dict[str,
     """The adapter's tensors as `PeftModel.save_pretrained` would write them; on rank 0 ({} elsewhere). A collective."""
     peft_model = _require_peft(model)
     state = gather_trainable(model)
-    if not _is_main():
+    if not is_main():
         return {}
     keys = _peft_keys(peft_model, list(state), adapter_name)
     missing = sorted(set(state) - set(keys))
@@ -159,11 +137,9 @@ def save_adapter(
         logger.info("saved a PEFT adapter (%d tensors, %.2fM parameters) to %s", len(tensors), n / 1e6, output_dir)
         return output_dir
 
-    if not is_distributed():
-        return write()  # errors propagate as they are
-    # Under torch.distributed a failed write on rank 0 raises the same error on every rank (no rank goes on as if
-    # the adapter had been saved, to wait in the next collective).
-    return on_main(write, f"save the adapter to {output_dir}")
+    # A failed write on rank 0 raises the same error on every rank (no rank goes on as if the adapter had been saved,
+    # to wait in the next collective).
+    return on_source(write)
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default") -> None:
@@ -175,13 +151,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name:
     keys = _peft_keys(peft_model, names, adapter_name)
 
     def read() -> dict[str, torch.Tensor]:
-        stored = load_file(Path(adapter_dir) / ADAPTER_WEIGHTS)
+        path = Path(adapter_dir) / ADAPTER_WEIGHTS
+        stored = load_file(path)
         absent = sorted(key for key in keys.values() if key not in stored)
         if absent:
-            raise ValueError(f"{ADAPTER_WEIGHTS} lacks {len(absent)} adapter tensor(s), e.g. {absent[:3]}")
+            raise ValueError(f"{path} lacks {len(absent)} adapter tensor(s), e.g. {absent[:3]}")
         return {name: stored[key] for name, key in keys.items()}
 
-    state = on_main(read, f"load the adapter from {adapter_dir}") or {}
+    state = on_source(read) or {}  # a failed read raises the same error on every rank
     if is_distributed():
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(model, state, options=options)

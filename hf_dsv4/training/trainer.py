@@ -5,7 +5,7 @@ What it adds to `SFTTrainer` (the user writes none of it):
 - model from a path or hub id: loaded under `memory_efficient_init` (only rank 0 reads the checkpoint, the other
   ranks build on meta), on CPU, in the configured dtype (`model_init_kwargs["dtype"]`, default bf16), never with a
   `device_map`; LoRA from `peft_config` (see `hf_dsv4.dsv4_lora_config`) is added by `SFTTrainer` as usual;
-- the DeepSeek-V4 chat template installed on the tokenizer, and the data tokenized by `hf_dsv4.data` (messages +
+- the DeepSeek-V4 chat template installed on the tokenizer, and the data tokenized by `hf_dsv4.training.data` (messages +
   tools, prompt-completion, ReAct agent rows) with assistant-only labels and the multi-turn thinking policy of
   `turns`; no packing or padding-free batches (DeepSeek-V4's compressors read the raw token stream);
 - an accelerator that shards with `hf_dsv4.shard_model` under an FSDP launch config (`DSV4Accelerator`, also on CPU
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from datasets import Dataset
@@ -36,12 +34,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
 
+from ..distributed import on_source
+from ..loading import memory_efficient_init, resolve_dtype
+from ..template import ConversationTokenizer, install_chat_template
 from .accelerate_plugin import DSV4FSDP2Plugin, dsv4_trainer_accelerator
-from .adapter import load_adapter, on_main, peft_model_of, save_adapter
+from .adapter import load_adapter, peft_model_of, save_adapter
 from .callback import DSV4Callback
+from .config import DSV4SFTConfig
 from .data import SFTRowTokenizer, tokenize_dataset
-from .loading import memory_efficient_init
-from .template import ConversationTokenizer, install_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -50,89 +50,11 @@ SCHEDULER_NAME = "scheduler.pt"
 TRAINING_ARGS_NAME = "training_args.bin"
 
 
-@dataclass
-class DSV4SFTConfig(SFTConfig):
-    """`trl.SFTConfig` with DeepSeek-V4 defaults and the chat-format options of `hf_dsv4.template`.
-
-    Changed defaults: `assistant_only_loss=True`, `router_aux_loss_coef=0.0` (DeepSeek-V4 balances its experts with
-    `e_score_correction_bias`, not an auxiliary loss; TRL's Mixtral-style loss also needs `config.num_experts`, which
-    DeepSeek-V4 does not have), activation checkpointing off (`activation_checkpointing=True`, or its alias
-    `gradient_checkpointing=True`, for the real model).
-    """
-
-    assistant_only_loss: bool = field(
-        default=True,
-        metadata={
-            "help": "Train only the assistant spans (reasoning, content, tool calls, EOS) of conversational rows."
-        },
-    )
-    router_aux_loss_coef: float | None = field(
-        default=0.0,
-        metadata={"help": "TRL's MoE load-balancing loss coefficient; 0 for DeepSeek-V4 (bias-balanced routing)."},
-    )
-    gradient_checkpointing: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Deprecated alias of `activation_checkpointing` (TRL turns it on by default; here it is off)."
-        },
-    )
-    turns: str = field(
-        default="all",
-        metadata={
-            "help": "Which assistant turns to train in multi-turn thinking conversations: 'all' (as rendered in the "
-            "full conversation), 'last' (only the trailing turn) or 'per_turn' (one sample per turn, reasoning kept).",
-            "choices": ["all", "last", "per_turn"],
-        },
-    )
-    overlong: str = field(
-        default="truncate",
-        metadata={"help": "What to do with samples longer than max_length.", "choices": ["truncate", "drop", "raise"]},
-    )
-    thinking_mode: str = field(
-        default="thinking",
-        metadata={"help": "DeepSeek-V4 prompt mode: 'thinking' or 'chat'.", "choices": ["thinking", "chat"]},
-    )
-    drop_thinking: bool = field(
-        default=True,
-        metadata={"help": "Drop the reasoning of earlier assistant turns, as DeepSeek-V4 does at inference."},
-    )
-    reasoning_effort: str | None = field(
-        default=None, metadata={"help": "Reasoning effort prefix ('max' or 'high'), or None."}
-    )
-    react: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Convert ReAct-style assistant messages (Thought/Action/Observation lines) to native tool calls: "
-            "None = per row, when a ReAct keyword line is present; True = always; False = never."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.turns not in ("all", "last", "per_turn"):
-            raise ValueError(f"turns must be 'all', 'last' or 'per_turn', got {self.turns!r}")
-        if self.overlong not in ("truncate", "drop", "raise"):
-            raise ValueError(f"overlong must be 'truncate', 'drop' or 'raise', got {self.overlong!r}")
-        if self.packing or self.padding_free:
-            raise ValueError(
-                "packing / padding_free is not supported for DeepSeek-V4: its attention is eager-only and its "
-                "compressors run over the raw token stream, so samples packed into one row would see each other"
-            )
-        super().__post_init__()
-
-
-def _resolve_dtype(dtype: Any) -> Any:
-    if dtype is None:
-        return torch.bfloat16
-    if isinstance(dtype, str) and dtype != "auto":
-        return getattr(torch, dtype)
-    return dtype
-
-
 def load_dsv4_model(model_id: str, args: SFTConfig):
     """`AutoModelForCausalLM.from_pretrained(model_id)` under `memory_efficient_init`, with `args.model_init_kwargs`
     (dtype default bf16; `device_map` dropped: rank 0 loads on CPU and FSDP2 places the shards)."""
     kwargs = dict(args.model_init_kwargs or {})
-    dtype = _resolve_dtype(kwargs.pop("dtype", kwargs.pop("torch_dtype", None)))
+    dtype = resolve_dtype(kwargs.pop("dtype", kwargs.pop("torch_dtype", None)), default=torch.bfloat16)
     if kwargs.pop("device_map", None) is not None:
         logger.info("device_map is ignored: rank 0 loads on CPU and FSDP2 places the shards")
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
@@ -194,6 +116,8 @@ class DSV4SFTTrainer(SFTTrainer):
         )
 
     # ------------------------------------------------------------------------------------------------------ data
+    # Overrides of upstream internals (TRL's `_prepare_dataset`, the Trainer's checkpoint hooks) are checked at import
+    # by `hf_dsv4.compat` (FENCE), which names the package and version if their signatures change.
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if formatting_func is not None:
             raise ValueError(
@@ -228,10 +152,9 @@ class DSV4SFTTrainer(SFTTrainer):
         return self.is_fsdp_enabled and isinstance(self.accelerator.state.fsdp_plugin, DSV4FSDP2Plugin)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # training logs: add the callback's metrics before the loggers see them
-            for callback in self.callback_handler.callbacks:
-                if isinstance(callback, DSV4Callback) and callback.attached:
-                    logs.update(callback.collect(self.state.global_step))
+        for callback in self.callback_handler.callbacks:  # the callback's metrics, before the loggers see the logs
+            if isinstance(callback, DSV4Callback):
+                callback.add_metrics(logs, self.state)
         super().log(logs, start_time)
 
     # ---------------------------------------------------------------------------------------------------- saving
@@ -284,7 +207,7 @@ class DSV4SFTTrainer(SFTTrainer):
         if not self.is_dsv4_sharded or checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
         path = os.path.join(checkpoint, OPTIMIZER_NAME)
-        state = on_main(lambda: torch.load(path, map_location="cpu", weights_only=True), f"read {path}") or {}
+        state = on_source(lambda: torch.load(path, map_location="cpu", weights_only=True)) or {}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_optimizer_state_dict(self.model, self._unwrapped_optimizer(), state, options=options)
         scheduler = os.path.join(checkpoint, SCHEDULER_NAME)

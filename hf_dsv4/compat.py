@@ -1,0 +1,218 @@
+"""The fence around upstream internals: every private name of torch, transformers, accelerate, trl and peft that
+hf_dsv4 overrides, calls, reads or replaces is listed here, checked when the layer that uses it is imported, and
+(where hf_dsv4 touches it directly) reached only through a function of this module.
+
+`require("trl")` (run by `hf_dsv4.training` at import) fails with `UpstreamCompatError`, naming the package, its
+installed version and the versions hf_dsv4 was tested with, if a listed name is gone or its parameters changed; a
+version outside the tested range that still has every name only logs a warning. The tested ranges are the upper
+bounds in setup.cfg. The overrides themselves (`DSV4Accelerator._prepare_fsdp2`, `DSV4SFTTrainer._prepare_dataset`
+and the Trainer's checkpoint hooks) live in their subclasses; their upstream signatures are checked here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import logging
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import version as installed_version
+from typing import Any
+
+from packaging.specifiers import SpecifierSet
+
+logger = logging.getLogger(__name__)
+
+
+class UpstreamCompatError(ImportError):
+    """An installed package lacks an internal name that hf_dsv4 relies on (or its parameters changed)."""
+
+
+@dataclass(frozen=True)
+class Internal:
+    """`module:attribute.path`, optionally with the parameter names hf_dsv4 relies on (in order, after `self`).
+    An instance attribute is named as `module:Class.__init__` with `assigned` = the attribute `__init__` sets."""
+
+    where: str
+    params: tuple[str, ...] | None = None
+    why: str = ""
+    assigned: str | None = None
+
+
+# package -> (tested versions, the internals hf_dsv4 relies on)
+FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
+    "torch": (">=2.6,<2.14", (
+        Internal("torch.nn:Module.__init__", assigned="_buffers", why="sharding allocates meta buffers in place"),
+    )),
+    "transformers": (">=5.23,<5.25", (
+        Internal("transformers:PreTrainedModel.from_pretrained", why="replaced inside memory_efficient_init"),
+        Internal("transformers:PreTrainedModel._from_config", ("config",), why="non-source ranks build on meta"),
+        Internal("transformers:PreTrainedModel._no_split_modules", why="the decoder layers FSDP2 shards one by one"),
+        Internal("transformers:PreTrainedModel._keep_in_fp32_modules_strict", why="fp32-kept FSDP groups"),
+        Internal("transformers.trainer:Accelerator", why="swapped for DSV4Accelerator by dsv4_trainer_accelerator"),
+        Internal("transformers:Trainer._save_optimizer_and_scheduler", ("output_dir",), why="overridden"),
+        Internal("transformers:Trainer._load_from_checkpoint", ("resume_from_checkpoint", "model"), why="overridden"),
+        Internal("transformers:Trainer._load_optimizer_and_scheduler", ("checkpoint",), why="overridden"),
+    )),
+    "accelerate": (">=1.15,<1.16", (
+        Internal("accelerate:Accelerator._prepare_fsdp2", ("args",), why="overridden: shard_model instead"),
+        Internal("accelerate:Accelerator._prepare_one", ("obj", "first_pass"), why="called for optimizers"),
+        Internal("accelerate:Accelerator.__init__", assigned="_models", why="sharded models are registered there"),
+        Internal("accelerate:PartialState._shared_state", why="FSDP on CPU processes"),
+    )),
+    "trl": (">=1.16,<1.17", (
+        Internal(
+            "trl:SFTTrainer._prepare_dataset",
+            ("dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"),
+            why="overridden: rows tokenized by hf_dsv4.training.data",
+        ),
+    )),
+    "peft": (">=0.21,<0.22", (
+        Internal("peft.tuners.lora.layer:ParamWrapper.get_param", (), why="routed-expert adapter dtype alignment"),
+    )),
+}  # fmt: skip
+
+_checked: set[str] = set()
+
+
+def _resolve(where: str) -> Any:
+    module_name, _, path = where.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in path.split("."):
+        if part not in dir(obj) and not hasattr(obj, part):
+            raise AttributeError(part)
+        obj = getattr(obj, part)
+    return obj
+
+
+def _problem(internal: Internal) -> str | None:
+    """Why `internal` is unusable, or None."""
+    try:
+        obj = _resolve(internal.where)
+    except (ImportError, AttributeError):
+        return f"{internal.where} is missing"
+    if internal.assigned is not None:
+        if not re.search(rf"self\.{internal.assigned}\b|[\"']{internal.assigned}[\"']", inspect.getsource(obj)):
+            return f"{internal.where} no longer sets {internal.assigned}"
+        return None
+    if internal.params is None:
+        return None
+    names = [p for p in inspect.signature(obj).parameters if p != "self"]
+    if names[: len(internal.params)] != list(internal.params):
+        return f"{internal.where} takes ({', '.join(names)}), hf_dsv4 expects ({', '.join(internal.params)})"
+    return None
+
+
+def require(*packages: str) -> None:
+    """Check every fenced internal of `packages` (once per process); raise `UpstreamCompatError` if one is unusable."""
+    for package in packages:
+        if package in _checked:
+            continue
+        tested, internals = FENCE[package]
+        found = installed_version(package)
+        problems = [p for p in map(_problem, internals) if p is not None]
+        if problems:
+            raise UpstreamCompatError(
+                f"hf_dsv4 cannot use {package} {found}: " + "; ".join(problems) + f". hf_dsv4 is tested with "
+                f"{package}{tested}: pip install '{package}{tested}'"
+            )
+        if not SpecifierSet(tested).contains(found.split("+")[0], prereleases=True):
+            logger.warning("%s %s is outside the versions hf_dsv4 is tested with (%s)", package, found, tested)
+        _checked.add(package)
+
+
+# ------------------------------------------------------------------------------------------------ transformers
+
+
+def from_config(cls: type, config: Any, *args: Any, **kwargs: Any) -> Any:
+    """`cls._from_config(config, ...)`: a model built from its config (under a meta device context: no memory)."""
+    return cls._from_config(config, *args, **kwargs)
+
+
+def no_split_modules(model: Any) -> list[str]:
+    """The class names a transformers model says must not be split (its decoder layers)."""
+    return list(model._no_split_modules or ())
+
+
+def keep_in_fp32_modules(model: Any) -> list[str]:
+    """The module names a transformers model keeps in fp32 whatever its dtype."""
+    return list(model._keep_in_fp32_modules_strict or ())
+
+
+def from_pretrained_keywords() -> set[str]:
+    """Every keyword `PreTrainedModel.from_pretrained` takes: its signature's, and the names it pops off `kwargs`
+    (read from its source; what `hf_dsv4.loading`'s keyword tables are tested against)."""
+    from transformers import PreTrainedModel
+
+    method = PreTrainedModel.from_pretrained
+    names = {p.name for p in inspect.signature(method).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    names |= {p.name for p in inspect.signature(method).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD}
+    source = inspect.getsource(method)
+    names |= set(re.findall(r'kwargs\.pop\(\s*"(\w+)"', source))
+    for listed in re.findall(r"for \w+ in \[([^\]]*)\]:\s*\n\s*\w+ = kwargs\.pop\(", source):
+        names |= set(re.findall(r'"(\w+)"', listed))
+    return names - {"pretrained_model_name_or_path"}
+
+
+@contextlib.contextmanager
+def trainer_accelerator_class(cls: type) -> Iterator[None]:
+    """Scope under which `transformers.Trainer` builds its accelerator from `cls` (restored on exit, also on error)."""
+    import transformers.trainer as trainer_module
+
+    original = trainer_module.Accelerator
+    if not (isinstance(cls, type) and issubclass(cls, original)):
+        raise TypeError(f"{cls!r} must be a subclass of {original.__qualname__}")
+    trainer_module.Accelerator = cls
+    try:
+        yield
+    finally:
+        trainer_module.Accelerator = original
+
+
+# ------------------------------------------------------------------------------------------------- accelerate
+
+
+def prepare_one(accelerator: Any, obj: Any, first_pass: bool = False) -> Any:
+    """What `Accelerator.prepare` does to one non-model object (optimizer, scheduler, data loader)."""
+    return accelerator._prepare_one(obj, first_pass=first_pass)
+
+
+def register_prepared_model(accelerator: Any, model: Any) -> None:
+    """Record `model` as prepared, as `Accelerator.prepare` does (saving, `unwrap_model` and `free_memory` read it)."""
+    accelerator._models.append(model)
+
+
+def set_process_distributed_type(value: Any) -> Callable[[], None]:
+    """Set accelerate's process-wide `PartialState().distributed_type` to `value`; returns the function that puts
+    back what was there (call it once, when the accelerator that needed the change is done)."""
+    from accelerate import PartialState
+
+    shared = PartialState._shared_state
+    missing = object()
+    before = shared.get("distributed_type", missing)
+    shared["distributed_type"] = value
+
+    def restore() -> None:
+        if shared.get("distributed_type", missing) is not value:
+            return  # accelerate reset or changed the state since: leave it
+        if before is missing:
+            shared.pop("distributed_type", None)
+        else:
+            shared["distributed_type"] = before
+
+    return restore
+
+
+# ------------------------------------------------------------------------------------------------------- peft
+
+
+def param_wrapper_class() -> type:
+    """peft's LoRA wrapper for adapters applied through `target_parameters` (routed experts)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return ParamWrapper
+
+
+require("torch", "transformers")

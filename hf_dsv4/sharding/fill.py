@@ -1,0 +1,126 @@
+"""Filling the shards: every rank checks its model against rank 0's, then rank 0's weights are sent into every
+shard through DCP (`set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`), one decoder layer at a
+time, and the buffers outside the state dict are broadcast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from ..distributed import all_gather_object
+from .layout import ShardingError, _pretrained_models, decoder_layers
+
+# ------------------------------------------------------------------------------------------------- validation
+
+
+def _tensor_table(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """name -> (shape, dtype, kind) for every parameter and buffer (kind: parameter / buffer / non-persistent)."""
+    table = {}
+    for name, param in model.named_parameters():
+        table[name] = (tuple(param.shape), str(param.dtype), "parameter")
+    persistent = set(model.state_dict(keep_vars=True))
+    for name, buffer in model.named_buffers():
+        kind = "buffer" if name in persistent else "non-persistent buffer"
+        table[name] = (tuple(buffer.shape), str(buffer.dtype), kind)
+    return table
+
+
+def _compare_tables(rank: int, source: dict, local: dict) -> list[str]:
+    """Human-readable differences between rank 0's table and this rank's."""
+    problems = []
+    for name, (shape, dtype, kind) in source.items():
+        if name not in local:
+            problems.append(f"rank {rank}: {kind} '{name}' {shape} {dtype} is missing (rank 0 has it)")
+        elif local[name] != (shape, dtype, kind):
+            problems.append(f"rank {rank}: '{name}' is {local[name]} but {(shape, dtype, kind)} on rank 0")
+    problems += [f"rank {rank}: unexpected {local[n][2]} '{n}' (not on rank 0)" for n in local if n not in source]
+    return problems
+
+
+def _meta_on_source(model: nn.Module) -> list[str]:
+    """Rank 0 must hold real weights: the names of its meta tensors, as problems."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return [f"rank 0: '{n}' is on the meta device; load rank 0's weights first" for n, t in named if t.is_meta]
+
+
+def validate_against_source(model: nn.Module) -> None:
+    """Collective: rank 0 sends its name -> (shape, dtype) table; any difference on any rank raises everywhere."""
+    rank = dist.get_rank()
+    local = _tensor_table(model)
+    source = [local if rank == 0 else None]
+    dist.broadcast_object_list(source, src=0)
+    problems = _meta_on_source(model) if rank == 0 else _compare_tables(rank, source[0], local)
+    problems = [p for rank_problems in all_gather_object(problems) for p in rank_problems]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ShardingError(
+            f"the model differs from rank 0's on {len(problems)} tensor(s); build every rank from the same "
+            f"checkpoint and config (hf_dsv4.memory_efficient_init does):\n  {shown}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------- weights
+
+
+def _tie_weights(model: nn.Module) -> None:
+    """`tie_weights()` on every transformers model in the tree (no-op when the config does not tie)."""
+    for pretrained in _pretrained_models(model):
+        pretrained.tie_weights()
+
+
+def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """name -> tensor of the buffers that `state_dict` leaves out (rotary `*_inv_freq`)."""
+    persistent = set(model.state_dict(keep_vars=True))
+    return {name: b for name, b in model.named_buffers() if name not in persistent}
+
+
+def _load_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(state-dict prefix, module) of each decoder layer, then ("", model) for what is left."""
+    names = {id(m): name for name, m in model.named_modules()}
+    return [(names[id(layer)] + ".", layer) for layer in decoder_layers(model)] + [("", model)]
+
+
+def _materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
+    """Allocate every buffer on `device` (values follow); parameters stay on meta."""
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = torch.empty_like(buffer, device=device)
+
+
+def _on_meta(module: nn.Module) -> bool:
+    """Whether no tensor of `module`'s state dict is allocated yet (0-dim ones aside)."""
+    return all(t.is_meta for t in module.state_dict(keep_vars=True).values() if t.dim() > 0)
+
+
+def load_from_source(model: nn.Module, full_state_dict: dict[str, torch.Tensor], device: torch.device | str) -> None:
+    """Send rank 0's full state dict into every rank's shards with DCP (`broadcast_from_rank0`), one decoder layer
+    at a time. Rank 0 drops each part of `full_state_dict` once sent (the dict is emptied), so its memory falls as
+    the shards fill instead of holding the checkpoint and the shards at once.
+
+    Parameters are expected on meta and buffers on `device` (`_materialize_buffers`): DCP then assigns each received
+    shard instead of copying it into an allocated parameter (and, for the root, every loaded parameter into itself),
+    and puts the shards on the device of the tensors it finds allocated."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    is_source = dist.get_rank() == 0
+    for prefix, module in _load_units(model):
+        if _on_meta(module):  # no buffer to take the device from: DCP would use the process group's default device
+            module.to_empty(device=device)
+        part = {}
+        if is_source:
+            part = {
+                key[len(prefix) :]: full_state_dict.pop(key) for key in list(full_state_dict) if key.startswith(prefix)
+            }
+        set_model_state_dict(module, part, options=options)
+        del part
+
+
+def broadcast_non_persistent_buffers(model: nn.Module, source: dict[str, torch.Tensor]) -> None:
+    """Make the buffers outside the state dict equal to rank 0's (they are recomputed from the config elsewhere)."""
+    for name, buffer in _non_persistent_buffers(model).items():
+        if dist.get_rank() == 0:
+            buffer.copy_(source[name])
+        dist.broadcast(buffer, src=0)

@@ -1,0 +1,108 @@
+"""`shard_model`: FSDP2 for DeepSeek-V4 with one copy of the weights, on rank 0, sent into every shard through DCP.
+
+The steps, in order (each a short function of `layout` or `fill`): align the dtypes of routed-expert LoRA factors
+(so every rank validates the same table), check every rank's model against rank 0's, move the model to meta
+(rank 0 keeps its tensors in a state dict), `fully_shard` per decoder layer and dtype, allocate the buffers, fill
+the shards from rank 0 one layer at a time, broadcast the non-persistent buffers, re-tie weights. The other ranks may
+hold a meta model (see `hf_dsv4.loading.memory_efficient_init`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+from .. import compat
+from ..distributed import local_device
+from .fill import (
+    _materialize_buffers,
+    _non_persistent_buffers,
+    _tie_weights,
+    broadcast_non_persistent_buffers,
+    load_from_source,
+    validate_against_source,
+)
+from .layout import ShardingError, apply_fsdp
+
+logger = logging.getLogger(__name__)
+
+
+def align_parameter_adapter_dtypes(model) -> int:
+    """Cast LoRA weights that peft applies through `target_parameters` (routed experts) to the dtype of the parameter
+    they adapt; returns how many adapter modules were cast.
+
+    peft applies such an adapter by parametrizing the base parameter when the wrapper's forward starts, before any
+    FSDP2 group rooted below it could be all-gathered, so under FSDP2 the base parameter and its LoRA factors must be
+    all-gathered by an enclosing module's group (the decoder layer's), which holds a single dtype. With a bf16 base
+    the routed-expert adapter therefore trains in bf16 (attention and shared-expert adapters stay fp32). Meta tensors
+    are cast too, so every rank agrees.
+    """
+    if "peft" not in sys.modules:
+        return 0  # no peft model can exist
+    compat.require("peft")
+    param_wrapper = compat.param_wrapper_class()
+    cast = 0
+    for module in model.modules():
+        if not isinstance(module, param_wrapper):
+            continue
+        dtype = module.get_param().dtype
+        for factors in (module.lora_A, module.lora_B):
+            for adapter in factors.values():
+                if any(p.dtype != dtype for p in adapter.parameters()):
+                    adapter.to(dtype)
+                    cast += 1
+    return cast
+
+
+@torch.no_grad()
+def _detach_source_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Rank 0's (state dict, non-persistent buffers) as references: moving the model to meta copies nothing."""
+    if dist.get_rank() != 0:
+        return {}, {}
+    return dict(model.state_dict()), {n: b for n, b in _non_persistent_buffers(model).items()}
+
+
+def shard_model(
+    model: nn.Module,
+    mesh: DeviceMesh | None = None,
+    reshard_after_forward: bool = True,
+    mixed_precision: MixedPrecisionPolicy | None = None,
+    cpu_offload: bool = False,
+) -> nn.Module:
+    """Shard `model` with FSDP2 and fill every shard with rank 0's weights, in place; returns `model`.
+
+    Every rank must call it. Rank 0 must hold real weights; the other ranks may hold the same model on meta
+    (`memory_efficient_init`) or real weights (ignored). `mesh` defaults to a 1-D mesh over all ranks on this
+    rank's device (GPU under NCCL, else CPU); `mixed_precision` applies to bf16/fp32 groups only, never to
+    fp32-kept modules or FP8/integer tensors; `cpu_offload` keeps sharded parameters on the CPU (also on CPU-only
+    machines). LoRA factors that peft applies through `target_parameters` (routed experts) are cast to the dtype of
+    the weight they adapt first (`align_parameter_adapter_dtypes`). Raises `ShardingError` on every
+    rank if any rank's model differs from rank 0's.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ShardingError("shard_model needs torch.distributed; start with torchrun or `accelerate launch`")
+    device = local_device()
+    mesh = mesh or init_device_mesh(device.type, (dist.get_world_size(),))
+    cast = align_parameter_adapter_dtypes(model)  # before validation: every rank casts the same factors
+    if cast:
+        logger.info("%d routed-expert LoRA factor(s) kept in the experts' dtype", cast)
+    validate_against_source(model)
+    state_dict, buffers = _detach_source_weights(model)
+    # Every rank shards a meta model the same way; rank 0's real tensors live on in `state_dict` only.
+    model.to("meta")
+    _tie_weights(model)
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else None
+    apply_fsdp(model, mesh, reshard_after_forward, mixed_precision, offload)
+    _materialize_buffers(model, "cpu" if cpu_offload else device)
+    load_from_source(model, state_dict, "cpu" if cpu_offload else device)
+    del state_dict
+    broadcast_non_persistent_buffers(model, buffers)
+    _tie_weights(model)
+    logger.info("rank %d: model sharded over %d ranks", dist.get_rank(), dist.get_world_size())
+    return model

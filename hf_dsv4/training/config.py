@@ -1,0 +1,76 @@
+"""`DSV4SFTConfig`: TRL's `SFTConfig` with DeepSeek-V4 defaults and the chat-format options of `hf_dsv4.template`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from ..template.tokenization import OVERLONG, TURNS, validate_policies
+
+
+@dataclass
+class DSV4SFTConfig(SFTConfig):
+    """`trl.SFTConfig` with DeepSeek-V4 defaults and the chat-format options of `hf_dsv4.template`.
+
+    Changed defaults: `assistant_only_loss=True`, `router_aux_loss_coef=0.0` (DeepSeek-V4 balances its experts with
+    `e_score_correction_bias`, not an auxiliary loss; TRL's Mixtral-style loss also needs `config.num_experts`, which
+    DeepSeek-V4 does not have), activation checkpointing off (`activation_checkpointing=True`, or its alias
+    `gradient_checkpointing=True`, for the real model).
+    """
+
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Train only the assistant spans (reasoning, content, tool calls, EOS) of conversational rows."
+        },
+    )
+    router_aux_loss_coef: float | None = field(
+        default=0.0,
+        metadata={"help": "TRL's MoE load-balancing loss coefficient; 0 for DeepSeek-V4 (bias-balanced routing)."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of `activation_checkpointing` (TRL turns it on by default; here it is off)."
+        },
+    )
+    turns: str = field(
+        default="all",
+        metadata={
+            "help": "Which assistant turns to train in multi-turn thinking conversations: 'all' (as rendered in the "
+            "full conversation), 'last' (only the trailing turn) or 'per_turn' (one sample per turn, reasoning kept).",
+            "choices": list(TURNS),
+        },
+    )
+    overlong: str = field(
+        default="truncate",
+        metadata={"help": "What to do with samples longer than max_length.", "choices": list(OVERLONG)},
+    )
+    thinking_mode: str = field(
+        default="thinking",
+        metadata={"help": "DeepSeek-V4 prompt mode: 'thinking' or 'chat'.", "choices": ["thinking", "chat"]},
+    )
+    drop_thinking: bool = field(
+        default=True,
+        metadata={"help": "Drop the reasoning of earlier assistant turns, as DeepSeek-V4 does at inference."},
+    )
+    reasoning_effort: str | None = field(
+        default=None, metadata={"help": "Reasoning effort prefix ('max' or 'high'), or None."}
+    )
+    react: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Convert ReAct-style assistant messages (Thought/Action/Observation lines) to native tool calls: "
+            "None = per row, when a ReAct keyword line is present; True = always; False = never."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        validate_policies(self.turns, self.overlong)
+        if self.packing or self.padding_free:
+            raise ValueError(
+                "packing / padding_free is not supported for DeepSeek-V4: its attention is eager-only and its "
+                "compressors run over the raw token stream, so samples packed into one row would see each other"
+            )
+        super().__post_init__()

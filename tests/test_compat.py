@@ -1,0 +1,130 @@
+"""`hf_dsv4.compat`: the fence around upstream internals checks every name it lists and says what broke."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import transformers.trainer
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType
+
+from hf_dsv4 import compat
+from hf_dsv4.loading.pretrained import HUB_KWARGS, LOAD_ONLY_KWARGS, MODEL_KWARGS
+from hf_dsv4.training import DSV4Accelerator, dsv4_trainer_accelerator
+
+
+@pytest.fixture
+def unchecked(monkeypatch):
+    """`compat.require` as if nothing had been checked in this process yet."""
+    monkeypatch.setattr(compat, "_checked", set())
+
+
+def test_every_fenced_internal_exists_in_the_installed_versions(unchecked):
+    compat.require(*compat.FENCE)
+    assert compat._checked == set(compat.FENCE) == {"torch", "transformers", "accelerate", "trl", "peft"}
+
+
+def test_a_missing_internal_fails_naming_the_package_its_version_and_the_tested_range(unchecked, monkeypatch):
+    tested, internals = compat.FENCE["trl"]
+    gone = compat.Internal("trl:SFTTrainer._no_such_hook")
+    monkeypatch.setitem(compat.FENCE, "trl", (tested, (*internals, gone)))
+    monkeypatch.setattr(compat, "installed_version", lambda package: "1.99.0")
+    with pytest.raises(compat.UpstreamCompatError) as excinfo:
+        compat.require("trl")
+    assert str(excinfo.value) == (
+        "hf_dsv4 cannot use trl 1.99.0: trl:SFTTrainer._no_such_hook is missing. hf_dsv4 is tested with "
+        "trl>=1.16,<1.17: pip install 'trl>=1.16,<1.17'"
+    )
+    assert isinstance(excinfo.value, ImportError) and "trl" not in compat._checked
+
+
+def test_an_overridden_method_whose_parameters_changed_fails(unchecked, monkeypatch):
+    from trl import SFTTrainer
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name, new_arg):
+        pass
+
+    monkeypatch.setattr(SFTTrainer, "_prepare_dataset", _prepare_dataset)
+    monkeypatch.setattr(compat, "installed_version", lambda package: "1.17.0")
+    compat.require("trl")  # an extra trailing parameter still accepts what hf_dsv4 passes
+    compat._checked.clear()
+
+    def _prepare_dataset(self, dataset, tokenizer, args, packing, formatting_func, dataset_name):  # noqa: F811
+        pass
+
+    monkeypatch.setattr(SFTTrainer, "_prepare_dataset", _prepare_dataset)
+    with pytest.raises(compat.UpstreamCompatError, match=r"trl 1\.17\.0: trl:SFTTrainer\._prepare_dataset takes "):
+        compat.require("trl")
+
+
+def test_an_instance_attribute_no_longer_set_fails(unchecked, monkeypatch):
+    monkeypatch.setitem(
+        compat.FENCE,
+        "accelerate",
+        (">=1.15,<1.16", (compat.Internal("accelerate:Accelerator.__init__", assigned="_gone"),)),
+    )
+    with pytest.raises(compat.UpstreamCompatError, match=r"Accelerator\.__init__ no longer sets _gone"):
+        compat.require("accelerate")
+
+
+def test_a_version_outside_the_tested_range_with_every_name_only_warns(unchecked, monkeypatch, caplog):
+    monkeypatch.setattr(compat, "installed_version", lambda package: "0.22.0")
+    with caplog.at_level(logging.WARNING, logger="hf_dsv4.compat"):
+        compat.require("peft")
+    assert caplog.messages == ["peft 0.22.0 is outside the versions hf_dsv4 is tested with (>=0.21,<0.22)"]
+
+
+def test_the_tested_ranges_are_the_upper_bounds_in_setup_cfg():
+    from pathlib import Path
+
+    requires = (Path(__file__).resolve().parents[1] / "setup.cfg").read_text()
+    for package, (tested, _) in compat.FENCE.items():
+        assert f"\n    {package}{tested}\n" in requires, package
+
+
+def test_load_only_keywords_cover_every_keyword_from_pretrained_takes():
+    """A new `from_pretrained` keyword must be sorted into one of loading's tables (or a meta build would pass it
+    on to the model's constructor)."""
+    ours = {*LOAD_ONLY_KWARGS, *HUB_KWARGS, *MODEL_KWARGS, "config"}
+    upstream = compat.from_pretrained_keywords()
+    assert upstream - ours == set(), "from_pretrained takes keywords loading does not know"
+    assert ours - upstream == set(), "loading knows keywords from_pretrained no longer takes"
+
+
+def test_the_trainer_accelerator_is_swapped_for_a_dsv4_subclass_and_restored_also_on_error():
+    with dsv4_trainer_accelerator({"reshard_after_forward": False}) as accelerator_class:
+        assert transformers.trainer.Accelerator is accelerator_class
+        assert issubclass(accelerator_class, DSV4Accelerator) and issubclass(accelerator_class, Accelerator)
+        assert accelerator_class.fsdp_plugin_args == {"reshard_after_forward": False}
+    assert transformers.trainer.Accelerator is Accelerator and DSV4Accelerator.fsdp_plugin_args is None
+    with pytest.raises(OSError), dsv4_trainer_accelerator():
+        raise OSError("disk full")
+    assert transformers.trainer.Accelerator is Accelerator
+
+
+def test_only_an_accelerator_subclass_may_replace_the_trainers():
+    with pytest.raises(TypeError, match="must be a subclass of Accelerator"), compat.trainer_accelerator_class(dict):
+        pass
+    assert transformers.trainer.Accelerator is Accelerator
+
+
+def test_accelerates_process_state_is_put_back_once(monkeypatch):
+    shared = PartialState._shared_state
+    monkeypatch.setitem(shared, "distributed_type", DistributedType.MULTI_CPU)
+    restore = compat.set_process_distributed_type(DistributedType.FSDP)
+    assert PartialState._shared_state["distributed_type"] == DistributedType.FSDP
+    restore()
+    assert shared["distributed_type"] == DistributedType.MULTI_CPU
+    monkeypatch.delitem(shared, "distributed_type")
+    restore = compat.set_process_distributed_type(DistributedType.FSDP)
+    restore()
+    assert "distributed_type" not in shared  # absent before, absent after
+
+
+def test_a_later_change_by_accelerate_is_left_alone(monkeypatch):
+    monkeypatch.setitem(PartialState._shared_state, "distributed_type", DistributedType.MULTI_CPU)
+    restore = compat.set_process_distributed_type(DistributedType.FSDP)
+    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    restore()
+    assert PartialState._shared_state["distributed_type"] == DistributedType.MULTI_GPU
