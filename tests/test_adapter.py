@@ -13,13 +13,14 @@ import transformers
 from peft import PeftModel
 from safetensors.torch import load_file
 from safetensors.torch import save_file as real_save_file
-from test_lora import single_thread  # noqa: F401 - autouse fixture
 from torch import nn
 
 import hf_dsv4.training.adapter
 from hf_dsv4.testing import tiny_dsv4_config
 from hf_dsv4.training.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, gather_adapter, load_adapter, save_adapter
 from hf_dsv4.training.lora import dsv4_lora_config
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 IDS = torch.tensor([[0, 17, 230, 5, 999, 42, 7, 64, 300, 12, 1, 3]])
 

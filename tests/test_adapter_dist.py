@@ -15,20 +15,21 @@ from dist_launch import run_ranks
 from dist_worker import DTYPES, set_lora_b
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from test_lora import single_thread  # noqa: F401 - autouse fixture
 from transformers import AutoModelForCausalLM
 
 from hf_dsv4.sharding import align_parameter_adapter_dtypes
-from hf_dsv4.testing import build_tiny_dsv4
 from hf_dsv4.training.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 from hf_dsv4.training.lora import dsv4_lora_config
 
 IDS = torch.tensor([[0, 17, 230, 5, 999, 42, 7, 64, 300, 12, 1, 3]])
 
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.usefixtures("single_thread")]
+
+
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return build_tiny_dsv4(tmp_path_factory.mktemp("tiny_dsv4"))
+def ckpt(tiny_ckpt) -> Path:
+    return tiny_ckpt
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +77,11 @@ def test_the_recorder_sees_python_level_and_dtensor_collectives(ranks):
         assert result["self_test"]["full_tensor_ok"]
 
 
-def test_save_all_gathers_the_trainable_shards_and_nothing_else(ranks, dtype_name):
+def test_save_all_gathers_the_trainable_shards_and_nothing_else(ranks, dtype_name, tiny_counts):
+    expected = tiny_counts["lora_all"]
     for rank, result in enumerate(ranks):
         result = result[dtype_name]
-        assert result["trainable_dtensors"] == result["trainable_tensors"] == 54
+        assert result["trainable_dtensors"] == result["trainable_tensors"] == expected["trainable"]
         assert set(result["save"]) == {"_c10d_functional.all_gather_into_tensor", "c10d.broadcast_"}, f"rank {rank}"
         # besides the gathers, only rank 0's write status (a pickled None: its length, then 4 bytes)
         assert result["save"]["c10d.broadcast_"] == {"calls": 2, "elements": 5, "bytes": 12,
@@ -89,31 +91,33 @@ def test_save_all_gathers_the_trainable_shards_and_nothing_else(ranks, dtype_nam
         assert gathers["calls"] == result["trainable_tensors"]
         assert gathers["elements"] == result["trainable_padded_local_elements"] == result["trainable_local_elements"]
         assert gathers["bytes"] == result["trainable_padded_local_bytes"]
-        assert gathers["elements"] * 2 == result["trainable_elements"] == 19584
-        # the base model (frozen parameters and buffers) is 14.7x larger and never crosses the wire
-        assert result["frozen_elements"] == 286241 and result["buffer_elements"] == 2088
+        assert gathers["elements"] * 2 == result["trainable_elements"] == expected["trainable_elements"]
+        # the base model (frozen parameters and buffers; 14.7x larger on the tiny model) never crosses the wire
+        assert result["frozen_elements"] == expected["frozen_elements"]
+        assert result["buffer_elements"] == expected["buffer_elements"]
         per_call = [c["elements"] for c in result["save_calls"]]
         assert max(per_call) <= result["trainable_elements"] // 2
     assert ranks[0][dtype_name]["save_calls"] == ranks[1][dtype_name]["save_calls"]
 
 
-def test_bf16_base_sends_the_routed_expert_adapter_in_bf16(ranks):
+def test_bf16_base_sends_the_routed_expert_adapter_in_bf16(ranks, tiny_counts):
+    share = tiny_counts["lora_all"]["trainable_elements"] // 2  # this rank's half of the adapter
     gathers = ranks[0]["bfloat16"]["save"]["_c10d_functional.all_gather_into_tensor"]
     by_dtype = gathers["elements_by_dtype"]
-    assert set(by_dtype) == {"torch.float32", "torch.bfloat16"} and sum(by_dtype.values()) == 9792
+    assert set(by_dtype) == {"torch.float32", "torch.bfloat16"} and sum(by_dtype.values()) == share
     assert gathers["bytes"] == 4 * by_dtype["torch.float32"] + 2 * by_dtype["torch.bfloat16"]
     assert ranks[0]["float32"]["save"]["_c10d_functional.all_gather_into_tensor"]["elements_by_dtype"] == {
-        "torch.float32": 9792
+        "torch.float32": share
     }
 
 
-def test_saved_adapter_equals_a_single_process_save_bitwise(ranks, reference, out_dir, dtype_name):
+def test_saved_adapter_equals_a_single_process_save_bitwise(ranks, reference, out_dir, dtype_name, tiny_counts):
     folder = out_dir / f"adapter_{dtype_name}"
     assert [result[dtype_name]["returned"] for result in ranks] == [str(folder), None]  # the folder, on rank 0
     assert sorted(p.name for p in folder.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
     _, single = reference
     saved, expected = load_file(folder / ADAPTER_WEIGHTS), load_file(single / ADAPTER_WEIGHTS)
-    assert sorted(saved) == sorted(expected) and len(saved) == 54
+    assert sorted(saved) == sorted(expected) and len(saved) == tiny_counts["lora_all"]["trainable"]
     assert [k for k in expected if saved[k].dtype != expected[k].dtype or not torch.equal(saved[k], expected[k])] == []
     assert all(saved[k].count_nonzero() for k in saved if "lora_B" in k)  # the B weights set on rank 0 arrived
     assert json.loads((folder / ADAPTER_CONFIG).read_text()) == json.loads((single / ADAPTER_CONFIG).read_text())
@@ -130,7 +134,7 @@ def test_peft_from_pretrained_loads_the_distributed_save(ckpt, reference, out_di
         assert torch.equal(loaded(IDS).logits, model(IDS).logits)
 
 
-def test_load_adapter_into_zeroed_shards_restores_the_file_bitwise(ranks, dtype_name):
+def test_load_adapter_into_zeroed_shards_restores_the_file_bitwise(ranks, dtype_name, tiny_counts):
     for result in ranks:
         result = result[dtype_name]
         assert result["zeroed_nonzero"] == []  # the zeroing reached every shard
@@ -140,7 +144,8 @@ def test_load_adapter_into_zeroed_shards_restores_the_file_bitwise(ranks, dtype_
         floats = {d: n for d, n in broadcasts["elements_by_dtype"].items() if "float" in d}
         assert sum(floats.values()) == result["trainable_elements"]
         assert set(result["load"]) == {"c10d.broadcast_"}
-    assert ranks[0][dtype_name]["reload_keys_equal"] and ranks[0][dtype_name]["reload_tensors"] == 54
+    assert ranks[0][dtype_name]["reload_keys_equal"]
+    assert ranks[0][dtype_name]["reload_tensors"] == tiny_counts["lora_all"]["trainable"]
     assert ranks[0][dtype_name]["reload_not_equal"] == []
 
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
-from test_lora import single_thread  # noqa: F401 - autouse fixture
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import hf_dsv4.training.callback
@@ -20,6 +19,8 @@ from hf_dsv4.testing import tiny_dsv4_config
 from hf_dsv4.training.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, gather_adapter
 from hf_dsv4.training.callback import DSV4Callback, process_peak_memory_bytes
 from hf_dsv4.training.lora import dsv4_lora_config
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 N_EXPERTS = tiny_dsv4_config().n_routed_experts
 IDS = torch.tensor([[2, 2, 17, 230, 5, 999], [0, 42, 7, 64, 300, 12]])

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import jinja2
 import pytest
-from conftest import load_fixture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from samples import load_fixture
 from strategies import assistant_messages, conversations, json_argument_strings, json_values
 from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template

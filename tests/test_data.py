@@ -7,8 +7,7 @@ import json
 
 import datasets
 import pytest
-from test_react import WEATHER
-from test_tokenization import MULTI_TURN
+from samples import MULTI_TURN, WEATHER
 
 from hf_dsv4.template import ConversationTokenizer, install_chat_template, react_to_messages, tokenize_conversation
 from hf_dsv4.testing import tiny_tokenizer

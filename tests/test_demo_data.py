@@ -36,6 +36,8 @@ def rows() -> list[tuple[list[dict], list[dict] | None]]:
     ]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_generator_reproduces_the_committed_file_byte_for_byte(tmp_path):
     output = tmp_path / "demo.jsonl"
     subprocess.run([sys.executable, str(GENERATOR), "--output", str(output)], check=True, capture_output=True)

@@ -1,7 +1,7 @@
 """The four official DeepSeek-V4 encoding fixtures, byte for byte."""
 
 import pytest
-from conftest import load_fixture
+from samples import load_fixture
 
 from hf_dsv4.template import encode_messages
 

@@ -9,18 +9,17 @@ from __future__ import annotations
 import pytest
 from dist_launch import run_ranks
 
-from hf_dsv4.testing import build_tiny_dsv4
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    ckpt = build_tiny_dsv4(tmp_path_factory.mktemp("tiny_dsv4"))
-    return run_ranks("hsdp", tmp_path_factory.mktemp("hsdp"), str(ckpt), world_size=4, timeout=240)
+def ranks(tiny_ckpt, tmp_path_factory) -> list[dict]:
+    return run_ranks("hsdp", tmp_path_factory.mktemp("hsdp"), str(tiny_ckpt), world_size=4, timeout=240)
 
 
-def test_parameters_are_replicated_across_groups_and_sharded_within(ranks):
+def test_parameters_are_replicated_across_groups_and_sharded_within(ranks, tiny_counts):
     for rank, result in enumerate(ranks):
-        assert result["placements"] == {"(Replicate(), Shard(dim=0))": 86}
+        assert result["placements"] == {"(Replicate(), Shard(dim=0))": tiny_counts["params"]}
         assert result["meshes"] == [[[2, 2], ["dp_replicate", "dp_shard"]]]
         replica, shard = result["coordinate"]
         assert (replica, shard) == divmod(rank, 2)
@@ -32,18 +31,18 @@ def test_parameters_are_replicated_across_groups_and_sharded_within(ranks):
     assert digests[0] == digests[2] != digests[1] == digests[3]  # replicas hold the same shards
 
 
-def test_weights_buffers_and_logits_equal_single_process_bit_for_bit(ranks):
+def test_weights_buffers_and_logits_equal_single_process_bit_for_bit(ranks, tiny_counts):
     for rank, result in enumerate(ranks):
         assert result["bad_params"] == [] and result["bad_buffers"] == [], f"rank {rank}"
-        assert result["num_tensors"] == 105
+        assert result["num_tensors"] == tiny_counts["tensors"]
         assert result["logits_equal"], f"rank {rank}: max diff {result['logits_max_diff']}"
 
 
-def test_fp32_gradients_equal_the_single_process_mean_over_the_four_batches(ranks):
+def test_fp32_gradients_equal_the_single_process_mean_over_the_four_batches(ranks, tiny_counts):
     for result in ranks:
         grads = result["grad_parity"]
         assert grads["none_mismatch"] == [] and grads["not_close"] == []  # rtol 1e-5, atol 1e-7
-        assert grads["with_grad"] == 80
+        assert grads["with_grad"] == tiny_counts["with_grad"]
         assert all(".compressor.indexer." in n for n in grads["without_grad"])
         assert grads["max_diff"] < 1e-7  # summation order differs (2-level reduce): not bitwise in general
     assert len({str(result["grad_parity"]) for result in ranks}) == 1  # every rank sees the same full gradients

@@ -14,13 +14,12 @@ from transformers import AutoModelForCausalLM, DeepseekV4ForCausalLM, PreTrained
 
 from hf_dsv4 import memory_efficient_init
 from hf_dsv4.loading import build_on_meta
-from hf_dsv4.testing import build_tiny_dsv4
 from hf_dsv4.testing.model import to_hub_state_dict
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return build_tiny_dsv4(tmp_path_factory.mktemp("tiny_dsv4"))
+def ckpt(tiny_ckpt) -> Path:
+    return tiny_ckpt
 
 
 def hub_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -147,6 +146,8 @@ def load_results(ckpt, tmp_path_factory) -> list[dict]:
     return run_ranks("load", root / "out", str(ckpt), str(blind), str(corrupt), str(missing), timeout=120)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_non_source_rank_builds_meta_model_without_reading_weights(load_results):
     source, other = load_results
     assert not source["any_meta"] and other["all_meta"]
@@ -156,23 +157,31 @@ def test_non_source_rank_builds_meta_model_without_reading_weights(load_results)
     assert not other["training"] and not source["training"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_hook_is_scoped_on_every_rank(load_results):
     for result in load_results:
         assert result["patched"] and result["restored"] and result["restored_after_error"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_corrupted_checkpoint_raises_the_same_error_on_every_rank(load_results):
     source, other = load_results
     assert source["corrupt"] == other["corrupt"]
     assert source["corrupt"].startswith("rank 0 could not load the checkpoint: SafetensorError")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_missing_checkpoint_key_raises_the_same_error_on_every_rank(load_results):
     source, other = load_results
     assert source["missing_key"] == other["missing_key"]
     assert "missing_keys: model.layers.1.self_attn.compressor.position_bias" in source["missing_key"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_nested_memory_efficient_init_is_harmless_on_every_rank(load_results):
     source, other = load_results
     for result in load_results:

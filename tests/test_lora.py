@@ -33,14 +33,7 @@ PREFIX = "base_model.model."
 IDS = torch.tensor([[0, 17, 230, 5, 999, 42, 7, 64, 300, 12, 1, 3]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tiny model's ops are too small for intra-op threads, which only spin on a busy machine (a forward took
-    1.5 s with 2 threads and 0.03 s with 1 on the shared 2-core box). Restores the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_model(dtype: torch.dtype | None = None) -> transformers.DeepseekV4ForCausalLM:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import load_fixture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from samples import load_fixture
 
 from hf_dsv4.template import DSMLParseError, parse_completion, render_segments
 from hf_dsv4.template import tokens as T

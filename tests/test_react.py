@@ -8,6 +8,7 @@ from dataclasses import fields
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from samples import WEATHER
 
 from hf_dsv4.template import (
     AgentKeyword,
@@ -25,15 +26,6 @@ from hf_dsv4.template import tokens as T
 
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KW = AgentKeyword()
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather of a city.",
-        "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
-    },
-}
 
 
 def call(k: int, name: str, arguments: str) -> dict:

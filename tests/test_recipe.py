@@ -13,8 +13,10 @@ from dist_launch import AccelerateRun
 from safetensors.torch import load_file
 
 from hf_dsv4.template import ConversationTokenizer, install_chat_template
-from hf_dsv4.testing import build_tiny_dsv4, tiny_tokenizer
+from hf_dsv4.testing import tiny_tokenizer
 from hf_dsv4.training.data import SFTRowTokenizer
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_2PROC = ["--config_file", str(REPO / "accelerate_configs" / "fsdp2_cpu_2proc.yaml")]
@@ -57,9 +59,9 @@ def _losses(result: dict) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
+def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("recipe")
-    model = build_tiny_dsv4(out / "tiny", dtype=torch.float32, seed=0)
+    model = tiny_ckpt_fp32
     data = _short_rows(out / "short.jsonl")
     fp32 = ["--model_name_or_path", str(model), "--dataset_name", str(data), "--dtype", "float32", "--bf16", "false",
             "--max_length", "256", "--max_steps", str(STEPS), "--save_steps", str(SAVE_AT), "--logging_steps", "1",

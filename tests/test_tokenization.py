@@ -4,7 +4,7 @@ import logging
 import os
 
 import pytest
-from conftest import load_fixture
+from samples import MULTI_TURN, load_fixture
 
 from hf_dsv4.template import encode_messages
 from hf_dsv4.template import tokens as T
@@ -17,14 +17,6 @@ from hf_dsv4.template.tokenization import (
 )
 
 E = T.EOS
-
-MULTI_TURN = [
-    {"role": "system", "content": "sys"},
-    {"role": "user", "content": "Hello"},
-    {"role": "assistant", "reasoning_content": "greet", "content": "Hi!"},
-    {"role": "user", "content": "Capital of France?"},
-    {"role": "assistant", "reasoning_content": "easy", "content": "Paris."},
-]
 
 
 def trained_pieces(tok, sample):

@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM
 
 from hf_dsv4 import DSV4SFTConfig, DSV4SFTTrainer, dsv4_lora_config
 from hf_dsv4.template import tokenize_conversation
-from hf_dsv4.testing import build_tiny_dsv4
 
 TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": {
     "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}]  # fmt: skip
@@ -43,8 +42,8 @@ def _rows(n: int = 8) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return build_tiny_dsv4(tmp_path_factory.mktemp("tiny"), dtype=torch.float32, seed=0)
+def checkpoint(tiny_ckpt_fp32) -> Path:
+    return tiny_ckpt_fp32
 
 
 def _args(out: Path, **overrides) -> DSV4SFTConfig:
