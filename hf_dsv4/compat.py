@@ -4,7 +4,9 @@ hf_dsv4 overrides, calls, reads or replaces is listed here, checked when the lay
 
 `require("trl")` (run by `hf_dsv4.training` at import) fails with `UpstreamCompatError`, naming the package, its
 installed version and the versions hf_dsv4 was tested with, if a listed name is gone or its parameters changed; a
-version outside the tested range that still has every name only logs a warning. The tested ranges are the upper
+version outside the tested range that still has every name only logs a warning. Fence names are packages, or a
+package's part that only one layer needs ("transformers.trainer": the Trainer's internals, checked by the training
+layer, so that loading and sharding never import the Trainer). The tested ranges are the upper
 bounds in setup.cfg. The overrides themselves (`DSV4Accelerator._prepare_fsdp2`, `DSV4SFTTrainer._prepare_dataset`
 and the Trainer's checkpoint hooks) live in their subclasses; their upstream signatures are checked here.
 """
@@ -41,7 +43,7 @@ class Internal:
     assigned: str | None = None
 
 
-# package -> (tested versions, the internals hf_dsv4 relies on)
+# fence name (a package, or "package.part") -> (the package's tested versions, the internals hf_dsv4 relies on)
 FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
     "torch": (">=2.6,<2.14", (
         Internal("torch.nn:Module.__init__", assigned="_buffers", why="sharding allocates meta buffers in place"),
@@ -51,6 +53,8 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
         Internal("transformers:PreTrainedModel._from_config", ("config",), why="non-source ranks build on meta"),
         Internal("transformers:PreTrainedModel._no_split_modules", why="the decoder layers FSDP2 shards one by one"),
         Internal("transformers:PreTrainedModel._keep_in_fp32_modules_strict", why="fp32-kept FSDP groups"),
+    )),
+    "transformers.trainer": (">=5.23,<5.25", (
         Internal("transformers.trainer:Accelerator", why="swapped for DSV4Accelerator by dsv4_trainer_accelerator"),
         Internal("transformers:Trainer._save_optimizer_and_scheduler", ("output_dir",), why="overridden"),
         Internal("transformers:Trainer._load_from_checkpoint", ("resume_from_checkpoint", "model"), why="overridden"),
@@ -105,12 +109,13 @@ def _problem(internal: Internal) -> str | None:
     return None
 
 
-def require(*packages: str) -> None:
-    """Check every fenced internal of `packages` (once per process); raise `UpstreamCompatError` if one is unusable."""
-    for package in packages:
-        if package in _checked:
+def require(*names: str) -> None:
+    """Check every internal of the fences `names` (once per process); raise `UpstreamCompatError` if one is unusable."""
+    for name in names:
+        if name in _checked:
             continue
-        tested, internals = FENCE[package]
+        tested, internals = FENCE[name]
+        package = name.split(".")[0]
         found = installed_version(package)
         problems = [p for p in map(_problem, internals) if p is not None]
         if problems:
@@ -120,7 +125,7 @@ def require(*packages: str) -> None:
             )
         if not SpecifierSet(tested).contains(found.split("+")[0], prereleases=True):
             logger.warning("%s %s is outside the versions hf_dsv4 is tested with (%s)", package, found, tested)
-        _checked.add(package)
+        _checked.add(name)
 
 
 # ------------------------------------------------------------------------------------------------ transformers

@@ -5,8 +5,9 @@
 
 Flags are TRL's (`ScriptArguments`, `SFTConfig`, `ModelConfig`) plus hf_dsv4's `DSV4SFTConfig` fields (`--turns`,
 `--overlong`, `--thinking_mode`, `--drop_thinking`, `--react`); a `--config` YAML sets the same names and the command
-line overrides it. `--dataset_name` is a hub dataset or a local .json/.jsonl/.parquet file; `--lora_target_modules`
-takes a preset name (`attention`, `attention+shared`, `all`; see `hf_dsv4.training.lora`) or module names.
+line overrides it. `--dataset_name` is a hub dataset or a local .json/.jsonl/.parquet/.csv file (CSV: text
+prompt/completion rows only); `--lora_target_modules` takes a preset name (`attention`, `attention+shared`, `all`;
+see `hf_dsv4.training.lora`) or module names.
 
 With no `--model_name_or_path` (and no `--config`), the built-in default runs: `recipes/configs/tiny_cpu.yaml`, a
 tiny DeepSeek-V4 built locally by `hf_dsv4.testing` (every layer type, hash and top-k routers) trained on the demo
@@ -68,7 +69,7 @@ def load_train_dataset(args: ScriptArguments) -> datasets.Dataset:
     name = args.dataset_name
     if name is None:
         raise ValueError(
-            "--dataset_name is required when a model is given (a hub dataset or a local json/jsonl/parquet)"
+            "--dataset_name is required when a model is given (a hub dataset or a local .json/.jsonl/.parquet/.csv file)"
         )
     suffix = Path(name).suffix.lower()
     if suffix in LOCAL_FORMATS:

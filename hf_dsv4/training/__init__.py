@@ -7,7 +7,7 @@ PEFT adapters out of and into FSDP2 shards (`adapter`).
 
 from .. import compat
 
-compat.require("transformers", "accelerate", "trl", "peft")
+compat.require("transformers", "transformers.trainer", "accelerate", "trl", "peft")
 
 from .accelerate_plugin import DSV4Accelerator, DSV4FSDP2Plugin, dsv4_trainer_accelerator  # noqa: E402
 from .adapter import gather_adapter, load_adapter, save_adapter  # noqa: E402

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from peft.utils import CONFIG_NAME as ADAPTER_CONFIG
+from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -27,8 +29,6 @@ from ..distributed import is_distributed, is_main, on_source
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 T = TypeVar("T")
 
 

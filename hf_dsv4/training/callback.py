@@ -27,13 +27,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..distributed import is_distributed, local_device
 from .adapter import peft_model_of, save_adapter
 
 logger = logging.getLogger(__name__)
-
-PREFIX_CHECKPOINT_DIR = "checkpoint"
 
 
 def _is_router(module: nn.Module) -> bool:

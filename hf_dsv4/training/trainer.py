@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
 
@@ -44,10 +45,6 @@ from .config import DSV4SFTConfig
 from .data import SFTRowTokenizer, tokenize_dataset
 
 logger = logging.getLogger(__name__)
-
-OPTIMIZER_NAME = "optimizer.pt"
-SCHEDULER_NAME = "scheduler.pt"
-TRAINING_ARGS_NAME = "training_args.bin"
 
 
 def load_dsv4_model(model_id: str, args: SFTConfig):
