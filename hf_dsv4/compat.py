@@ -45,9 +45,7 @@ class Internal:
 
 # fence name (a package, or "package.part") -> (the package's tested versions, the internals hf_dsv4 relies on)
 FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
-    "torch": (">=2.6,<2.14", (
-        Internal("torch.nn:Module.__init__", assigned="_buffers", why="sharding allocates meta buffers in place"),
-    )),
+    "torch": (">=2.6,<2.14", ()),  # public APIs only (FSDP2, DCP, DTensor); the range is the tested one
     "transformers": (">=5.23,<5.25", (
         Internal("transformers:PreTrainedModel.from_pretrained", why="replaced inside memory_efficient_init"),
         Internal("transformers:PreTrainedModel._from_config", ("config",), why="non-source ranks build on meta"),

@@ -86,9 +86,9 @@ def _load_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
     """Allocate every buffer on `device` (values follow); parameters stay on meta."""
     for module in model.modules():
-        for name, buffer in module._buffers.items():
-            if buffer is not None and buffer.is_meta:
-                module._buffers[name] = torch.empty_like(buffer, device=device)
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta:  # assigning a registered buffer's name replaces it, persistence unchanged
+                setattr(module, name, torch.empty_like(buffer, device=device))
 
 
 def _on_meta(module: nn.Module) -> bool:

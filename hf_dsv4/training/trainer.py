@@ -77,7 +77,7 @@ class DSV4SFTTrainer(SFTTrainer):
         **kwargs,
     ):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+            name = model if isinstance(model, str) else model.config.name_or_path
             args = DSV4SFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-SFT")
         elif not isinstance(args, DSV4SFTConfig):
             values = args.to_dict()
@@ -87,7 +87,7 @@ class DSV4SFTTrainer(SFTTrainer):
             model_id = str(model)
             model = load_dsv4_model(model_id, args)
         else:
-            model_id = model.config._name_or_path
+            model_id = model.config.name_or_path
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model_id)
         install_chat_template(processing_class)
