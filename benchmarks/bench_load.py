@@ -150,7 +150,7 @@ def worker(mode: str, ckpt: str, out: str, backend: str) -> None:
     import torch.distributed as dist
     import transformers  # noqa: F401
 
-    import hf_dsv4  # noqa: F401
+    import hf_dsv4.training  # noqa: F401 - every hf_dsv4 layer (and trl, peft), as `import hf_dsv4` once did eagerly
 
     if mode == "b":  # what `accelerate launch` sets for fsdp_cpu_ram_efficient_loading
         os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true", FSDP_VERSION="2")
