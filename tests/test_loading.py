@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, DeepseekV4ForCausalLM, PreTrainedModel
 
 from hf_dsv4 import memory_efficient_init
-from hf_dsv4.loading import build_on_meta
+from hf_dsv4.loading import build_on_meta, resolve_dtype
 from hf_dsv4.testing.model import to_hub_state_dict
 
 
@@ -187,3 +187,18 @@ def test_nested_memory_efficient_init_is_harmless_on_every_rank(load_results):
     for result in load_results:
         assert result["nested_inner_restored"] and result["nested_restored"] and result["nested_table"]
     assert not source["nested_all_meta"] and other["nested_all_meta"]  # one load on rank 0, one meta build on rank 1
+
+
+@pytest.mark.parametrize(
+    ("dtype", "default", "auto", "expected"),
+    [
+        (None, torch.bfloat16, None, torch.bfloat16),  # the trainer's default
+        ("auto", torch.bfloat16, None, "auto"),  # kept for from_pretrained to resolve (the checkpoint's dtype)
+        ("auto", torch.float32, torch.bfloat16, torch.bfloat16),  # build_on_meta: the checkpoint's dtype
+        (None, torch.float32, torch.bfloat16, torch.float32),
+        ("float16", None, None, torch.float16),
+        (torch.float64, torch.bfloat16, None, torch.float64),
+    ],
+)
+def test_resolve_dtype_reads_a_dtype_argument_as_from_pretrained_does(dtype, default, auto, expected):
+    assert resolve_dtype(dtype, default=default, auto=auto) == expected

@@ -58,14 +58,16 @@ def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return config_kwargs, model_kwargs
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, default: str | torch.dtype | None) -> torch.dtype | str | None:
-    """A `dtype` argument as `from_pretrained` reads it: None -> `default`; a name ("bfloat16") -> the torch dtype;
-    "auto" stays "auto" unless `default` is given for it (`resolve_dtype("auto", config.dtype)`)."""
-    if dtype is None or (dtype == "auto" and default is not None):
+def resolve_dtype(
+    dtype: str | torch.dtype | None, default: str | torch.dtype | None = None, auto: torch.dtype | None = None
+) -> torch.dtype | str | None:
+    """A `dtype` argument as `from_pretrained` reads it: None -> `default`; "auto" -> `auto` (the checkpoint's dtype,
+    when known; else "auto" is kept for `from_pretrained` to resolve); a name ("bfloat16") -> the torch dtype."""
+    if dtype is None:
         dtype = default
-    if isinstance(dtype, str) and dtype != "auto":
-        return getattr(torch, dtype)
-    return dtype
+    if dtype == "auto":
+        return "auto" if auto is None else auto
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def build_on_meta(cls: type[PreTrainedModel], path: str | os.PathLike | None, *args, **kwargs) -> PreTrainedModel:
@@ -85,7 +87,8 @@ def build_on_meta(cls: type[PreTrainedModel], path: str | os.PathLike | None, *a
             if hasattr(config, key):
                 setattr(config, key, unused.pop(key))
     unused = {k: v for k, v in unused.items() if k not in HUB_KWARGS}
-    model_kwargs["dtype"] = resolve_dtype(model_kwargs.get("dtype"), getattr(config, "dtype", None) or torch.float32)
+    checkpoint_dtype = resolve_dtype(getattr(config, "dtype", None), default=torch.float32)
+    model_kwargs["dtype"] = resolve_dtype(model_kwargs.get("dtype"), default=checkpoint_dtype, auto=checkpoint_dtype)
     config.name_or_path = str(path) if path is not None else config.name_or_path
     with torch.device("meta"):
         model = compat.from_config(cls, config, *args, **model_kwargs, **unused)

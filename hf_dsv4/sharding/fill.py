@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from ..distributed import all_gather_object
-from .layout import ShardingError, _pretrained_models, decoder_layers
+from .layout import ShardingError, decoder_layers, pretrained_models
 
 # ------------------------------------------------------------------------------------------------- validation
 
@@ -65,13 +65,13 @@ def validate_against_source(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------- weights
 
 
-def _tie_weights(model: nn.Module) -> None:
+def tie_weights(model: nn.Module) -> None:
     """`tie_weights()` on every transformers model in the tree (no-op when the config does not tie)."""
-    for pretrained in _pretrained_models(model):
+    for pretrained in pretrained_models(model):
         pretrained.tie_weights()
 
 
-def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """name -> tensor of the buffers that `state_dict` leaves out (rotary `*_inv_freq`)."""
     persistent = set(model.state_dict(keep_vars=True))
     return {name: b for name, b in model.named_buffers() if name not in persistent}
@@ -83,7 +83,7 @@ def _load_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(names[id(layer)] + ".", layer) for layer in decoder_layers(model)] + [("", model)]
 
 
-def _materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
+def materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
     """Allocate every buffer on `device` (values follow); parameters stay on meta."""
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
@@ -101,7 +101,7 @@ def load_from_source(model: nn.Module, full_state_dict: dict[str, torch.Tensor],
     at a time. Rank 0 drops each part of `full_state_dict` once sent (the dict is emptied), so its memory falls as
     the shards fill instead of holding the checkpoint and the shards at once.
 
-    Parameters are expected on meta and buffers on `device` (`_materialize_buffers`): DCP then assigns each received
+    Parameters are expected on meta and buffers on `device` (`materialize_buffers`): DCP then assigns each received
     shard instead of copying it into an allocated parameter (and, for the root, every loaded parameter into itself),
     and puts the shards on the device of the tensors it finds allocated."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
@@ -120,7 +120,7 @@ def load_from_source(model: nn.Module, full_state_dict: dict[str, torch.Tensor],
 
 def broadcast_non_persistent_buffers(model: nn.Module, source: dict[str, torch.Tensor]) -> None:
     """Make the buffers outside the state dict equal to rank 0's (they are recomputed from the config elsewhere)."""
-    for name, buffer in _non_persistent_buffers(model).items():
+    for name, buffer in non_persistent_buffers(model).items():
         if dist.get_rank() == 0:
             buffer.copy_(source[name])
         dist.broadcast(buffer, src=0)

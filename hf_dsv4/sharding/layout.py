@@ -33,7 +33,7 @@ class ShardingError(RuntimeError):
 # ----------------------------------------------------------------------------------------------- model inspection
 
 
-def _pretrained_models(model: nn.Module) -> list[PreTrainedModel]:
+def pretrained_models(model: nn.Module) -> list[PreTrainedModel]:
     """The transformers models in `model`'s tree (the model itself, or the one inside a PeftModel)."""
     return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
 
@@ -41,13 +41,13 @@ def _pretrained_models(model: nn.Module) -> list[PreTrainedModel]:
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """Modules whose class is named in a `_no_split_modules` anywhere in the tree (the decoder layers); also after
     `fully_shard`, which swaps a module's class for an `FSDP<name>` subclass."""
-    names = {name for m in _pretrained_models(model) for name in compat.no_split_modules(m)}
+    names = {name for m in pretrained_models(model) for name in compat.no_split_modules(m)}
     return [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
 
 
 def _keep_fp32_pattern(model: nn.Module) -> re.Pattern | None:
     """A regex that matches the names of parameters in `_keep_in_fp32_modules_strict` modules."""
-    keys = {k for m in _pretrained_models(model) for k in compat.keep_in_fp32_modules(m)}
+    keys = {k for m in pretrained_models(model) for k in compat.keep_in_fp32_modules(m)}
     if not keys:
         return None
     return re.compile(r"(^|\.)(" + "|".join(map(re.escape, sorted(keys))) + r")(\.|$)")

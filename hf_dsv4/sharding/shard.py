@@ -21,11 +21,11 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 from .. import compat
 from ..distributed import local_device
 from .fill import (
-    _materialize_buffers,
-    _non_persistent_buffers,
-    _tie_weights,
     broadcast_non_persistent_buffers,
     load_from_source,
+    materialize_buffers,
+    non_persistent_buffers,
+    tie_weights,
     validate_against_source,
 )
 from .layout import ShardingError, apply_fsdp
@@ -65,7 +65,7 @@ def _detach_source_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], d
     """Rank 0's (state dict, non-persistent buffers) as references: moving the model to meta copies nothing."""
     if dist.get_rank() != 0:
         return {}, {}
-    return dict(model.state_dict()), {n: b for n, b in _non_persistent_buffers(model).items()}
+    return dict(model.state_dict()), {n: b for n, b in non_persistent_buffers(model).items()}
 
 
 def shard_model(
@@ -96,13 +96,13 @@ def shard_model(
     state_dict, buffers = _detach_source_weights(model)
     # Every rank shards a meta model the same way; rank 0's real tensors live on in `state_dict` only.
     model.to("meta")
-    _tie_weights(model)
+    tie_weights(model)
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else None
     apply_fsdp(model, mesh, reshard_after_forward, mixed_precision, offload)
-    _materialize_buffers(model, "cpu" if cpu_offload else device)
+    materialize_buffers(model, "cpu" if cpu_offload else device)
     load_from_source(model, state_dict, "cpu" if cpu_offload else device)
     del state_dict
     broadcast_non_persistent_buffers(model, buffers)
-    _tie_weights(model)
+    tie_weights(model)
     logger.info("rank %d: model sharded over %d ranks", dist.get_rank(), dist.get_world_size())
     return model
