@@ -112,8 +112,8 @@ class DSV4Accelerator(Accelerator):
     parameters (create the optimizer before `prepare`, without state). Activation checkpointing and
     `torch.compile` are not applied on this path.
 
-    `fsdp_plugin_args` (class attribute): keyword arguments for the `DSV4FSDP2Plugin` built in place of any
-    `fsdp_plugin` passed in; set by the subclass `dsv4_trainer_accelerator` gives the Trainer.
+    `fsdp_plugin_args` (class attribute): keyword arguments for a `DSV4FSDP2Plugin` built in place of any
+    `fsdp_plugin` passed in; set on the subclass that `dsv4_trainer_accelerator` hands to the Trainer.
     """
 
     fsdp_plugin_args: ClassVar[dict[str, Any] | None] = None
