@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from huggingface_hub import CommitInfo, HfApi
+from hub_capture import capture_hub_commits
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -92,44 +92,18 @@ def test_trains_saves_and_reloads_to_the_same_logits(checkpoint, tmp_path):
     assert not torch.allclose(plain, trained)
 
 
-def test_push_to_hub_uploads_exactly_the_saved_folder_and_a_model_card(checkpoint, tmp_path, monkeypatch):
+def test_push_to_hub_uploads_exactly_the_saved_folder_and_a_model_card(checkpoint, tmp_path):
     uploads: list[dict] = []
-
-    def create_repo(self, repo_id, **kwargs):
-        from huggingface_hub import RepoUrl
-
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        files = {}
-        for op in operations:
-            source = op.path_or_fileobj
-            files[op.path_in_repo] = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
-        uploads.append({"repo_id": repo_id, "files": files, "message": kwargs.get("commit_message")})
-        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="", commit_description="", oid="0" * 40)  # fmt: skip
-
-    def validate_yaml(self, content, **kwargs):  # the hub validates the card's YAML header server-side
-        import yaml
-
-        assert content.startswith("---\n")
-        yaml.safe_load(content.split("---\n")[1])
-
-    import huggingface_hub.hf_api
-
-    # one commit for the whole folder (the path without hf_xet's streamed multi-commit pipeline), intercepted below
-    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "_validate_yaml", validate_yaml)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
     out = tmp_path / "out"
-    trainer = DSV4SFTTrainer(
-        str(checkpoint),
-        args=_args(out, max_steps=2, push_to_hub=True, hub_model_id="acme/dsv4-lora", hub_token="hf_test"),
-        train_dataset=Dataset.from_list(_rows(4)),
-        peft_config=dsv4_lora_config(r=4, alpha=8),
-    )
-    trainer.train()
-    trainer.push_to_hub()
+    with capture_hub_commits(uploads):
+        trainer = DSV4SFTTrainer(
+            str(checkpoint),
+            args=_args(out, max_steps=2, push_to_hub=True, hub_model_id="acme/dsv4-lora", hub_token="hf_test"),
+            train_dataset=Dataset.from_list(_rows(4)),
+            peft_config=dsv4_lora_config(r=4, alpha=8),
+        )
+        trainer.train()
+        trainer.push_to_hub()
 
     assert len(uploads) == 1 and uploads[0]["repo_id"] == "acme/dsv4-lora"
     files = uploads[0]["files"]

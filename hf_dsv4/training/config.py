@@ -1,12 +1,33 @@
-"""`DSV4SFTConfig`: TRL's `SFTConfig` with DeepSeek-V4 defaults and the chat-format options of `hf_dsv4.template`."""
+"""`DSV4SFTConfig`: TRL's `SFTConfig` with DeepSeek-V4 defaults and the chat-format options of `hf_dsv4.template`.
+
+Secrets (`hub_token`, and any other credential field the stack defines) never leave the process through the config:
+its `repr`/`str` mask them as `TrainingArguments.__str__` does (the dataclass-generated `repr` of TRL's `SFTConfig`
+prints them), and pickling it (`training_args.bin`, written by the Trainer into the output folder and every checkpoint,
+and uploaded by `push_to_hub`) leaves them out. `copy.copy`/`copy.deepcopy` still copy them: the push needs the token.
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
+from transformers import TrainingArguments
 from trl import SFTConfig
 
 from ..template.tokenization import OVERLONG, TURNS, validate_policies
+
+# A credential field: `*_token` (the stack's naming, e.g. `hub_token`) except the tokenizer's special tokens, which
+# TRL also calls `*_token`; or anything named a secret, password or API key.
+_CREDENTIAL = re.compile(r"(^|_)(token|secret|password|api_key)$")
+_SPECIAL_TOKENS = frozenset(f"{name}_token" for name in ("bos", "eos", "pad", "unk", "sep", "cls", "mask"))
+
+
+def secret_fields(args: Any) -> list[str]:
+    """The names of the credential fields of a config dataclass (`hub_token` for `TrainingArguments` and TRL)."""
+    return [f.name for f in dataclasses.fields(args) if _CREDENTIAL.search(f.name) and f.name not in _SPECIAL_TOKENS]
 
 
 @dataclass
@@ -65,6 +86,29 @@ class DSV4SFTConfig(SFTConfig):
             "None = per row, when a ReAct keyword line is present; True = always; False = never."
         },
     )
+
+    def __repr__(self) -> str:  # credentials masked (TrainingArguments' rule: every `*_token` field)
+        return TrainingArguments.__str__(self)
+
+    __str__ = __repr__
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling saves (`torch.save(args, "training_args.bin")`): everything but the credentials (None)."""
+        state = dict(self.__dict__)
+        for name in secret_fields(self):
+            state[name] = None
+        return state
+
+    def __copy__(self) -> DSV4SFTConfig:
+        clone = self.__class__.__new__(self.__class__)
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo: dict) -> DSV4SFTConfig:
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
 
     def __post_init__(self) -> None:
         validate_policies(self.turns, self.overlong)
