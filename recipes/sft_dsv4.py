@@ -136,10 +136,14 @@ def main(script_args, training_args, model_args, callbacks=None) -> DSV4SFTTrain
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    trainer.create_model_card(dataset_name=script_args.dataset_name)  # README.md: names the dataset too
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     if trainer.is_world_process_zero():
         logger.info("adapter saved to %s", os.path.abspath(training_args.output_dir))
+    # Trackers finished and the process group destroyed on every rank before the interpreter exits (a rank that exits
+    # with gloo's threads still running can abort with "terminate called without an active exception").
+    trainer.end()
     return trainer
 
 

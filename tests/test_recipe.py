@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from dist_launch import AccelerateRun
 from safetensors.torch import load_file
 
@@ -126,6 +127,13 @@ def test_default_recipe_on_two_ranks_trains_and_saves_a_peft_adapter(runs):
     assert all(entry["tokens_per_second"] > 0 and entry["peak_memory_gb"] > 0 for entry in logged)
     assert all(entry["moe_imbalance"] >= 1.0 for entry in logged)
     _assert_adapter_changes_model(folder / "tiny-dsv4", folder)
+    # the model card of the README's main command: a PEFT adapter of a local base, trained on the local demo data
+    card = (folder / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "peft" and "base_model" not in meta and "datasets" not in meta
+    assert "trained from a local checkpoint (`tiny-dsv4`, not on the Hub)" in card
+    assert "- Data: a local dataset (`dsv4_demo.jsonl`); 48 training samples" in card
+    assert "x 2 processes = 4 samples per step; 6 steps" in card
 
 
 def test_two_ranks_and_one_process_give_the_same_losses_and_adapter(runs):

@@ -43,6 +43,7 @@ from .adapter import load_adapter, peft_model_of, save_adapter
 from .callback import DSV4Callback
 from .config import DSV4SFTConfig
 from .data import SFTRowTokenizer, tokenize_dataset
+from .model_card import model_card
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,19 @@ class DSV4SFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
     # ---------------------------------------------------------------------------------------------------- saving
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ) -> None:
+        """Write `README.md` into `output_dir`: PEFT-style metadata (`library_name: peft`, `base_model`, ...), what was
+        trained on what and how, the loss by step and a quick start (`hf_dsv4.training.model_card`). Called at every
+        checkpoint and by `push_to_hub`; a `dataset_name` given once is remembered for later cards."""
+        if dataset_name is not None:
+            self._card_dataset_name = dataset_name
+        if not self.is_world_process_zero():
+            return
+        card = model_card(self, model_name, getattr(self, "_card_dataset_name", None), tags)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the adapter in PEFT format (+ tokenizer and training arguments); for full fine-tuning under FSDP2,
         the full model gathered on rank 0. Every rank must call it."""
