@@ -7,7 +7,9 @@ Flags are TRL's (`ScriptArguments`, `SFTConfig`, `ModelConfig`) plus hf_dsv4's `
 `--overlong`, `--thinking_mode`, `--drop_thinking`, `--react`); a `--config` YAML sets the same names and the command
 line overrides it. `--dataset_name` is a hub dataset or a local .json/.jsonl/.parquet/.csv file (CSV: text
 prompt/completion rows only); `--lora_target_modules` takes a preset name (`attention`, `attention+shared`, `all`;
-see `hf_dsv4.training.lora`) or module names.
+see `hf_dsv4.training.lora`) or module names. Evaluation as in TRL's sft.py (`--eval_strategy`, `--eval_steps`, the
+hub dataset's `--dataset_test_split`), plus `--eval_dataset_name <file>` for local data. `--resume_from_checkpoint`
+takes a checkpoint path, or `true` / `latest` for the newest complete `checkpoint-N` in `--output_dir`.
 
 With no `--model_name_or_path` (and no `--config`), the built-in default runs: `recipes/configs/tiny_cpu.yaml`, a
 tiny DeepSeek-V4 built locally by `hf_dsv4.testing` (every layer type, hash and top-k routers) trained on the demo
@@ -56,29 +58,61 @@ class DSV4ModelConfig(ModelConfig):
     )
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, DSV4SFTConfig, DSV4ModelConfig]:
+@dataclass
+class DSV4ScriptArguments(ScriptArguments):
+    """TRL's `ScriptArguments` plus an evaluation file for local datasets."""
+
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluation data when --eval_strategy is not 'no': a local .json/.jsonl/.parquet/.csv file, or a "
+            "hub dataset (its --dataset_test_split). Default: the --dataset_test_split of the hub --dataset_name."
+        },
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[DSV4ScriptArguments, DSV4SFTConfig, DSV4ModelConfig]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv and not any(a.startswith("--model_name_or_path") for a in argv):
         argv = ["--config", str(TINY_CONFIG), *argv]
-    parser = TrlParser((ScriptArguments, DSV4SFTConfig, DSV4ModelConfig))
+    parser = TrlParser((DSV4ScriptArguments, DSV4SFTConfig, DSV4ModelConfig))
     return parser.parse_args_and_config(argv)
 
 
-def load_train_dataset(args: ScriptArguments) -> datasets.Dataset:
-    """`--dataset_name` as a local file (by extension) or a hub dataset; the train split."""
-    name = args.dataset_name
-    if name is None:
-        raise ValueError(
-            "--dataset_name is required when a model is given (a hub dataset or a local .json/.jsonl/.parquet/.csv file)"
-        )
+def load_split(name: str, split: str, config: str | None = None, flag: str = "--dataset_name") -> datasets.Dataset:
+    """A local file (by extension; relative paths also from the repository root) as one split, or a hub split."""
     suffix = Path(name).suffix.lower()
     if suffix in LOCAL_FORMATS:
         if not Path(name).is_file() and (RECIPES.parent / name).is_file():
             name = str(RECIPES.parent / name)  # the repository's own files, from any working directory
         if not Path(name).is_file():
-            raise FileNotFoundError(f"--dataset_name {name}: no such file")
-        return load_dataset(LOCAL_FORMATS[suffix], data_files={"train": name}, split="train")
-    return load_dataset(name, args.dataset_config, split=args.dataset_train_split)
+            raise FileNotFoundError(f"{flag} {name}: no such file")
+        return load_dataset(LOCAL_FORMATS[suffix], data_files={split: name}, split=split)
+    return load_dataset(name, config, split=split)
+
+
+def load_train_dataset(args: ScriptArguments) -> datasets.Dataset:
+    """`--dataset_name` as a local file (by extension) or a hub dataset; the train split."""
+    if args.dataset_name is None:
+        raise ValueError(
+            "--dataset_name is required when a model is given (a hub dataset or a local .json/.jsonl/.parquet/.csv file)"
+        )
+    return load_split(args.dataset_name, args.dataset_train_split, args.dataset_config)
+
+
+def load_eval_dataset(args: DSV4ScriptArguments, training_args: DSV4SFTConfig) -> datasets.Dataset | None:
+    """The evaluation split when `--eval_strategy` is not "no": `--eval_dataset_name`, else the hub dataset's
+    `--dataset_test_split` (as TRL's sft.py); a local training file needs `--eval_dataset_name`."""
+    if training_args.eval_strategy == "no":
+        return None
+    if args.eval_dataset_name:
+        return load_split(args.eval_dataset_name, args.dataset_test_split, args.dataset_config, "--eval_dataset_name")
+    if args.dataset_name and Path(args.dataset_name).suffix.lower() not in LOCAL_FORMATS:
+        return load_split(args.dataset_name, args.dataset_test_split, args.dataset_config)
+    raise ValueError(
+        f"--eval_strategy {training_args.eval_strategy} needs evaluation data: give --eval_dataset_name <file> (a local "
+        f"--dataset_name {args.dataset_name} has no test split), or --eval_strategy no"
+    )
 
 
 def tiny_model(training_args: DSV4SFTConfig, model_args: DSV4ModelConfig) -> str:
@@ -126,11 +160,13 @@ def main(script_args, training_args, model_args, callbacks=None) -> DSV4SFTTrain
             modules_to_save=model_args.lora_modules_to_save,
         )
     train_dataset = load_train_dataset(script_args)
+    eval_dataset = load_eval_dataset(script_args, training_args)
     logger.info("model %s, %d training rows, LoRA %s", model_id, len(train_dataset), "on" if peft_config else "off")
     trainer = DSV4SFTTrainer(
         model=model_id,
         args=training_args,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         peft_config=peft_config,
         callbacks=callbacks,
     )

@@ -73,6 +73,7 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
                ["--output_dir", str(out / "default_2proc"), "--max_steps", "6", "--logging_steps", "3"], out),
         _start("bf16", CPU_2PROC, RECIPE,
                [*fp32, "--dtype", "bfloat16", "--bf16", "true", "--max_steps", "4", "--logging_steps", "2",
+                "--eval_strategy", "steps", "--eval_steps", "2", "--eval_dataset_name", str(data),
                 "--output_dir", str(out / "bf16")], out),
         _start("fsdp", CPU_2PROC, RECIPE, [*fp32, "--output_dir", str(out / "fsdp")], out),
         _start("single", ONE_PROC, RECIPE, [*fp32, "--gradient_accumulation_steps", "2", "--output_dir", str(out / "single")], out),
@@ -86,7 +87,7 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
     second = [
         _start("resumed", CPU_2PROC, RECIPE,
                [*fp32, "--output_dir", str(out / "resumed"),
-                "--resume_from_checkpoint", str(out / "resumed" / f"checkpoint-{SAVE_AT}")], out),
+                "--resume_from_checkpoint", "true"], out),  # the newest complete checkpoint: checkpoint-SAVE_AT
         _start("plain_trainer", CPU_2PROC, str(REPO / "tests" / "plain_trainer_script.py"),
                [str(model), str(data), str(out / "plain_trainer")], out),
         _start("full", CPU_2PROC, RECIPE,
@@ -201,6 +202,16 @@ def test_bf16_run_keeps_attention_adapters_fp32_and_expert_adapters_bf16(runs):
     experts = {k for k in adapter if ".mlp.experts." in k}
     assert experts and all(adapter[k].dtype == torch.bfloat16 for k in experts)
     assert all(adapter[k].dtype == torch.float32 for k in set(adapter) - experts)
+
+
+def test_evaluation_on_two_ranks_logs_an_eval_loss_at_every_eval_step(runs):
+    evals = {e["step"]: e["eval_loss"] for e in runs["bf16"]["log_history"] if "eval_loss" in e}
+    assert sorted(evals) == [2, 4] and all(0 < loss < 20 for loss in evals.values())
+    card = (runs["dirs"]["bf16"] / "README.md").read_text()
+    assert (
+        f"Final eval loss: {evals[4]:.4f}." in card
+        and f"| 4 | {_losses(runs['bf16'])[4]:.4f} | {evals[4]:.4f} |" in card
+    )
 
 
 def test_full_fine_tuning_saves_a_complete_model_that_reloads(runs):

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -31,7 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
 
@@ -46,6 +49,38 @@ from .data import SFTRowTokenizer, tokenize_dataset
 from .model_card import model_card
 
 logger = logging.getLogger(__name__)
+
+# `resume_from_checkpoint` values (case-insensitive strings from the CLI, or True) that mean "the newest complete one"
+RESUME_LATEST = frozenset({"true", "latest", "last"})
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The highest-numbered `checkpoint-N` folder in `output_dir` whose save finished: the Trainer writes
+    `trainer_state.json` last, so a folder without it was interrupted (a crash during the save) and is skipped."""
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    folder = Path(output_dir)
+    steps = {
+        int(match[1]): path
+        for path in (folder.iterdir() if folder.is_dir() else ())
+        if (match := pattern.match(path.name)) and (path / TRAINER_STATE_NAME).is_file()
+    }
+    return str(steps[max(steps)]) if steps else None
+
+
+def resolve_resume_from_checkpoint(value: str | bool | None, output_dir: str | os.PathLike) -> str | None:
+    """`--resume_from_checkpoint`: a path is kept; True / "true" / "latest" / "last" become the newest complete
+    checkpoint in `output_dir` (FileNotFoundError if there is none); False / "false" / None mean a fresh start."""
+    if value is None or value is False or (isinstance(value, str) and value.lower() == "false"):
+        return None
+    if value is True or (isinstance(value, str) and value.lower() in RESUME_LATEST):
+        latest = latest_complete_checkpoint(output_dir)
+        if latest is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint={value!r}: no complete checkpoint-N folder (one with {TRAINER_STATE_NAME}) in "
+                f"{output_dir}; give a checkpoint path, or start without resume_from_checkpoint"
+            )
+        return latest
+    return str(value)
 
 
 def load_dsv4_model(model_id: str, args: SFTConfig):
@@ -203,6 +238,14 @@ class DSV4SFTTrainer(SFTTrainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     # --------------------------------------------------------------------------------------------------- resuming
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, where `resume_from_checkpoint` may also be "true" / "latest" (what the command line
+        gives): the newest complete checkpoint in `output_dir` (see `resolve_resume_from_checkpoint`)."""
+        resume = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if resume is not None:
+            logger.info("resuming from %s", resume)
+        return super().train(resume_from_checkpoint=resume, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self.is_dsv4_sharded:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)

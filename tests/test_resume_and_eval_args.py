@@ -1,0 +1,70 @@
+"""What `--resume_from_checkpoint true|latest` resumes from, and where the recipe's evaluation data comes from."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_dsv4.training.trainer import latest_complete_checkpoint, resolve_resume_from_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def output_dir(tmp_path) -> Path:
+    """checkpoint-4 and -6 complete, checkpoint-8 interrupted (no trainer_state.json), and two look-alikes."""
+    for step in (4, 6, 8):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if step != 8:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-10x").mkdir()
+    (tmp_path / "checkpoint-12.tmp").mkdir()
+    return tmp_path
+
+
+def test_the_newest_complete_checkpoint_is_chosen_and_an_interrupted_one_skipped(output_dir):
+    assert latest_complete_checkpoint(output_dir) == str(output_dir / "checkpoint-6")
+    for value in ("true", "True", "latest", "last", True):
+        assert resolve_resume_from_checkpoint(value, output_dir) == str(output_dir / "checkpoint-6")
+    assert resolve_resume_from_checkpoint(str(output_dir / "checkpoint-4"), output_dir) == str(
+        output_dir / "checkpoint-4"
+    )
+    for value in (None, False, "false"):
+        assert resolve_resume_from_checkpoint(value, output_dir) is None
+
+
+def test_resuming_latest_with_no_complete_checkpoint_says_where_it_looked(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()  # interrupted
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint-N folder \(one with trainer_state.json\) in "):
+        resolve_resume_from_checkpoint("latest", tmp_path)
+    assert latest_complete_checkpoint(tmp_path / "missing") is None
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    sys.path.insert(0, str(REPO / "recipes"))
+    try:
+        import sft_dsv4
+    finally:
+        sys.path.remove(str(REPO / "recipes"))
+    return sft_dsv4
+
+
+def test_a_local_dataset_needs_an_eval_file_when_evaluating(recipe):
+    script_args, training_args, _ = recipe.parse_args(["--eval_strategy", "steps", "--eval_steps", "2"])
+    with pytest.raises(ValueError, match="give --eval_dataset_name <file>"):
+        recipe.load_eval_dataset(script_args, training_args)
+    script_args, training_args, _ = recipe.parse_args([])
+    assert recipe.load_eval_dataset(script_args, training_args) is None  # no evaluation asked
+
+
+def test_an_eval_file_is_loaded_as_the_test_split(recipe):
+    argv = ["--eval_strategy", "steps", "--eval_steps", "2", "--eval_dataset_name", "recipes/data/dsv4_demo.jsonl"]
+    script_args, training_args, _ = recipe.parse_args(argv)
+    dataset = recipe.load_eval_dataset(script_args, training_args)
+    assert dataset.split == "test" and len(dataset) == 48 and dataset.column_names == ["messages", "tools"]
+    script_args.eval_dataset_name = "no/such/file.jsonl"
+    with pytest.raises(FileNotFoundError, match="--eval_dataset_name no/such/file.jsonl: no such file"):
+        recipe.load_eval_dataset(script_args, training_args)
