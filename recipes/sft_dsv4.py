@@ -27,6 +27,7 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
+import yaml
 from datasets import load_dataset
 from trl import ModelConfig, ScriptArguments, TrlParser
 
@@ -71,12 +72,34 @@ class DSV4ScriptArguments(ScriptArguments):
     )
 
 
+def _option(argv: list[str], config: dict, name: str) -> str | None:
+    """The value of `--name` on the command line (`--name v` or `--name=v`), else in the YAML config, else None."""
+    for index, arg in enumerate(argv):
+        if arg == f"--{name}":
+            return argv[index + 1] if index + 1 < len(argv) else "true"
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    value = config.get(name)
+    return None if value is None else str(value)
+
+
+def fp32_unless_asked(argv: list[str]) -> list[str]:
+    """`--dtype float32` means float32 compute: `--bf16 false` is added unless `--bf16` or `--fp16` is given (on the
+    command line or in the `--config` YAML), since TRL's default (bf16) is fixed before the model dtype is known."""
+    config_path = _option(argv, {}, "config")
+    config = yaml.safe_load(Path(config_path).read_text()) or {} if config_path else {}
+    dtype = _option(argv, config, "dtype") or DSV4ModelConfig.dtype
+    if dtype == "float32" and _option(argv, config, "bf16") is None and _option(argv, config, "fp16") is None:
+        return [*argv, "--bf16", "false"]
+    return argv
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[DSV4ScriptArguments, DSV4SFTConfig, DSV4ModelConfig]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv and not any(a.startswith("--model_name_or_path") for a in argv):
         argv = ["--config", str(TINY_CONFIG), *argv]
     parser = TrlParser((DSV4ScriptArguments, DSV4SFTConfig, DSV4ModelConfig))
-    return parser.parse_args_and_config(argv)
+    return parser.parse_args_and_config(fp32_unless_asked(argv))
 
 
 def load_split(name: str, split: str, config: str | None = None, flag: str = "--dataset_name") -> datasets.Dataset:

@@ -64,10 +64,11 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("recipe")
     model = tiny_ckpt_fp32
     data = _short_rows(out / "short.jsonl")
-    fp32 = ["--model_name_or_path", str(model), "--dataset_name", str(data), "--dtype", "float32", "--bf16", "false",
+    # no device or precision flag: on a CPU machine the recipe runs on CPU, and --dtype float32 computes in float32
+    fp32 = ["--model_name_or_path", str(model), "--dataset_name", str(data), "--dtype", "float32",
             "--max_length", "256", "--max_steps", str(STEPS), "--save_steps", str(SAVE_AT), "--logging_steps", "1",
             "--per_device_train_batch_size", "2", "--learning_rate", "0.005", "--lora_target_modules", "all",
-            "--report_to", "none", "--seed", "42", "--use_cpu", "true"]  # fmt: skip
+            "--report_to", "none", "--seed", "42"]  # fmt: skip
     first = [
         _start("default_2proc", CPU_2PROC, RECIPE,
                ["--output_dir", str(out / "default_2proc"), "--max_steps", "6", "--logging_steps", "3"], out),

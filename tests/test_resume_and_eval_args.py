@@ -68,3 +68,40 @@ def test_an_eval_file_is_loaded_as_the_test_split(recipe):
     script_args.eval_dataset_name = "no/such/file.jsonl"
     with pytest.raises(FileNotFoundError, match="--eval_dataset_name no/such/file.jsonl: no such file"):
         recipe.load_eval_dataset(script_args, training_args)
+
+
+def test_a_meta_model_outside_an_fsdp_launch_is_refused_with_what_to_do(tmp_path):
+    import torch
+    from transformers import DeepseekV4ForCausalLM
+
+    from hf_dsv4 import DSV4SFTConfig, DSV4SFTTrainer
+    from hf_dsv4.testing import tiny_dsv4_config, tiny_tokenizer
+
+    with torch.device("meta"):
+        model = DeepseekV4ForCausalLM(tiny_dsv4_config())
+    args = DSV4SFTConfig(tmp_path, report_to="none", max_steps=1)
+    with pytest.raises(ValueError, match=r"^rank 0: the model is on the meta device .* launch with an FSDP accelerate"):
+        DSV4SFTTrainer(model, args=args, processing_class=tiny_tokenizer())
+
+
+def test_a_cpu_machine_needs_no_device_or_precision_flag_and_float32_weights_compute_in_float32(tmp_path, recipe):
+    from hf_dsv4 import DSV4SFTConfig
+
+    args = DSV4SFTConfig(tmp_path, report_to="none")  # no use_cpu, no bf16: TrainingArguments would refuse bf16
+    assert args.use_cpu and args.bf16  # TRL's default precision (CPU autocast)
+    assert DSV4SFTConfig(tmp_path, report_to="none", model_init_kwargs={"dtype": "float32"}).bf16 is False
+    assert DSV4SFTConfig(tmp_path, report_to="none", model_init_kwargs={"dtype": "float32"}, bf16=True).bf16
+    argv = [
+        "--model_name_or_path",
+        "m",
+        "--dataset_name",
+        "d.jsonl",
+        "--dtype",
+        "float32",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    _, training_args, _ = recipe.parse_args(argv)
+    assert training_args.bf16 is False and training_args.use_cpu
+    _, training_args, _ = recipe.parse_args([*argv, "--bf16", "true"])
+    assert training_args.bf16 is True

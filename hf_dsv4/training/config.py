@@ -87,6 +87,18 @@ class DSV4SFTConfig(SFTConfig):
         },
     )
 
+    def _resolve_device_and_precision(self) -> None:
+        """Defaults that work on any machine: with no GPU-like accelerator, run on CPU (`use_cpu`); weights loaded in
+        float32 (`model_init_kwargs["dtype"]`) compute in float32 unless `bf16`/`fp16` is given; otherwise TRL's
+        default (bf16 unless fp16)."""
+        import torch
+
+        if not self.use_cpu and not torch.accelerator.is_available():
+            self.use_cpu = True
+        if self.bf16 is None:
+            dtype = (self.model_init_kwargs or {}).get("dtype", (self.model_init_kwargs or {}).get("torch_dtype"))
+            self.bf16 = not self.fp16 and dtype not in ("float32", torch.float32)
+
     def __repr__(self) -> str:  # credentials masked (TrainingArguments' rule: every `*_token` field)
         return TrainingArguments.__str__(self)
 
@@ -112,6 +124,7 @@ class DSV4SFTConfig(SFTConfig):
 
     def __post_init__(self) -> None:
         validate_policies(self.turns, self.overlong)
+        self._resolve_device_and_precision()
         if self.packing or self.padding_free:
             raise ValueError(
                 "packing / padding_free is not supported for DeepSeek-V4: its attention is eager-only and its "

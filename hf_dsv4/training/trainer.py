@@ -38,7 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
 
-from ..distributed import on_source
+from ..distributed import every_rank_raises, on_source, rank
 from ..loading import memory_efficient_init, resolve_dtype
 from ..template import ConversationTokenizer, install_chat_template
 from .accelerate_plugin import DSV4FSDP2Plugin, dsv4_trainer_accelerator
@@ -96,6 +96,21 @@ def load_dsv4_model(model_id: str, args: SFTConfig):
         return AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **kwargs)
 
 
+def _refuse_unsharded_meta_model(model, args: SFTConfig) -> None:
+    """A model on the meta device (what `memory_efficient_init` gives every rank but 0) must be sharded, which fills
+    it from rank 0; without an FSDP launch the Trainer would move it with `.to()` and fail deep inside torch."""
+    if not any(p.is_meta for p in model.parameters()):
+        return
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or args.fsdp_plugin_args:
+        return
+    raise ValueError(
+        f"rank {rank()}: the model is on the meta device (memory_efficient_init builds it there on every rank but 0) "
+        "but this run does not shard it, so its weights would never arrive: launch with an FSDP accelerate config "
+        "(e.g. `accelerate launch --config_file accelerate_configs/fsdp2_cpu_2proc.yaml ...`), or load the model "
+        "without memory_efficient_init"
+    )
+
+
 class DSV4SFTTrainer(SFTTrainer):
     """`trl.SFTTrainer` for DeepSeek-V4: memory-efficient loading, FSDP2 sharding, chat-format data, adapter-only
     checkpoints. Arguments are `SFTTrainer`'s; `args` should be a `DSV4SFTConfig` (a plain `SFTConfig` or
@@ -124,6 +139,8 @@ class DSV4SFTTrainer(SFTTrainer):
             model = load_dsv4_model(model_id, args)
         else:
             model_id = model.config.name_or_path
+        with every_rank_raises():
+            _refuse_unsharded_meta_model(model, args)
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model_id)
         install_chat_template(processing_class)
