@@ -1,5 +1,7 @@
 """Runs `recipes/sft_dsv4.py` as `accelerate launch` would, for the tests: same arguments, plus
-`HF_DSV4_STOP_AT=k` (end training after step k, as an interrupted run), `HF_DSV4_HUB_CAPTURE=<folder>` (pushes are
+`HF_DSV4_STOP_AT=k` (end training after step k, as an interrupted run), `HF_DSV4_KILL=<rank>:<step>:step|save`
+(SIGKILL that rank at the end of that step, or in the middle of that step's checkpoint save, after the adapter and
+before the optimizer state and trainer_state.json), `HF_DSV4_HUB_CAPTURE=<folder>` (pushes are
 intercepted and every committed file written under `<folder>/commit-<n>/`, see hub_capture.py) and a JSON dump of the
 log history and the trained adapter's names on rank 0 (`<output_dir>/test_result.json`)."""
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -16,6 +19,31 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import sft_dsv4  # noqa: E402
+
+
+class KillAt(TrainerCallback):
+    """SIGKILL this process at the end of step `step` (a crash: no exception, no cleanup)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_during_save(step: int) -> None:
+    """SIGKILL this process inside the checkpoint save of `step`, once the adapter is written."""
+    from hf_dsv4.training.trainer import DSV4SFTTrainer
+
+    original = DSV4SFTTrainer._save_optimizer_and_scheduler
+
+    def dying(self, output_dir):
+        if self.state.global_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, output_dir)
+
+    DSV4SFTTrainer._save_optimizer_and_scheduler = dying
 
 
 class StopAt(TrainerCallback):
@@ -30,9 +58,17 @@ class StopAt(TrainerCallback):
 if __name__ == "__main__":
     script_args, training_args, model_args = sft_dsv4.parse_args()
     stop = os.environ.get("HF_DSV4_STOP_AT")
+    callbacks = [StopAt(int(stop))] if stop else []
+    if os.environ.get("HF_DSV4_KILL"):
+        kill_rank, kill_step, where = os.environ["HF_DSV4_KILL"].split(":")
+        if int(os.environ["RANK"]) == int(kill_rank):
+            if where == "save":
+                kill_during_save(int(kill_step))
+            else:
+                callbacks.append(KillAt(int(kill_step)))
     capture = os.environ.get("HF_DSV4_HUB_CAPTURE")
     with capture_hub_commits([], Path(capture)) if capture else contextlib.nullcontext():
-        trainer = sft_dsv4.main(script_args, training_args, model_args, callbacks=[StopAt(int(stop))] if stop else None)
+        trainer = sft_dsv4.main(script_args, training_args, model_args, callbacks=callbacks or None)
     if trainer.is_world_process_zero():
         result = {
             "log_history": trainer.state.log_history,
