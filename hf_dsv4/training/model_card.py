@@ -120,8 +120,8 @@ def precision(args: Any, model: Any) -> str:
     return f"weights in {dtype or 'the checkpoint dtype'}, {compute} (hyper-connections, norms, sinks and router bias in fp32)"
 
 
-QUICK_START = """```python
-import torch
+# The quick start: how the model is loaded (an adapter on its base, or a full model), then the same generation.
+LOAD_ADAPTER = """import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -129,26 +129,15 @@ from hf_dsv4.template import parse_completion  # hf_dsv4's DSML / tool-call pars
 
 base = AutoModelForCausalLM.from_pretrained({base!r}, dtype=torch.bfloat16){base_comment}
 model = PeftModel.from_pretrained(base, {adapter!r})
-tokenizer = AutoTokenizer.from_pretrained({adapter!r})  # carries the DeepSeek-V4 chat template it was trained with
-
-messages = [{{"role": "user", "content": "What is 17 * 23?"}}]
-inputs = tokenizer.apply_chat_template(
-    messages, add_generation_prompt=True, thinking_mode={thinking!r}, return_dict=True, return_tensors="pt"
-)
-output = model.generate(**inputs, max_new_tokens=128)
-completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
-# an OpenAI-style assistant message (reasoning, content, tool calls); strict=False keeps malformed output as content
-print(parse_completion(completion, thinking_mode={thinking!r}, strict=False))
-```"""
-
-FULL_QUICK_START = """```python
-import torch
+"""
+LOAD_FULL = """import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_dsv4.template import parse_completion  # hf_dsv4's DSML / tool-call parser
 
 model = AutoModelForCausalLM.from_pretrained({adapter!r}, dtype=torch.bfloat16)
-tokenizer = AutoTokenizer.from_pretrained({adapter!r})  # carries the DeepSeek-V4 chat template it was trained with
+"""
+GENERATE = """tokenizer = AutoTokenizer.from_pretrained({adapter!r})  # carries the DeepSeek-V4 chat template it was trained with
 
 messages = [{{"role": "user", "content": "What is 17 * 23?"}}]
 inputs = tokenizer.apply_chat_template(
@@ -158,7 +147,7 @@ output = model.generate(**inputs, max_new_tokens=128)
 completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
 # an OpenAI-style assistant message (reasoning, content, tool calls); strict=False keeps malformed output as content
 print(parse_completion(completion, thinking_mode={thinking!r}, strict=False))
-```"""
+"""
 
 
 def model_card(trainer: Any, model_name: str | None = None, dataset_name: str | None = None, tags=None) -> ModelCard:
@@ -196,10 +185,9 @@ def model_card(trainer: Any, model_name: str | None = None, dataset_name: str | 
     final_eval = next((e["eval_loss"] for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
     base_for_code = base_id or name_or_path or "path/to/the/base/model"
     comment = "" if base_id else "  # the base was a local checkpoint: point this at your copy"
-    template = QUICK_START if peft_config is not None else FULL_QUICK_START
-    quick_start = template.format(
-        base=base_for_code, base_comment=comment, adapter=adapter, thinking=args.thinking_mode
-    )
+    code = (LOAD_ADAPTER if peft_config is not None else LOAD_FULL) + GENERATE
+    code = code.format(base=base_for_code, base_comment=comment, adapter=adapter, thinking=args.thinking_mode)
+    quick_start = f"```python\n{code}```"
     what = "A LoRA adapter" if peft_config is not None else "A fully fine-tuned model"
     lines = [
         f"# {model_name or Path(args.output_dir).name}",
