@@ -23,6 +23,7 @@ _EXPORTS = {
     "CheckpointLoadError": "hf_dsv4.loading",
     "memory_efficient_init": "hf_dsv4.loading",
     "ShardingError": "hf_dsv4.sharding",
+    "save_pretrained_sharded": "hf_dsv4.sharding",
     "shard_model": "hf_dsv4.sharding",
     "DSV4Accelerator": "hf_dsv4.training",
     "DSV4Callback": "hf_dsv4.training",
@@ -54,13 +55,14 @@ __all__ = [
     "load_adapter",
     "memory_efficient_init",
     "save_adapter",
+    "save_pretrained_sharded",
     "shard_model",
     "tokenize_conversation",
 ]
 
 if TYPE_CHECKING:
     from .loading import CheckpointLoadError, memory_efficient_init
-    from .sharding import ShardingError, shard_model
+    from .sharding import ShardingError, save_pretrained_sharded, shard_model
     from .template import ChatFormatError, encode_messages, install_chat_template, tokenize_conversation
     from .training import (
         LORA_TARGETS,

@@ -51,6 +51,11 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
         Internal("transformers:PreTrainedModel._from_config", ("config",), why="non-source ranks build on meta"),
         Internal("transformers:PreTrainedModel._no_split_modules", why="the decoder layers FSDP2 shards one by one"),
         Internal("transformers:PreTrainedModel._keep_in_fp32_modules_strict", why="fp32-kept FSDP groups"),
+        Internal(
+            "transformers.core_model_loading:revert_weight_conversion",
+            ("model", "state_dict"),
+            why="a sharded export names its files' tensors as save_pretrained does",
+        ),
     )),
     "transformers.trainer": (">=5.23,<5.25", (
         Internal("transformers.trainer:Accelerator", why="swapped for DSV4Accelerator by dsv4_trainer_accelerator"),
@@ -157,6 +162,15 @@ def from_pretrained_keywords() -> set[str]:
     for listed in re.findall(r"for \w+ in \[([^\]]*)\]:\s*\n\s*\w+ = kwargs\.pop\(", source):
         names |= set(re.findall(r'"(\w+)"', listed))
     return names - {"pretrained_model_name_or_path"}
+
+
+def revert_weight_conversion(model: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """`state_dict` (model names -> full tensors) under the names and layout of the checkpoint the model loads from:
+    what `save_pretrained` writes (for DeepSeek-V4 the fused experts split per expert again). Conversions never span
+    decoder layers, so one layer's tensors can be converted on their own."""
+    from transformers.core_model_loading import revert_weight_conversion as revert
+
+    return revert(model, state_dict)
 
 
 @contextlib.contextmanager

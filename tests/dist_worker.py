@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from collectives import CollectiveRecorder
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, DeepseekV4ForCausalLM, PreTrainedModel
 
 from hf_dsv4 import CheckpointLoadError, ShardingError, memory_efficient_init, shard_model
@@ -327,48 +326,6 @@ def scenario_errors() -> dict:
 # ------------------------------------------------------------------------------------------------- adapters
 
 
-class CollectiveRecorder(TorchDispatchMode):
-    """Records every collective op this process dispatches: the functional collectives that DTensor uses
-    (`_c10d_functional.*`) and the `c10d.*` ops behind the `torch.distributed` Python API (`dist.broadcast`,
-    `broadcast_object_list`, ...): op name, dtype, and the elements and bytes of the tensor it sends."""
-
-    # c10d op -> index of its input (sent) tensor argument; the other ops send their first argument
-    _INPUT_ARG = {"allgather_": 1, "_allgather_base_": 1, "allgather_into_tensor_coalesced_": 1,
-                  "reduce_scatter_": 1, "_reduce_scatter_base_": 1, "reduce_scatter_tensor_coalesced_": 1,
-                  "gather_": 1, "scatter_": 1, "alltoall_": 1, "alltoall_base_": 1}  # fmt: skip
-    _NOT_COLLECTIVES = {"wait_tensor", "wait", "recv_", "recv_any_source_", "_wrap_tensor_autograd"}
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[dict] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        namespace, name = func.namespace, func._schema.name.split("::")[-1]
-        if namespace in ("_c10d_functional", "c10d", "_dtensor") and name not in self._NOT_COLLECTIVES:
-            sent = args[self._INPUT_ARG.get(name, 0)] if args else None
-            tensors = [t for t in pytree.tree_leaves(sent) if isinstance(t, torch.Tensor)]
-            self.calls.append({
-                "op": f"{namespace}.{name}",
-                "dtypes": sorted({str(t.dtype) for t in tensors}),
-                "elements": sum(t.numel() for t in tensors),
-                "bytes": sum(t.numel() * t.element_size() for t in tensors),
-            })  # fmt: skip
-        return func(*args, **(kwargs or {}))
-
-    def summary(self) -> dict:
-        """op -> {calls, elements, bytes, elements_by_dtype}."""
-        out = {}
-        for call in self.calls:
-            entry = out.setdefault(call["op"], {"calls": 0, "elements": 0, "bytes": 0, "elements_by_dtype": {}})
-            entry["calls"] += 1
-            entry["elements"] += call["elements"]
-            entry["bytes"] += call["bytes"]
-            by_dtype = entry["elements_by_dtype"]
-            key = ",".join(call["dtypes"])
-            by_dtype[key] = by_dtype.get(key, 0) + call["elements"]
-        return out
-
-
 def recorder_self_test() -> dict:
     """What the recorder sees of a known all_reduce, broadcast_object_list and DTensor.full_tensor(): proves it is not
     blind to the Python-level API or to DTensor's gathers."""
@@ -491,6 +448,43 @@ def save_error(model: torch.nn.Module, target: Path) -> str | None:
         target.write_text("not a folder")
     try:
         save_adapter(model, target)
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def scenario_export(ckpt: str, out_dir: str) -> dict:
+    """save_pretrained_sharded of the tiny bf16 model (fp32-kept modules inside) sharded on every rank, collectives
+    recorded; what each rank sends compared with its own shards."""
+    from hf_dsv4 import save_pretrained_sharded
+
+    with memory_efficient_init():
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+    shard_model(model)
+    world = dist.get_world_size()
+    shards = [p for p in model.parameters() if isinstance(p, DTensor)]
+    with CollectiveRecorder() as record:
+        returned = save_pretrained_sharded(model, Path(out_dir) / "export")
+    return {
+        "returned": None if returned is None else str(returned),
+        "save": record.summary(),
+        "sharded_tensors": len(shards),
+        "padded_local_elements": sum(_padded_local_numel(p, world) for p in shards),
+        "model_elements": sum(t.numel() for t in [*model.parameters(), *model.buffers()]),
+        "largest_tensor": max(t.numel() for t in [*model.parameters(), *model.buffers()]),
+        "largest_call": max(call["elements"] for call in record.calls),
+        "peft_refused": peft_export_error(ckpt, Path(out_dir) / "peft_export"),
+    }
+
+
+def peft_export_error(ckpt: str, folder: Path) -> str | None:
+    """What save_pretrained_sharded raises on this rank for a sharded model under a LoRA adapter."""
+    from hf_dsv4 import save_pretrained_sharded
+
+    model = lora_model(ckpt, torch.float32)
+    shard_model(model)
+    try:
+        save_pretrained_sharded(model, folder)
     except Exception as exc:  # noqa: BLE001 - recorded for the test
         return f"{type(exc).__name__}: {exc}"
     return None

@@ -77,7 +77,7 @@ def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: b for name, b in model.named_buffers() if name not in persistent}
 
 
-def _load_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def layer_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(state-dict prefix, module) of each decoder layer, then ("", model) for what is left."""
     names = {id(m): name for name, m in model.named_modules()}
     return [(names[id(layer)] + ".", layer) for layer in decoder_layers(model)] + [("", model)]
@@ -106,7 +106,7 @@ def load_from_source(model: nn.Module, full_state_dict: dict[str, torch.Tensor],
     and puts the shards on the device of the tensors it finds allocated."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     is_source = dist.get_rank() == 0
-    for prefix, module in _load_units(model):
+    for prefix, module in layer_units(model):
         if _on_meta(module):  # no buffer to take the device from: DCP would use the process group's default device
             module.to_empty(device=device)
         part = {}

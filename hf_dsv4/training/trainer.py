@@ -10,11 +10,15 @@ What it adds to `SFTTrainer` (the user writes none of it):
   `turns`; no packing or padding-free batches (DeepSeek-V4's compressors read the raw token stream);
 - an accelerator that shards with `hf_dsv4.shard_model` under an FSDP launch config (`DSV4Accelerator`, also on CPU
   processes) and a `DSV4Callback` for throughput / memory / routing-load logs;
-- checkpoints without the frozen base: the adapter (`adapter_model.safetensors` + `adapter_config.json`, PEFT
-  format, gathered with only trainable tensors on the wire, written atomically), the optimizer state of the
-  trainable parameters (`optimizer.pt`, full tensors, rank 0), scheduler, RNG and trainer state; `resume_from_checkpoint`
-  sends them back into the shards from rank 0. `save_model()` writes the adapter + tokenizer; `push_to_hub()` uploads
-  that folder with a model card.
+- checkpoints that follow the launch config's `fsdp_state_dict_type` (`hf_dsv4.training.checkpoint`): with
+  `SHARDED_STATE_DICT` every rank writes its shards of the optimizer state (and, for full fine-tuning, of the model)
+  with torch DCP and nothing is gathered; with `FULL_STATE_DICT` they are gathered on rank 0. LoRA checkpoints never
+  hold the frozen base: the adapter is written in PEFT format (`adapter_model.safetensors` + `adapter_config.json`,
+  gathered with only trainable tensors on the wire, written atomically). `resume_from_checkpoint` (a path, or
+  true/latest: the newest complete checkpoint) resumes LoRA and full fine-tuning from either layout;
+- `save_model()` writes the adapter (or, for full fine-tuning, a Hub-loadable model: under `SHARDED_STATE_DICT` each
+  rank writes its share of the safetensors files, `hf_dsv4.save_pretrained_sharded`) + tokenizer; `push_to_hub()`
+  uploads that folder with a model card.
 """
 
 from __future__ import annotations
@@ -26,24 +30,29 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
 
-from ..distributed import every_rank_raises, on_source, rank
+from ..distributed import every_rank_raises, rank
 from ..loading import memory_efficient_init, resolve_dtype
+from ..sharding import save_pretrained_sharded
 from ..template import ConversationTokenizer, install_chat_template
 from .accelerate_plugin import DSV4FSDP2Plugin, dsv4_trainer_accelerator
 from .adapter import load_adapter, peft_model_of, save_adapter
 from .callback import DSV4Callback
+from .checkpoint import (
+    FULL,
+    load_model,
+    load_optimizer,
+    save_full_model,
+    save_full_optimizer,
+    save_sharded_model,
+    save_sharded_optimizer,
+    state_dict_mode,
+)
 from .config import DSV4SFTConfig
 from .data import SFTRowTokenizer, tokenize_dataset
 from .model_card import model_card
@@ -221,17 +230,31 @@ class DSV4SFTTrainer(SFTTrainer):
         card = model_card(self, model_name, getattr(self, "_card_dataset_name", None), tags)
         card.save(os.path.join(self.args.output_dir, "README.md"))
 
+    @property
+    def checkpoint_mode(self) -> str:
+        """How checkpoints of the sharded model are written: "SHARDED_STATE_DICT" (every rank its shards, DCP) or
+        "FULL_STATE_DICT" (gathered on rank 0), from the launch config's `fsdp_state_dict_type`."""
+        return state_dict_mode(self.accelerator.state.fsdp_plugin)
+
+    def _is_checkpoint_folder(self, output_dir: str) -> bool:
+        """Whether `save_model` writes into the Trainer's checkpoint folder of this step (not an export)."""
+        return Path(output_dir).name == f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Write the adapter in PEFT format (+ tokenizer and training arguments); for full fine-tuning under FSDP2,
-        the full model gathered on rank 0. Every rank must call it."""
+        """Write the adapter in PEFT format (+ tokenizer and training arguments). Full fine-tuning under FSDP2: the
+        model gathered on rank 0 and written by `save_pretrained` (`FULL_STATE_DICT`), or, under
+        `SHARDED_STATE_DICT`, each rank's shards with DCP in a checkpoint and a Hub-loadable model written rank by
+        rank (`save_pretrained_sharded`) anywhere else. Every rank must call it."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if peft_model_of(self.model) is not None:
             save_adapter(self.model, output_dir)
         elif self.is_dsv4_sharded:
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state = get_model_state_dict(self.model, options=options)
-            if self.args.should_save:
-                self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state)
+            if self.checkpoint_mode == FULL:
+                save_full_model(self.model, output_dir, self.args.should_save)
+            elif _internal_call and self._is_checkpoint_folder(output_dir):
+                save_sharded_model(self.model, output_dir)
+            else:
+                save_pretrained_sharded(self.model, output_dir)
         else:
             return super().save_model(output_dir, _internal_call)
         if self.args.should_save:
@@ -247,11 +270,12 @@ class DSV4SFTTrainer(SFTTrainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.is_dsv4_sharded:
             return super()._save_optimizer_and_scheduler(output_dir)
-        # Only trainable parameters have optimizer state, so for LoRA this gathers the adapter's moments only.
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_optimizer_state_dict(self.model, self._unwrapped_optimizer(), options=options)
+        # Only trainable parameters have optimizer state: for LoRA, the adapter's moments only.
+        if self.checkpoint_mode == FULL:
+            save_full_optimizer(self.model, self._unwrapped_optimizer(), output_dir, self.args.should_save)
+        else:
+            save_sharded_optimizer(self.model, self._unwrapped_optimizer(), output_dir)
         if self.args.should_save:
-            torch.save(state, os.path.join(output_dir, OPTIMIZER_NAME))
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     # --------------------------------------------------------------------------------------------------- resuming
@@ -267,20 +291,16 @@ class DSV4SFTTrainer(SFTTrainer):
         if not self.is_dsv4_sharded:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         if peft_model_of(self.model) is None:
-            raise ValueError(
-                "resuming full fine-tuning under hf_dsv4's FSDP2 plugin is not supported: resume LoRA runs, or start "
-                f"a new run from the model saved in {resume_from_checkpoint}"
-            )
-        logger.info("loading the adapter from %s into the shards", resume_from_checkpoint)
-        load_adapter(self.model, resume_from_checkpoint)
+            logger.info("loading the model from %s into the shards", resume_from_checkpoint)
+            load_model(self.model, resume_from_checkpoint)
+        else:
+            logger.info("loading the adapter from %s into the shards", resume_from_checkpoint)
+            load_adapter(self.model, resume_from_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if not self.is_dsv4_sharded or checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, OPTIMIZER_NAME)
-        state = on_source(lambda: torch.load(path, map_location="cpu", weights_only=True)) or {}
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_optimizer_state_dict(self.model, self._unwrapped_optimizer(), state, options=options)
+        load_optimizer(self.model, self._unwrapped_optimizer(), checkpoint)
         scheduler = os.path.join(checkpoint, SCHEDULER_NAME)
         self.lr_scheduler.load_state_dict(torch.load(scheduler, map_location="cpu", weights_only=True))
         logger.info("optimizer and scheduler state restored from %s", checkpoint)
