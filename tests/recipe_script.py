@@ -2,8 +2,10 @@
 `HF_DSV4_STOP_AT=k` (end training after step k, as an interrupted run), `HF_DSV4_KILL=<rank>:<step>:step|save`
 (SIGKILL that rank at the end of that step, or in the middle of that step's checkpoint save, after the adapter and
 before the optimizer state and trainer_state.json), `HF_DSV4_HUB_CAPTURE=<folder>` (pushes are
-intercepted and every committed file written under `<folder>/commit-<n>/`, see hub_capture.py) and a JSON dump of the
-log history and the trained adapter's names on rank 0 (`<output_dir>/test_result.json`)."""
+intercepted and every committed file written under `<folder>/commit-<n>/`, see hub_capture.py),
+`HF_DSV4_RECORD_SAVES=1` (the collectives of every `save_model` and optimizer save, keyed by method and folder name, in
+`<output_dir>/collectives_rank<r>.json`, see collectives.py) and a JSON dump of the log history on rank 0
+(`<output_dir>/test_result.json`)."""
 
 from __future__ import annotations
 
@@ -46,6 +48,34 @@ def kill_during_save(step: int) -> None:
     DSV4SFTTrainer._save_optimizer_and_scheduler = dying
 
 
+def record_saves() -> dict:
+    """Record what each save sends: {"<method>:<folder name>": {"floating_elements": n, "summary": {...}}}."""
+    from collectives import CollectiveRecorder
+
+    from hf_dsv4.training.trainer import DSV4SFTTrainer
+
+    records = {}
+
+    def recorded(method: str):
+        original = getattr(DSV4SFTTrainer, method)
+
+        def save(self, output_dir=None, *args, **kwargs):
+            with CollectiveRecorder() as recorder:
+                returned = original(self, output_dir, *args, **kwargs)
+            name = Path(output_dir if output_dir is not None else self.args.output_dir).name
+            records[f"{method}:{name}"] = {
+                "floating_elements": recorder.floating_elements(),
+                "summary": recorder.summary(),
+            }
+            return returned
+
+        setattr(DSV4SFTTrainer, method, save)
+
+    recorded("save_model")
+    recorded("_save_optimizer_and_scheduler")
+    return records
+
+
 class StopAt(TrainerCallback):
     def __init__(self, step: int):
         self.step = step
@@ -66,6 +96,7 @@ if __name__ == "__main__":
                 kill_during_save(int(kill_step))
             else:
                 callbacks.append(KillAt(int(kill_step)))
+    records = record_saves() if os.environ.get("HF_DSV4_RECORD_SAVES") else None
     capture = os.environ.get("HF_DSV4_HUB_CAPTURE")
     with capture_hub_commits([], Path(capture)) if capture else contextlib.nullcontext():
         trainer = sft_dsv4.main(script_args, training_args, model_args, callbacks=callbacks or None)
@@ -77,4 +108,7 @@ if __name__ == "__main__":
             "sharded": trainer.is_dsv4_sharded,
         }
         (Path(training_args.output_dir) / "test_result.json").write_text(json.dumps(result))
+    if records is not None:
+        rank = trainer.args.process_index
+        (Path(training_args.output_dir) / f"collectives_rank{rank}.json").write_text(json.dumps(records))
     print(f"recipe_script: rank {trainer.args.process_index} finished", flush=True)  # each rank's output is in the log

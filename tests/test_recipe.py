@@ -5,6 +5,7 @@ plugin and the callback. All runs start together (module fixture) and are checke
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,16 +60,32 @@ def _losses(result: dict) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in result["log_history"] if "loss" in entry}
 
 
+FULL_STEPS, FULL_SAVE_AT = 4, 2  # full fine-tuning runs
+RECORD = {"HF_DSV4_RECORD_SAVES": "1"}
+
+
+def _gathered_config(out: Path) -> list[str]:
+    """The 2-rank CPU launch config with `fsdp_state_dict_type: FULL_STATE_DICT` (checkpoints gathered on rank 0)."""
+    text = (REPO / "accelerate_configs" / "fsdp2_cpu_2proc.yaml").read_text()
+    assert "fsdp_state_dict_type: SHARDED_STATE_DICT" in text
+    path = out / "fsdp2_cpu_2proc_full_state_dict.yaml"
+    path.write_text(text.replace("fsdp_state_dict_type: SHARDED_STATE_DICT", "fsdp_state_dict_type: FULL_STATE_DICT"))
+    return ["--config_file", str(path)]
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("recipe")
     model = tiny_ckpt_fp32
     data = _short_rows(out / "short.jsonl")
+    gathered = _gathered_config(out)
     # no device or precision flag: on a CPU machine the recipe runs on CPU, and --dtype float32 computes in float32
     fp32 = ["--model_name_or_path", str(model), "--dataset_name", str(data), "--dtype", "float32",
             "--max_length", "256", "--max_steps", str(STEPS), "--save_steps", str(SAVE_AT), "--logging_steps", "1",
             "--per_device_train_batch_size", "2", "--learning_rate", "0.005", "--lora_target_modules", "all",
             "--report_to", "none", "--seed", "42"]  # fmt: skip
+    full = [*fp32, "--use_peft", "false", "--max_steps", str(FULL_STEPS), "--save_steps", str(FULL_SAVE_AT)]
+    stop, full_stop = {"HF_DSV4_STOP_AT": str(SAVE_AT)}, {"HF_DSV4_STOP_AT": str(FULL_SAVE_AT)}
     first = [
         _start("default_2proc", CPU_2PROC, RECIPE,
                ["--output_dir", str(out / "default_2proc"), "--max_steps", "6", "--logging_steps", "3"], out),
@@ -78,27 +95,47 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
                 "--output_dir", str(out / "bf16")], out),
         _start("fsdp", CPU_2PROC, RECIPE, [*fp32, "--output_dir", str(out / "fsdp")], out),
         _start("single", ONE_PROC, RECIPE, [*fp32, "--gradient_accumulation_steps", "2", "--output_dir", str(out / "single")], out),
-        _start("interrupted", CPU_2PROC, RECIPE, [*fp32, "--output_dir", str(out / "resumed")], out,
-               {"HF_DSV4_STOP_AT": str(SAVE_AT)}),
+        # LoRA and full fine-tuning, interrupted at a checkpoint, under each fsdp_state_dict_type
+        _start("interrupted", CPU_2PROC, RECIPE, [*fp32, "--output_dir", str(out / "resumed")], out, {**stop, **RECORD}),
+        _start("interrupted_gathered", gathered, RECIPE, [*fp32, "--output_dir", str(out / "resumed_gathered")], out,
+               {**stop, **RECORD}),
+        _start("full", CPU_2PROC, RECIPE, [*full, "--output_dir", str(out / "full")], out, RECORD),
+        _start("full_interrupted", CPU_2PROC, RECIPE, [*full, "--output_dir", str(out / "full_resumed")], out, full_stop),
+        _start("full_gathered_interrupted", gathered, RECIPE, [*full, "--output_dir", str(out / "full_gathered")], out,
+               {**full_stop, **RECORD}),
     ]  # fmt: skip
+    folder_of = {"interrupted": "resumed", "interrupted_gathered": "resumed_gathered",
+                 "full_interrupted": "full_resumed", "full_gathered_interrupted": "full_gathered"}  # fmt: skip
     results = {}
     for run in first:
-        results[run.name] = _wait(run, out / ("resumed" if run.name == "interrupted" else run.name))
-    results["interrupted_files"] = sorted(p.name for p in (out / "resumed").iterdir())
+        results[run.name] = _wait(run, out / folder_of.get(run.name, run.name))
+    results["records"] = {
+        name: [json.loads((out / folder_of.get(name, name) / f"collectives_rank{r}.json").read_text()) for r in (0, 1)]
+        for name in ("interrupted", "interrupted_gathered", "full", "full_gathered_interrupted")
+    }
+    results["checkpoints"] = {
+        name: sorted(str(p.relative_to(out / folder_of[name])) for p in (out / folder_of[name]).glob("checkpoint-*/*"))
+        for name in ("interrupted", "interrupted_gathered", "full_interrupted", "full_gathered_interrupted")
+    }
+    # a full fine-tuning checkpoint written sharded, resumed under FULL_STATE_DICT (DCP re-reads it whole)
+    shutil.copytree(
+        out / "full_resumed" / f"checkpoint-{FULL_SAVE_AT}", out / "full_cross" / f"checkpoint-{FULL_SAVE_AT}"
+    )
+    latest = ["--resume_from_checkpoint", "true"]  # the newest complete checkpoint
     second = [
-        _start("resumed", CPU_2PROC, RECIPE,
-               [*fp32, "--output_dir", str(out / "resumed"),
-                "--resume_from_checkpoint", "true"], out),  # the newest complete checkpoint: checkpoint-SAVE_AT
+        _start("resumed", CPU_2PROC, RECIPE, [*fp32, "--output_dir", str(out / "resumed"), *latest], out),
+        _start("resumed_gathered", gathered, RECIPE, [*fp32, "--output_dir", str(out / "resumed_gathered"), *latest], out),
+        _start("full_resumed", CPU_2PROC, RECIPE, [*full, "--output_dir", str(out / "full_resumed"), *latest], out),
+        _start("full_gathered", gathered, RECIPE, [*full, "--output_dir", str(out / "full_gathered"), *latest], out),
+        _start("full_cross", gathered, RECIPE, [*full, "--output_dir", str(out / "full_cross"), *latest], out),
         _start("plain_trainer", CPU_2PROC, str(REPO / "tests" / "plain_trainer_script.py"),
                [str(model), str(data), str(out / "plain_trainer")], out),
-        _start("full", CPU_2PROC, RECIPE,
-               [*fp32, "--use_peft", "false", "--max_steps", "2", "--save_steps", "2", "--output_dir", str(out / "full")], out),
     ]  # fmt: skip
     for run in second:
         results[run.name] = _wait(run, out / run.name)
-    results["dirs"] = {
-        name: out / name for name in ("default_2proc", "bf16", "fsdp", "single", "resumed", "plain_trainer", "full")
-    }
+    results["dirs"] = {name: out / name for name in (
+        "default_2proc", "bf16", "fsdp", "single", "resumed", "resumed_gathered", "plain_trainer", "full",
+        "full_resumed", "full_gathered", "full_cross")}  # fmt: skip
     results["model"] = model
     return results
 
@@ -156,26 +193,90 @@ def test_two_ranks_and_one_process_give_the_same_losses_and_adapter(runs):
     _assert_adapter_changes_model(runs["model"], runs["dirs"]["fsdp"])
 
 
-def test_interrupted_run_resumes_to_the_same_losses(runs):
-    assert f"checkpoint-{SAVE_AT}" in runs["interrupted_files"]
-    checkpoint = runs["dirs"]["resumed"] / f"checkpoint-{SAVE_AT}"
-    names = {p.name for p in checkpoint.iterdir()}
-    # the adapter, the trainable parameters' optimizer state, and no copy of the frozen base
-    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json",
-            "rng_state_0.pth", "rng_state_1.pth"} <= names  # fmt: skip
-    assert not any(name.startswith(("pytorch_model", "model", "optimizer_0")) for name in names)
-    interrupted = _losses(runs["interrupted"])
-    uninterrupted, resumed = _losses(runs["fsdp"]), _losses(runs["resumed"])
-    assert sorted(interrupted) == list(range(1, SAVE_AT + 1))
-    assert sorted(resumed) == list(range(1, STEPS + 1))  # the history up to the checkpoint comes back with it
+RNG_AND_STATE = {"scheduler.pt", "trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"}
+
+
+@pytest.mark.parametrize(
+    ("interrupted", "resumed", "optimizer"),
+    [("interrupted", "resumed", {"optimizer_0"}), ("interrupted_gathered", "resumed_gathered", {"optimizer.pt"})],
+    ids=["sharded_state_dict", "full_state_dict"],
+)
+def test_interrupted_lora_run_resumes_to_the_same_losses(runs, interrupted, resumed, optimizer):
+    files = runs["checkpoints"][interrupted]
+    assert {f.split("/")[0] for f in files} == {f"checkpoint-{SAVE_AT}"}
+    names = {f.split("/")[1] for f in files}
+    # the adapter, the trainable parameters' optimizer state (each rank's DCP shards, or gathered on rank 0), and no
+    # copy of the frozen base
+    assert {"adapter_model.safetensors", "adapter_config.json", *optimizer, *RNG_AND_STATE} <= names
+    assert not names & ({"optimizer_0", "optimizer.pt"} - optimizer)
+    assert not any(name.startswith(("pytorch_model", "model")) for name in names)
+    interrupted_losses = _losses(runs[interrupted])
+    uninterrupted, resumed_losses = _losses(runs["fsdp"]), _losses(runs[resumed])
+    assert sorted(interrupted_losses) == list(range(1, SAVE_AT + 1))
+    assert sorted(resumed_losses) == list(range(1, STEPS + 1))  # the history up to the checkpoint comes back with it
     for step in range(1, SAVE_AT + 1):
-        assert resumed[step] == interrupted[step]
+        assert resumed_losses[step] == interrupted_losses[step]
     for step in range(SAVE_AT + 1, STEPS + 1):
-        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6), step
-    x = load_file(runs["dirs"]["resumed"] / "adapter_model.safetensors")
+        assert resumed_losses[step] == pytest.approx(uninterrupted[step], rel=1e-6), step
+    x = load_file(runs["dirs"][resumed] / "adapter_model.safetensors")
     y = load_file(runs["dirs"]["fsdp"] / "adapter_model.safetensors")
     for key in y:
         torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-7)
+
+
+def _model_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.glob("model*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("interrupted", "resumed", "layout"),
+    [("full_interrupted", "full_resumed", {"optimizer_0", "pytorch_model_fsdp_0"}),
+     ("full_gathered_interrupted", "full_gathered", {"optimizer.pt", "model.safetensors", "config.json"}),
+     ("full_interrupted", "full_cross", {"optimizer_0", "pytorch_model_fsdp_0"})],
+    ids=["sharded_state_dict", "full_state_dict", "sharded_resumed_under_full_state_dict"],
+)  # fmt: skip
+def test_interrupted_full_fine_tuning_resumes_to_the_same_losses_and_model(runs, interrupted, resumed, layout):
+    files = runs["checkpoints"][interrupted]
+    assert {f.split("/")[0] for f in files} == {f"checkpoint-{FULL_SAVE_AT}"}
+    names = {f.split("/")[1] for f in files}
+    assert layout | RNG_AND_STATE <= names
+    assert not names & ({"optimizer_0", "pytorch_model_fsdp_0", "optimizer.pt", "model.safetensors"} - layout)
+    assert not any(name.startswith("adapter") for name in names)
+    uninterrupted, resumed_losses = _losses(runs["full"]), _losses(runs[resumed])
+    assert sorted(resumed_losses) == sorted(uninterrupted) == list(range(1, FULL_STEPS + 1))
+    for step in range(1, FULL_STEPS + 1):
+        assert resumed_losses[step] == pytest.approx(uninterrupted[step], rel=1e-6), step
+    x, y = _model_tensors(runs["dirs"][resumed]), _model_tensors(runs["dirs"]["full"])
+    assert sorted(x) == sorted(y)
+    for key in y:
+        torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-7)
+
+
+def _sent(runs, name: str, key: str) -> list[int]:
+    """Floating-point elements each rank sent in one save of run `name`."""
+    return [record[key]["floating_elements"] for record in runs["records"][name]]
+
+
+def test_a_sharded_checkpoint_save_moves_no_weights_and_a_gathered_one_does(runs):
+    """SHARDED_STATE_DICT: each rank writes its own shards, so no weight, moment or gradient crosses the wire (only
+    DCP's pickled save plans). FULL_STATE_DICT gathers them on rank 0, and the recorder sees it."""
+    full_ckpt, lora_ckpt = f"checkpoint-{FULL_SAVE_AT}", f"checkpoint-{SAVE_AT}"
+    assert _sent(runs, "full", f"save_model:{full_ckpt}") == [0, 0]
+    assert _sent(runs, "full", f"_save_optimizer_and_scheduler:{full_ckpt}") == [0, 0]
+    assert _sent(runs, "interrupted", f"_save_optimizer_and_scheduler:{lora_ckpt}") == [0, 0]
+    # the adapter itself is gathered (PEFT format): at most its own elements, split between the ranks
+    adapter = sum(t.numel() for t in load_file(runs["dirs"]["fsdp"] / "adapter_model.safetensors").values())
+    assert all(0 < n <= adapter for n in _sent(runs, "interrupted", f"save_model:{lora_ckpt}"))
+    parameters = sum(t.numel() for t in _model_tensors(runs["dirs"]["full"]).values())
+    # gathered: every rank sends its shard of each tensor (the model; the two Adam moments)
+    assert sum(_sent(runs, "full_gathered_interrupted", f"save_model:{full_ckpt}")) >= parameters // 2
+    assert sum(_sent(runs, "full_gathered_interrupted", f"_save_optimizer_and_scheduler:{full_ckpt}")) > parameters
+    assert sum(_sent(runs, "interrupted_gathered", f"_save_optimizer_and_scheduler:{lora_ckpt}")) >= adapter
+    # the final export of the sharded run: each tensor gathered once, for the rank that writes its file
+    assert sum(_sent(runs, "full", "save_model:full")) >= parameters // 2
 
 
 def test_plain_trainer_with_the_plugin_and_the_callback(runs):
@@ -221,6 +322,11 @@ def test_full_fine_tuning_saves_a_complete_model_that_reloads(runs):
     assert runs["full"]["sharded"]
     folder = runs["dirs"]["full"]
     assert not (folder / "adapter_config.json").exists()
+    # SHARDED_STATE_DICT: written rank by rank, one file per decoder layer and one for the rest, with an index
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in folder.glob("model*.safetensors"))
+    assert files == sorted(set(index["weight_map"].values())) and len(files) > 2
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["DeepseekV4ForCausalLM"]
     tuned, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     base = AutoModelForCausalLM.from_pretrained(runs["model"], dtype=torch.float32)
@@ -228,3 +334,6 @@ def test_full_fine_tuning_saves_a_complete_model_that_reloads(runs):
     # every parameter that gets a gradient moved; the lightning indexer's get none from the LM loss
     assert changed and all(".indexer." in n for n, _ in tuned.named_parameters() if n not in changed)
     assert all(torch.equal(p, q) for (_, p), (_, q) in zip(tuned.named_buffers(), base.named_buffers()))
+    # FULL_STATE_DICT: gathered on rank 0 and written by save_pretrained; the same model
+    gathered = runs["dirs"]["full_gathered"]
+    assert [p.name for p in gathered.glob("model*.safetensors")] == ["model.safetensors"]

@@ -160,7 +160,8 @@ def test_nothing_pushed_holds_a_secret(runs, name):
     pushed = sorted(p for commit in commits for p in commit.rglob("*") if p.is_file())
     assert len(commits) >= 2  # pushes from the checkpoints and the final one
     names = {p.name for p in pushed}
-    weights = "adapter_model.safetensors" if name == "lora" else "model.safetensors"
+    # full fine-tuning under SHARDED_STATE_DICT: the model written rank by rank, several files and their index
+    weights = "adapter_model.safetensors" if name == "lora" else "model.safetensors.index.json"
     assert {"training_args.bin", "README.md", weights} <= names, names
     assert holders(pushed) == []
 
