@@ -52,6 +52,22 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
         Internal("transformers:PreTrainedModel._no_split_modules", why="the decoder layers FSDP2 shards one by one"),
         Internal("transformers:PreTrainedModel._keep_in_fp32_modules_strict", why="fp32-kept FSDP groups"),
         Internal(
+            "transformers:PreTrainedModel._load_pretrained_model",
+            ("model", "state_dict", "checkpoint_files", "load_config", "expected_keys"),
+            why="streamed loading: from_pretrained builds the model and its load plan, the weights are read later",
+        ),
+        Internal("transformers.modeling_utils:LoadStateDictInfo", why="what the captured load reports"),
+        Internal(
+            "transformers.core_model_loading:convert_and_load_state_dict_in_model",
+            ("model", "state_dict", "load_config"),
+            why="streamed loading converts one decoder layer at a time with transformers' own rules",
+        ),
+        Internal(
+            "transformers.core_model_loading:rename_source_key",
+            ("source_key", "weight_renamings", "weight_converters", "base_model_prefix", "meta_state_dict"),
+            why="which model tensor (so which decoder layer) a checkpoint tensor feeds",
+        ),
+        Internal(
             "transformers.core_model_loading:revert_weight_conversion",
             ("model", "state_dict"),
             why="a sharded export names its files' tensors as save_pretrained does",
@@ -171,6 +187,54 @@ def revert_weight_conversion(model: Any, state_dict: dict[str, Any]) -> dict[str
     from transformers.core_model_loading import revert_weight_conversion as revert
 
     return revert(model, state_dict)
+
+
+@contextlib.contextmanager
+def weights_not_read(capture: dict[str, Any]) -> Iterator[None]:
+    """Scope under which `from_pretrained` does everything but read weights: the model is built (config, quantizer,
+    dtypes, fp32-kept modules, non-persistent buffers computed) with its parameters left on meta, and the checkpoint
+    files and load plan (`LoadStateDictConfig`: weight conversions, quantizer, dtype) land in `capture`
+    (`checkpoint_files`, `load_config`). Restored on exit, also on error."""
+    from transformers import PreTrainedModel
+    from transformers.modeling_utils import LoadStateDictInfo
+
+    original = PreTrainedModel.__dict__["_load_pretrained_model"]
+
+    def record(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        if state_dict is not None or not checkpoint_files or not str(checkpoint_files[0]).endswith(".safetensors"):
+            raise ValueError("streamed loading reads safetensors checkpoint files (no state_dict, no .bin files)")
+        capture.update(checkpoint_files=list(checkpoint_files), load_config=load_config)
+        empty = LoadStateDictInfo(
+            missing_keys=set(), unexpected_keys=set(), mismatched_keys=set(), error_msgs=[], conversion_errors={},
+            skipped_pp_keys=set(),
+        )  # fmt: skip
+        return empty, None
+
+    PreTrainedModel._load_pretrained_model = staticmethod(record)
+    try:
+        yield
+    finally:
+        PreTrainedModel._load_pretrained_model = original
+
+
+def model_key_of(model: Any, load_config: Any, checkpoint_key: str, meta_state_dict: dict[str, Any]) -> str:
+    """The model's state-dict name that checkpoint tensor `checkpoint_key` is loaded into (a fused tensor's name for
+    each of its parts), by transformers' own renaming and conversion rules."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = load_config.weight_mapping or []
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    return rename_source_key(checkpoint_key, renamings, converters, model.base_model_prefix, meta_state_dict)[0]
+
+
+def convert_into(model: Any, tensors: dict[str, Any], load_config: Any) -> Any:
+    """Load checkpoint `tensors` (safetensors slices; a subset of the checkpoint) into `model` as `from_pretrained`
+    would (renamed, fused, dequantized, cast); returns transformers' `LoadStateDictInfo` for them."""
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+
+    info, _ = convert_and_load_state_dict_in_model(model=model, state_dict=tensors, load_config=load_config)
+    return info
 
 
 @contextlib.contextmanager

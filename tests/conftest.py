@@ -55,6 +55,18 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def blind_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
+    """`tiny_ckpt`'s config.json beside weight files that are garbage: for ranks that must read the config only."""
+    import shutil
+
+    blind = tmp_path_factory.mktemp("blind")
+    shutil.copy(tiny_ckpt / "config.json", blind)
+    for file in tiny_ckpt.glob("*.safetensors"):
+        (blind / file.name).write_bytes(b"not a safetensors file")
+    return blind
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt_fp32(tmp_path_factory) -> Path:
     """The tiny checkpoint with fp32 weights (seed 0), as the trainer and recipe tests train it. Read-only."""
     import torch

@@ -82,6 +82,41 @@ def scenario_parity(ckpt: str, blind_ckpt: str) -> dict:
     return out
 
 
+def scenario_stream(ckpt: str, blind_ckpt: str) -> dict:
+    """memory_efficient_init(stream=True) + shard_model vs plain from_pretrained, fp32 and bf16: nothing is read
+    before shard_model (every rank holds a meta model; ranks other than 0 get `blind_ckpt`, garbage weights), then
+    rank 0 streams the checkpoint in one decoder layer at a time."""
+    out = {}
+    for dtype_name, cls in (("float32", AutoModelForCausalLM), ("bfloat16", DeepseekV4ForCausalLM)):
+        path = ckpt if dist.get_rank() == 0 else blind_ckpt
+        with memory_efficient_init(stream=True):
+            model = cls.from_pretrained(path, dtype=DTYPES[dtype_name])
+        ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=DTYPES[dtype_name])
+        named = [*model.named_parameters(), *model.named_buffers()]
+        result = {"all_meta": all(t.is_meta for _, t in named), "same_table": table(model) == table(ref)}
+        shard_model(model)
+        result["stream_released"] = not any("_hf_dsv4_stream" in vars(m) for m in model.modules())
+        out[dtype_name] = {**result, **compare_to_reference(model, ref)}
+    out["wrapped"] = wrapped_stream_error(ckpt)
+    return out
+
+
+def wrapped_stream_error(ckpt: str) -> str | None:
+    """What shard_model raises on this rank for a streamed model wrapped in a PEFT adapter."""
+    from peft import get_peft_model
+
+    from hf_dsv4.training.lora import dsv4_lora_config
+
+    with memory_efficient_init(stream=True):
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    model = get_peft_model(model, dsv4_lora_config(r=2, targets="attention"))
+    try:
+        shard_model(model)
+    except ShardingError as exc:
+        return str(exc)
+    return None
+
+
 def mismatch_error(ckpt: str) -> str | None:
     """The error shard_model raises on every rank when rank 1 built its model with twice the experts."""
     overrides = {} if dist.get_rank() == 0 else {"n_routed_experts": 8}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from dist_launch import run_ranks
 
@@ -11,15 +9,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
 @pytest.fixture(scope="module")
-def parity(tiny_ckpt, tmp_path_factory) -> list[dict]:
-    ckpt = tiny_ckpt
-    root = tmp_path_factory.mktemp("parity")
-    blind = root / "blind"  # rank 1 reads config.json only; its weight files are garbage
-    blind.mkdir()
-    shutil.copy(ckpt / "config.json", blind)
-    for file in ckpt.glob("*.safetensors"):
-        (blind / file.name).write_bytes(b"not a safetensors file")
-    return run_ranks("parity", root / "out", str(ckpt), str(blind), timeout=150)
+def parity(tiny_ckpt, blind_ckpt, tmp_path_factory) -> list[dict]:
+    # rank 1 reads config.json only; its weight files are garbage
+    return run_ranks("parity", tmp_path_factory.mktemp("parity"), str(tiny_ckpt), str(blind_ckpt), timeout=150)
 
 
 @pytest.fixture(scope="module")

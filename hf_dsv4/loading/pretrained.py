@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 
 from .. import compat
 from ..distributed import every_rank_raises, is_distributed, rank
+from .stream import STREAM_ATTRIBUTE, open_streamed
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +120,38 @@ def _threads_of_idle_ranks() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _load(original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict]:
-    """(model, loading info) on the source rank; (meta model, {}) elsewhere. Any failure is a CheckpointLoadError."""
+def _tensor_table(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {name: (tuple(t.shape), t.dtype) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _build_streamed(original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The meta model on every rank; rank 0's also carries the checkpoint's `StreamedCheckpoint`, whose twin (what
+    stock `from_pretrained` builds) must have the same tensors as the model every rank built from the config."""
+    model = build_on_meta(cls, path, *args, **dict(kwargs))
+    if rank() != 0:
+        setattr(model, STREAM_ATTRIBUTE, True)
+        return model
+    with _threads_of_idle_ranks():
+        stream = open_streamed(cls, original, path, args, kwargs)
+    built, planned = _tensor_table(model), _tensor_table(stream.twin)
+    if built != planned:
+        differ = sorted(n for n in built.keys() | planned.keys() if built.get(n) != planned.get(n))
+        raise ValueError(
+            f"from_pretrained builds {len(differ)} tensor(s) differently from the config (e.g. {differ[0]}: "
+            f"{planned.get(differ[0])} vs {built.get(differ[0])}); a quantized model cannot be streamed yet"
+        )
+    setattr(model, STREAM_ATTRIBUTE, stream)
+    return model
+
+
+def _load(
+    original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict[str, Any], stream: bool = False
+) -> tuple[Any, dict]:
+    """(model, loading info) on the source rank; (meta model, {}) elsewhere; with `stream`, the meta model on every
+    rank (`hf_dsv4.loading.stream`). Any failure is a CheckpointLoadError."""
     try:
+        if stream:
+            return _build_streamed(original, cls, path, args, kwargs), {}
         if rank() != 0:
             return build_on_meta(cls, path, *args, **kwargs), {}
         with _threads_of_idle_ranks():
@@ -135,16 +165,20 @@ def _load(original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict
         ) from exc
 
 
-def _rank_aware_from_pretrained(original: classmethod) -> classmethod:
-    """A `from_pretrained` classmethod body that loads on the source rank and builds on meta elsewhere."""
+def _rank_aware_from_pretrained(original: classmethod, stream: bool = False) -> classmethod:
+    """A `from_pretrained` classmethod body that loads on the source rank and builds on meta elsewhere (with
+    `stream`: builds on meta everywhere, rank 0 keeping a reader of the checkpoint)."""
 
     def from_pretrained(cls, pretrained_model_name_or_path=None, *args, **kwargs):
         if not is_distributed():
             return original.__get__(None, cls)(pretrained_model_name_or_path, *args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         with every_rank_raises():  # a failure on any rank is raised on every rank, never left as a hang
-            model, info = _load(original, cls, pretrained_model_name_or_path, args, kwargs)
-        logger.info("rank %d %s", rank(), "loaded the weights" if rank() == 0 else "built the model on meta")
+            model, info = _load(original, cls, pretrained_model_name_or_path, args, kwargs, stream)
+        if stream:
+            logger.info("rank %d built the model on meta; shard_model streams the weights in", rank())
+        else:
+            logger.info("rank %d %s", rank(), "loaded the weights" if rank() == 0 else "built the model on meta")
         return (model, info) if want_info else model
 
     from_pretrained.__hf_dsv4_rank_aware__ = True
@@ -152,8 +186,14 @@ def _rank_aware_from_pretrained(original: classmethod) -> classmethod:
 
 
 @contextlib.contextmanager
-def memory_efficient_init() -> Iterator[None]:
+def memory_efficient_init(stream: bool = False) -> Iterator[None]:
     """Scope under which `from_pretrained` reads the checkpoint on the source rank (global rank 0) only.
+
+    With `stream=True` no rank reads weights in `from_pretrained`: every rank gets the model on the meta device
+    (rank 0's carries a reader of the checkpoint: files, transformers' conversion plan) and `shard_model` streams
+    the checkpoint into the shards one decoder layer at a time, so rank 0 never holds the whole model
+    (`hf_dsv4.loading.stream`). The model must be sharded as returned (no wrapper such as a PEFT adapter yet), from
+    safetensors files.
 
     Inside the block, `AutoModelForCausalLM.from_pretrained(path, dtype=...)` (and the same method of any
     `PreTrainedModel` subclass) loads real weights on CPU on rank 0 and returns the same model built on the meta
@@ -166,7 +206,7 @@ def memory_efficient_init() -> Iterator[None]:
     if getattr(original.__func__, "__hf_dsv4_rank_aware__", False):
         yield  # already inside a memory_efficient_init block: one hook, one agreement per load
         return
-    PreTrainedModel.from_pretrained = _rank_aware_from_pretrained(original)
+    PreTrainedModel.from_pretrained = _rank_aware_from_pretrained(original, stream)
     try:
         yield
     finally:

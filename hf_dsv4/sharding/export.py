@@ -27,8 +27,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .. import compat
 from ..distributed import all_gather_object, every_rank_raises, is_distributed, on_source, rank
-from .fill import layer_units
-from .layout import pretrained_models
+from ..loading.units import layer_units, pretrained_models
 
 logger = logging.getLogger(__name__)
 

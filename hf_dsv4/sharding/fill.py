@@ -5,13 +5,16 @@ time, and the buffers outside the state dict are broadcast.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from ..distributed import all_gather_object
-from .layout import ShardingError, decoder_layers, pretrained_models
+from ..distributed import all_gather_object, on_source
+from ..loading.units import layer_units, pretrained_models
+from .layout import ShardingError
 
 # ------------------------------------------------------------------------------------------------- validation
 
@@ -46,13 +49,17 @@ def _meta_on_source(model: nn.Module) -> list[str]:
     return [f"rank 0: '{n}' is on the meta device; load rank 0's weights first" for n, t in named if t.is_meta]
 
 
-def validate_against_source(model: nn.Module) -> None:
-    """Collective: rank 0 sends its name -> (shape, dtype) table; any difference on any rank raises everywhere."""
+def validate_against_source(model: nn.Module, streamed: bool = False) -> None:
+    """Collective: rank 0 sends its name -> (shape, dtype) table; any difference on any rank raises everywhere.
+    Rank 0 must hold real weights unless they are `streamed` from its checkpoint."""
     rank = dist.get_rank()
     local = _tensor_table(model)
     source = [local if rank == 0 else None]
     dist.broadcast_object_list(source, src=0)
-    problems = _meta_on_source(model) if rank == 0 else _compare_tables(rank, source[0], local)
+    if rank != 0:
+        problems = _compare_tables(rank, source[0], local)
+    else:
+        problems = [] if streamed else _meta_on_source(model)
     problems = [p for rank_problems in all_gather_object(problems) for p in rank_problems]
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
@@ -77,12 +84,6 @@ def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: b for name, b in model.named_buffers() if name not in persistent}
 
 
-def layer_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(state-dict prefix, module) of each decoder layer, then ("", model) for what is left."""
-    names = {id(m): name for name, m in model.named_modules()}
-    return [(names[id(layer)] + ".", layer) for layer in decoder_layers(model)] + [("", model)]
-
-
 def materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
     """Allocate every buffer on `device` (values follow); parameters stay on meta."""
     for module in model.modules():
@@ -96,10 +97,18 @@ def _on_meta(module: nn.Module) -> bool:
     return all(t.is_meta for t in module.state_dict(keep_vars=True).values() if t.dim() > 0)
 
 
-def load_from_source(model: nn.Module, full_state_dict: dict[str, torch.Tensor], device: torch.device | str) -> None:
+def load_from_source(
+    model: nn.Module,
+    full_state_dict: dict[str, torch.Tensor],
+    device: torch.device | str,
+    read: Callable[[str], dict[str, torch.Tensor]] | None = None,
+) -> None:
     """Send rank 0's full state dict into every rank's shards with DCP (`broadcast_from_rank0`), one decoder layer
     at a time. Rank 0 drops each part of `full_state_dict` once sent (the dict is emptied), so its memory falls as
-    the shards fill instead of holding the checkpoint and the shards at once.
+    the shards fill instead of holding the checkpoint and the shards at once. With `read` (rank 0; streamed
+    loading; every rank passes one, only rank 0's is called), each unit is read from the checkpoint instead
+    (`read(prefix)`: the unit's tensors without the prefix),
+    sent and dropped, so rank 0 holds one unit at a time; a failure to read is raised on every rank.
 
     Parameters are expected on meta and buffers on `device` (`materialize_buffers`): DCP then assigns each received
     shard instead of copying it into an allocated parameter (and, for the root, every loaded parameter into itself),
@@ -110,7 +119,9 @@ def load_from_source(model: nn.Module, full_state_dict: dict[str, torch.Tensor],
         if _on_meta(module):  # no buffer to take the device from: DCP would use the process group's default device
             module.to_empty(device=device)
         part = {}
-        if is_source:
+        if read is not None:
+            part = on_source(lambda prefix=prefix: read(prefix)) or {}
+        elif is_source:
             part = {
                 key[len(prefix) :]: full_state_dict.pop(key) for key in list(full_state_dict) if key.startswith(prefix)
             }

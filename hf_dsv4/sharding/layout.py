@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from transformers import PreTrainedModel
 
 from .. import compat
+from ..loading.units import decoder_layers, pretrained_models
 
 # (dtype, keep): parameters of one FSDP group share both. `keep` = compute in the stored dtype, whatever the
 # mixed-precision policy (fp32-kept modules, FP8 and integer tensors).
@@ -31,18 +31,6 @@ class ShardingError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------- model inspection
-
-
-def pretrained_models(model: nn.Module) -> list[PreTrainedModel]:
-    """The transformers models in `model`'s tree (the model itself, or the one inside a PeftModel)."""
-    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """Modules whose class is named in a `_no_split_modules` anywhere in the tree (the decoder layers); also after
-    `fully_shard`, which swaps a module's class for an `FSDP<name>` subclass."""
-    names = {name for m in pretrained_models(model) for name in compat.no_split_modules(m)}
-    return [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
 
 
 def _keep_fp32_pattern(model: nn.Module) -> re.Pattern | None:

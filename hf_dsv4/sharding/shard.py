@@ -20,6 +20,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
 from .. import compat
 from ..distributed import local_device
+from ..loading.stream import StreamedCheckpoint, release_stream, streamed_checkpoint
+from ..loading.units import pretrained_models
 from .fill import (
     broadcast_non_persistent_buffers,
     load_from_source,
@@ -68,6 +70,10 @@ def _detach_source_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], d
     return dict(model.state_dict()), {n: b for n, b in non_persistent_buffers(model).items()}
 
 
+def _nothing(prefix: str) -> dict[str, torch.Tensor]:
+    return {}
+
+
 def shard_model(
     model: nn.Module,
     mesh: DeviceMesh | None = None,
@@ -92,17 +98,33 @@ def shard_model(
     cast = align_parameter_adapter_dtypes(model)  # before validation: every rank casts the same factors
     if cast:
         logger.info("%d routed-expert LoRA factor(s) kept in the experts' dtype", cast)
-    validate_against_source(model)
-    state_dict, buffers = _detach_source_weights(model)
+    stream = streamed_checkpoint(
+        model
+    )  # rank 0's reader, True elsewhere, None unless memory_efficient_init(stream=True)
+    if stream is not None and pretrained_models(model)[0] is not model:
+        raise ShardingError(
+            "a model loaded with memory_efficient_init(stream=True) must be sharded as from_pretrained returned it: "
+            "wrapping it first (e.g. a PEFT adapter) is not supported yet; load without stream=True"
+        )
+    validate_against_source(model, streamed=stream is not None)
+    if stream is None:
+        state_dict, buffers = _detach_source_weights(model)
+    else:  # nothing is held: each unit is read from the checkpoint when its shards are filled
+        state_dict, buffers = {}, stream.non_persistent_buffers() if dist.get_rank() == 0 else {}
     # Every rank shards a meta model the same way; rank 0's real tensors live on in `state_dict` only.
     model.to("meta")
     tie_weights(model)
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else None
     apply_fsdp(model, mesh, reshard_after_forward, mixed_precision, offload)
     materialize_buffers(model, "cpu" if cpu_offload else device)
-    load_from_source(model, state_dict, "cpu" if cpu_offload else device)
+    read = None  # streamed: every rank takes part in each unit's read (rank 0 reads, a failure raises everywhere)
+    if stream is not None:
+        read = stream.read if isinstance(stream, StreamedCheckpoint) else _nothing
+    load_from_source(model, state_dict, "cpu" if cpu_offload else device, read=read)
     del state_dict
     broadcast_non_persistent_buffers(model, buffers)
     tie_weights(model)
+    if stream is not None:
+        release_stream(model)
     logger.info("rank %d: model sharded over %d ranks", dist.get_rank(), dist.get_world_size())
     return model

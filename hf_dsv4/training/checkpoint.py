@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 from transformers.trainer import OPTIMIZER_NAME
 
 from ..distributed import all_gather_object, is_main, on_source
-from ..sharding.layout import pretrained_models
+from ..loading.units import pretrained_models
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,142 @@
+"""Streamed loading: the checkpoint is read into the FSDP2 shards one unit (decoder layer, then the rest) at a time,
+so no rank ever holds the whole model, rank 0 included.
+
+Under `memory_efficient_init(stream=True)` every rank's `from_pretrained` returns the model on the meta device. On
+rank 0 the model also carries a `StreamedCheckpoint`: stock `from_pretrained` was run with its weight reading left
+out (`compat.weights_not_read`), which builds a meta twin of the model exactly as transformers would (quantizer,
+dtypes, fp32-kept modules, non-persistent buffers computed) and records the checkpoint files and the load plan.
+`shard_model` then asks it for one unit at a time: the unit's checkpoint tensors are opened as memory-mapped
+safetensors slices and loaded into the twin by transformers' own conversion (`convert_and_load_state_dict_in_model`:
+renames, expert fusion, FP8/FP4 dequantization, cast), handed over, and the twin's unit goes back to meta.
+
+Every checkpoint tensor is assigned to its unit before any weight is read (transformers' own renaming rules), so a
+checkpoint that lacks a tensor of the model, or holds one the model does not know, fails in `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .. import compat
+from .units import layer_units, pretrained_models
+
+logger = logging.getLogger(__name__)
+
+STREAM_ATTRIBUTE = "_hf_dsv4_stream"
+
+
+class StreamedCheckpoint:
+    """Rank 0's reader of one checkpoint, unit by unit (see the module docstring). `read(prefix)` returns the unit's
+    tensors under the model's names, fully converted; `non_persistent_buffers()` the buffers no checkpoint holds."""
+
+    def __init__(self, twin: nn.Module, checkpoint_files: list[str], load_config: Any):
+        self.twin = twin
+        self.load_config = load_config
+        self.files = [Path(f) for f in checkpoint_files]
+        self._handles: dict[Path, Any] = {}
+        meta_state = twin.state_dict()
+        self.prefixes = [prefix for prefix, _ in layer_units(twin)]
+        self.groups: dict[str, dict[str, Path]] = {prefix: {} for prefix in self.prefixes}
+        produced: set[str] = set()
+        skipped = []
+        ignored = [re.compile(p) for p in getattr(twin, "_keys_to_ignore_on_load_unexpected", None) or ()]
+        for file in self.files:
+            for key in self._open(file).keys():
+                target = compat.model_key_of(twin, load_config, key, meta_state)
+                if target not in meta_state:
+                    if any(p.search(key) or p.search(target) for p in ignored):
+                        skipped.append(key)
+                        continue
+                    raise ValueError(f"{file.name}: tensor '{key}' is not part of the model (as '{target}')")
+                produced.add(target)
+                prefix = next(p for p in self.prefixes if target.startswith(p))  # "" (the rest) comes last
+                self.groups[prefix][key] = file
+        missing = sorted(set(meta_state) - produced)
+        if missing:
+            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+            raise ValueError(f"the checkpoint lacks {len(missing)} tensor(s) of the model: {shown}")
+        if skipped:
+            logger.info("skipping %d checkpoint tensor(s) the model does not use (e.g. %s)", len(skipped), skipped[0])
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+        return self._handles[file]
+
+    def read(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The unit `prefix` ("model.layers.N." or "" for everything outside the decoder layers), converted; the
+        names are the model's state-dict names without `prefix`. The twin's copy goes back to meta afterwards."""
+        slices = {key: self._open(file).get_slice(key) for key, file in self.groups[prefix].items()}
+        info = compat.convert_into(self.twin, slices, self.load_config)
+        problems = {
+            "mismatched": sorted(map(str, getattr(info, "mismatched_keys", ()) or ())),
+            "conversion errors": sorted(map(str, (getattr(info, "conversion_errors", None) or {}).items())),
+            "errors": list(getattr(info, "error_msgs", ()) or ()),
+        }
+        problems = {k: v for k, v in problems.items() if v}
+        if problems:
+            raise ValueError(f"converting the checkpoint tensors of '{prefix or 'the rest'}' failed: {problems}")
+        other_units = [p for p in self.prefixes if p and p != prefix]
+        state = self.twin.state_dict()
+        unit = {
+            key[len(prefix) :]: tensor
+            for key, tensor in state.items()
+            if key.startswith(prefix) and not tensor.is_meta and not any(key.startswith(p) for p in other_units)
+        }
+        self._release(prefix)
+        return unit
+
+    @torch.no_grad()
+    def _release(self, prefix: str) -> None:
+        """The twin's unit back on meta (its tensors live on in what `read` returned, until the caller drops them)."""
+        module = self.twin.get_submodule(prefix.rstrip(".")) if prefix else self.twin
+        persistent = set(module.state_dict(keep_vars=True))
+        for name, tensor in list(module.named_parameters()) + [
+            (n, b) for n, b in module.named_buffers() if n in persistent
+        ]:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            if isinstance(tensor, nn.Parameter):
+                owner._parameters[leaf] = nn.Parameter(tensor.to("meta"), requires_grad=tensor.requires_grad)
+            else:
+                owner._buffers[leaf] = tensor.to("meta")
+
+    def non_persistent_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers no checkpoint holds (rotary `*_inv_freq`), as stock `from_pretrained` computed them."""
+        persistent = set(self.twin.state_dict(keep_vars=True))
+        return {name: b for name, b in self.twin.named_buffers() if name not in persistent}
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def open_streamed(cls: type, original_from_pretrained: Any, path: Any, args: tuple, kwargs: dict) -> StreamedCheckpoint:
+    """Run stock `from_pretrained` without reading weights (rank 0) and keep what it planned."""
+    capture: dict[str, Any] = {}
+    with compat.weights_not_read(capture):
+        twin = original_from_pretrained.__get__(None, cls)(path, *args, **kwargs)
+    if "load_config" not in capture:
+        raise ValueError(f"from_pretrained({path!r}) read no checkpoint files; streamed loading needs a checkpoint")
+    return StreamedCheckpoint(twin, capture["checkpoint_files"], capture["load_config"])
+
+
+def streamed_checkpoint(model: nn.Module) -> StreamedCheckpoint | bool | None:
+    """What a model built under `memory_efficient_init(stream=True)` carries: rank 0's `StreamedCheckpoint`, True on
+    the other ranks; None for a model that was not."""
+    found = [getattr(m, STREAM_ATTRIBUTE, None) for m in pretrained_models(model)]
+    return next((f for f in found if f is not None), None)
+
+
+def release_stream(model: nn.Module) -> None:
+    """Drop what a streamed model carried (rank 0: the reader, its twin and open files) once its shards are filled."""
+    for pretrained in pretrained_models(model):
+        found = pretrained.__dict__.pop(STREAM_ATTRIBUTE, None)
+        if isinstance(found, StreamedCheckpoint):
+            found.close()

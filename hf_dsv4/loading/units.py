@@ -1,0 +1,27 @@
+"""The units a DeepSeek-V4 model is loaded, sharded and saved by: its decoder layers, then the rest (embeddings,
+final norm, head, ...). Shared by streamed loading, `shard_model`'s fill and the sharded export."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from .. import compat
+
+
+def pretrained_models(model: nn.Module) -> list[PreTrainedModel]:
+    """The transformers models in `model`'s tree (the model itself, or the one inside a PeftModel)."""
+    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Modules whose class is named in a `_no_split_modules` anywhere in the tree (the decoder layers); also after
+    `fully_shard`, which swaps a module's class for an `FSDP<name>` subclass."""
+    names = {name for m in pretrained_models(model) for name in compat.no_split_modules(m)}
+    return [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
+
+
+def layer_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(state-dict prefix, module) of each decoder layer, then ("", model) for what is left."""
+    names = {id(m): name for name, m in model.named_modules()}
+    return [(names[id(layer)] + ".", layer) for layer in decoder_layers(model)] + [("", model)]

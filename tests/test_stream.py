@@ -1,0 +1,32 @@
+"""Streamed loading (`memory_efficient_init(stream=True)`) on 2 real gloo ranks: every rank builds on meta, rank 0
+reads the checkpoint one decoder layer at a time with transformers' own conversion while `shard_model` fills the
+shards; the result equals a single-process stock `from_pretrained` bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+from dist_launch import run_ranks
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+
+@pytest.fixture(scope="module")
+def streamed(tiny_ckpt, blind_ckpt, tmp_path_factory) -> list[dict]:
+    # rank 1 reads config.json only; its weight files are garbage
+    return run_ranks("stream", tmp_path_factory.mktemp("stream"), str(tiny_ckpt), str(blind_ckpt), timeout=200)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_shards_equal_stock_from_pretrained_bit_for_bit(streamed, dtype, tiny_counts):
+    for rank, result in enumerate(streamed):
+        result = result[dtype]
+        assert result["all_meta"] and result["same_table"], f"rank {rank}"  # nothing read before shard_model
+        assert result["bad_params"] == [] and result["bad_buffers"] == [], f"rank {rank}"
+        assert result["num_tensors"] == tiny_counts["tensors"]
+        assert result["logits_equal"], f"rank {rank}: max diff {result['logits_max_diff']}"
+        assert result["stream_released"]
+
+
+def test_a_wrapped_streamed_model_is_refused_on_every_rank(streamed):
+    errors = [result["wrapped"] for result in streamed]
+    assert errors[0] == errors[1] and "wrapping it first (e.g. a PEFT adapter) is not supported yet" in errors[0]
