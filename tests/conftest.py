@@ -55,6 +55,15 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def release_ckpt(tmp_path_factory) -> Path:
+    """A tiny checkpoint in DeepSeek's release layout (FP8 / FP4 with block scales, native names, `mtp.*`, several
+    shards + index; `hf_dsv4.testing.build_release_dsv4`). Read-only."""
+    from hf_dsv4.testing import build_release_dsv4
+
+    return build_release_dsv4(tmp_path_factory.mktemp("release_dsv4"))
+
+
+@pytest.fixture(scope="session")
 def blind_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
     """`tiny_ckpt`'s config.json beside weight files that are garbage: for ranks that must read the config only."""
     import shutil

@@ -82,21 +82,25 @@ def scenario_parity(ckpt: str, blind_ckpt: str) -> dict:
     return out
 
 
-def scenario_stream(ckpt: str, blind_ckpt: str) -> dict:
-    """memory_efficient_init(stream=True) + shard_model vs plain from_pretrained, fp32 and bf16: nothing is read
-    before shard_model (every rank holds a meta model; ranks other than 0 get `blind_ckpt`, garbage weights), then
-    rank 0 streams the checkpoint in one decoder layer at a time."""
+def scenario_stream(ckpt: str, blind_ckpt: str, release_ckpt: str) -> dict:
+    """memory_efficient_init(stream=True) + shard_model vs plain from_pretrained, fp32 and bf16, for the Hub layout
+    (`ckpt`) and the release layout (`release_ckpt`: FP8/FP4, mtp.* keys): nothing is read before shard_model (every
+    rank holds a meta model; for `ckpt`, ranks other than 0 get `blind_ckpt`, garbage weights), then rank 0 streams
+    the checkpoint in one decoder layer at a time."""
     out = {}
-    for dtype_name, cls in (("float32", AutoModelForCausalLM), ("bfloat16", DeepseekV4ForCausalLM)):
-        path = ckpt if dist.get_rank() == 0 else blind_ckpt
-        with memory_efficient_init(stream=True):
-            model = cls.from_pretrained(path, dtype=DTYPES[dtype_name])
-        ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=DTYPES[dtype_name])
-        named = [*model.named_parameters(), *model.named_buffers()]
-        result = {"all_meta": all(t.is_meta for _, t in named), "same_table": table(model) == table(ref)}
-        shard_model(model)
-        result["stream_released"] = not any("_hf_dsv4_stream" in vars(m) for m in model.modules())
-        out[dtype_name] = {**result, **compare_to_reference(model, ref)}
+    for layout, source, other in (("hub", ckpt, blind_ckpt), ("release", release_ckpt, release_ckpt)):
+        for dtype_name, cls in (("float32", AutoModelForCausalLM), ("bfloat16", DeepseekV4ForCausalLM)):
+            path = source if dist.get_rank() == 0 else other
+            with memory_efficient_init(stream=True):
+                model = cls.from_pretrained(path, dtype=DTYPES[dtype_name])
+            ref = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype_name])
+            named = [*model.named_parameters(), *model.named_buffers()]
+            result = {"all_meta": all(t.is_meta for _, t in named), "same_table": table(model) == table(ref)}
+            config, ref_config = model.config.to_dict(), ref.config.to_dict()
+            result["same_config"] = {**config, "_name_or_path": None} == {**ref_config, "_name_or_path": None}
+            shard_model(model)
+            result["stream_released"] = not any("_hf_dsv4_stream" in vars(m) for m in model.modules())
+            out[f"{layout}_{dtype_name}"] = {**result, **compare_to_reference(model, ref)}
     out["wrapped"] = wrapped_stream_error(ckpt)
     return out
 

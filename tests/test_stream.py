@@ -11,18 +11,22 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
 @pytest.fixture(scope="module")
-def streamed(tiny_ckpt, blind_ckpt, tmp_path_factory) -> list[dict]:
-    # rank 1 reads config.json only; its weight files are garbage
-    return run_ranks("stream", tmp_path_factory.mktemp("stream"), str(tiny_ckpt), str(blind_ckpt), timeout=200)
+def streamed(tiny_ckpt, blind_ckpt, release_ckpt, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("stream")
+    return run_ranks("stream", out, str(tiny_ckpt), str(blind_ckpt), str(release_ckpt), timeout=300)
 
 
+@pytest.mark.parametrize("layout", ["hub", "release"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_streamed_shards_equal_stock_from_pretrained_bit_for_bit(streamed, dtype, tiny_counts):
+def test_streamed_shards_equal_stock_from_pretrained_bit_for_bit(streamed, layout, dtype, tiny_counts):
+    """Hub layout (bf16 weights, DeepSeek names) and release layout (FP8 / FP4 dequantized while streaming)."""
     for rank, result in enumerate(streamed):
-        result = result[dtype]
+        result = result[f"{layout}_{dtype}"]
         assert result["all_meta"] and result["same_table"], f"rank {rank}"  # nothing read before shard_model
+        assert result["same_config"], f"rank {rank}"
         assert result["bad_params"] == [] and result["bad_buffers"] == [], f"rank {rank}"
-        assert result["num_tensors"] == tiny_counts["tensors"]
+        if layout == "hub":
+            assert result["num_tensors"] == tiny_counts["tensors"]
         assert result["logits_equal"], f"rank {rank}: max diff {result['logits_max_diff']}"
         assert result["stream_released"]
 

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 from .. import compat
 from ..distributed import every_rank_raises, is_distributed, rank
-from .stream import STREAM_ATTRIBUTE, open_streamed
+from .stream import STREAM_ATTRIBUTE, dequantizing_config, fp8_block_size, open_streamed
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +128,19 @@ def _build_streamed(original: classmethod, cls: type, path: Any, args: tuple, kw
     """The meta model on every rank; rank 0's also carries the checkpoint's `StreamedCheckpoint`, whose twin (what
     stock `from_pretrained` builds) must have the same tensors as the model every rank built from the config."""
     model = build_on_meta(cls, path, *args, **dict(kwargs))
+    if "quantization_config" in kwargs:
+        raise ValueError("streamed loading reads the weights dequantized: pass no quantization_config")
+    quantized = getattr(model.config, "quantization_config", None)
+    fp8_block = None
+    if quantized is not None:  # read dequantized into the requested dtype, on a GPU machine too
+        kwargs = {**kwargs, "quantization_config": dequantizing_config(quantized)}
+        fp8_block = fp8_block_size(quantized)
+        del model.config.quantization_config  # as transformers leaves a dequantized model's config
     if rank() != 0:
         setattr(model, STREAM_ATTRIBUTE, True)
         return model
     with _threads_of_idle_ranks():
-        stream = open_streamed(cls, original, path, args, kwargs)
+        stream = open_streamed(cls, original, path, args, kwargs, fp8_block)
     built, planned = _tensor_table(model), _tensor_table(stream.twin)
     if built != planned:
         differ = sorted(n for n in built.keys() | planned.keys() if built.get(n) != planned.get(n))

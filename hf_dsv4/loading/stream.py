@@ -36,7 +36,9 @@ class StreamedCheckpoint:
     """Rank 0's reader of one checkpoint, unit by unit (see the module docstring). `read(prefix)` returns the unit's
     tensors under the model's names, fully converted; `non_persistent_buffers()` the buffers no checkpoint holds."""
 
-    def __init__(self, twin: nn.Module, checkpoint_files: list[str], load_config: Any):
+    def __init__(
+        self, twin: nn.Module, checkpoint_files: list[str], load_config: Any, fp8_block: tuple[int, int] | None = None
+    ):
         self.twin = twin
         self.load_config = load_config
         self.files = [Path(f) for f in checkpoint_files]
@@ -58,6 +60,8 @@ class StreamedCheckpoint:
                 produced.add(target)
                 prefix = next(p for p in self.prefixes if target.startswith(p))  # "" (the rest) comes last
                 self.groups[prefix][key] = file
+        if fp8_block is not None:
+            self._check_block_scales(fp8_block)
         missing = sorted(set(meta_state) - produced)
         if missing:
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
@@ -67,8 +71,39 @@ class StreamedCheckpoint:
 
     def _open(self, file: Path):
         if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as exc:
+                raise ValueError(f"{file}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
         return self._handles[file]
+
+    def _check_block_scales(self, block: tuple[int, int]) -> None:
+        """Every quantized weight must be a whole number of its scale blocks: FP8 e4m3 weights `block` (128 x 128),
+        FP4 e2m1 experts (two per int8 byte) 1 x 32. transformers infers the block size from the shapes, so a
+        192-row weight with 2 row scales (DeepSeek: 128 + 64) would be dequantized silently wrong (96 + 96)."""
+        where = {key: file for group in self.groups.values() for key, file in group.items()}
+        for key, file in where.items():
+            if not key.endswith(".scale"):
+                continue
+            weight_key = key[: -len("scale")] + "weight"
+            if weight_key not in where:
+                raise ValueError(f"{file.name}: scale '{key}' has no weight '{weight_key}'")
+            weight = self._open(where[weight_key]).get_slice(weight_key)
+            scale = self._open(file).get_slice(key).get_shape()
+            shape, dtype = weight.get_shape(), weight.get_dtype()
+            if dtype == "I8":  # FP4: two values per byte along the input dimension, 32 per scale
+                expected = [shape[0], shape[1] * 2 // 32] if len(shape) == 2 and (shape[1] * 2) % 32 == 0 else None
+            elif dtype.startswith("F8"):
+                whole = len(shape) == 2 and shape[0] % block[0] == 0 and shape[1] % block[1] == 0
+                expected = [shape[0] // block[0], shape[1] // block[1]] if whole else None
+            else:
+                raise ValueError(f"{where[weight_key].name}: '{weight_key}' has a scale but is {dtype}, not FP8 / FP4")
+            if expected != list(scale):
+                raise ValueError(
+                    f"{where[weight_key].name}: '{weight_key}' {list(shape)} ({dtype}) is not a whole number of "
+                    f"{'1 x 32' if dtype == 'I8' else f'{block[0]} x {block[1]}'} blocks for its scale {list(scale)}; "
+                    "transformers would dequantize it with a block size inferred from the shapes"
+                )
 
     def read(self, prefix: str) -> dict[str, torch.Tensor]:
         """The unit `prefix` ("model.layers.N." or "" for everything outside the decoder layers), converted; the
@@ -117,14 +152,46 @@ class StreamedCheckpoint:
         self._handles.clear()
 
 
-def open_streamed(cls: type, original_from_pretrained: Any, path: Any, args: tuple, kwargs: dict) -> StreamedCheckpoint:
+def dequantizing_config(quantization_config: Any) -> Any:
+    """The `quantization_config` that makes `from_pretrained` dequantize a checkpoint's FP8 / FP4 weights on load
+    (what it does by itself on a machine without a GPU of compute capability >= 8.9, where it would otherwise build
+    FP8 modules): DeepSeek-V4's release checkpoints (`quant_method: fp8`, FP4 routed experts)."""
+    from transformers import FineGrainedFP8Config
+
+    method = (
+        quantization_config.get("quant_method")
+        if isinstance(quantization_config, dict)
+        else getattr(quantization_config, "quant_method", None)
+    )
+    if str(getattr(method, "value", method)) != "fp8":
+        raise ValueError(f"streamed loading dequantizes fp8 checkpoints; this one is quantized with {method}")
+    return FineGrainedFP8Config(dequantize=True)
+
+
+def fp8_block_size(quantization_config: Any) -> tuple[int, int]:
+    """The FP8 weights' scale block (`weight_block_size`, 128 x 128 for DeepSeek-V4)."""
+    if isinstance(quantization_config, dict):
+        block = quantization_config.get("weight_block_size")
+    else:
+        block = getattr(quantization_config, "weight_block_size", None)
+    return tuple(block) if block else (128, 128)
+
+
+def open_streamed(
+    cls: type,
+    original_from_pretrained: Any,
+    path: Any,
+    args: tuple,
+    kwargs: dict,
+    fp8_block: tuple[int, int] | None = None,
+) -> StreamedCheckpoint:
     """Run stock `from_pretrained` without reading weights (rank 0) and keep what it planned."""
     capture: dict[str, Any] = {}
     with compat.weights_not_read(capture):
         twin = original_from_pretrained.__get__(None, cls)(path, *args, **kwargs)
     if "load_config" not in capture:
         raise ValueError(f"from_pretrained({path!r}) read no checkpoint files; streamed loading needs a checkpoint")
-    return StreamedCheckpoint(twin, capture["checkpoint_files"], capture["load_config"])
+    return StreamedCheckpoint(twin, capture["checkpoint_files"], capture["load_config"], fp8_block)
 
 
 def streamed_checkpoint(model: nn.Module) -> StreamedCheckpoint | bool | None:

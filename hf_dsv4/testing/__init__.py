@@ -7,3 +7,7 @@ __all__ = ["tiny_tokenizer"]
 from .model import build_tiny_dsv4, tiny_dsv4_config  # noqa: E402
 
 __all__ += ["build_tiny_dsv4", "tiny_dsv4_config"]
+
+from .release import build_release_dsv4, release_reference_state_dict  # noqa: E402
+
+__all__ += ["build_release_dsv4", "release_reference_state_dict"]

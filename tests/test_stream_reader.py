@@ -1,0 +1,147 @@
+"""The streamed reader (`hf_dsv4.loading.stream`) in one process: what rank 0 does under
+`memory_efficient_init(stream=True)`. Each unit it reads equals stock `from_pretrained`'s tensors bit for bit (Hub and
+release layouts, fp32 and bf16, also with a GPU of compute capability 9.0 simulated, where transformers would build
+FP8 modules); it holds one unit at a time; bad checkpoints fail before any weight is read, naming the file and
+tensor. The 2-rank runs are in test_stream.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, DeepseekV4ForCausalLM, PreTrainedModel
+
+from hf_dsv4.loading.pretrained import _build_streamed
+from hf_dsv4.loading.stream import STREAM_ATTRIBUTE, StreamedCheckpoint
+
+ORIGINAL = PreTrainedModel.__dict__["from_pretrained"]
+
+
+def streamed(path: Path, dtype: torch.dtype = torch.float32):
+    """(meta model, reader) as rank 0 gets them."""
+    model = _build_streamed(ORIGINAL, DeepseekV4ForCausalLM, path, (), {"dtype": dtype})
+    return model, getattr(model, STREAM_ATTRIBUTE)
+
+
+def read_all(stream: StreamedCheckpoint) -> dict[str, torch.Tensor]:
+    """Every unit, read in turn; the twin must be back on meta after each read (one unit held at a time)."""
+    out = {}
+    for prefix in stream.prefixes:
+        unit = stream.read(prefix)
+        assert all(t.is_meta for t in stream.twin.state_dict().values()), prefix
+        assert not out.keys() & {prefix + k for k in unit}
+        out.update({prefix + k: v for k, v in unit.items()})
+    return out
+
+
+def assert_equal_to_stock(read: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> None:
+    stock = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).state_dict()
+    assert sorted(read) == sorted(stock)
+    for name, tensor in stock.items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["hub", "release"])
+def test_every_unit_read_equals_stock_from_pretrained(tiny_ckpt, release_ckpt, layout, dtype):
+    path = tiny_ckpt if layout == "hub" else release_ckpt
+    model, stream = streamed(path, dtype)
+    assert all(t.is_meta for t in model.state_dict().values())
+    assert getattr(model.config, "quantization_config", None) is None  # read dequantized, as stock on CPU
+    assert_equal_to_stock(read_all(stream), path, dtype)
+
+
+def test_a_release_checkpoint_is_read_dequantized_on_a_gpu_machine_too(release_ckpt, monkeypatch):
+    """Stock from_pretrained on a GPU of compute capability >= 8.9 builds FP8 modules (resident FP8); streamed loading
+    reads the weights dequantized into the requested dtype there too, so every rank builds the same plain modules."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    # what stock from_pretrained builds there (its weights left unread: they would be loaded for a GPU)
+    kinds = {type(m).__name__ for m in _fp8_model(DeepseekV4ForCausalLM.from_pretrained, release_ckpt).modules()}
+    assert {"FP8Linear", "FP8Experts"} <= kinds
+    model, stream = streamed(release_ckpt, torch.bfloat16)
+    assert not any("FP8" in type(m).__name__ for m in [*model.modules(), *stream.twin.modules()])
+    monkeypatch.undo()
+    assert_equal_to_stock(read_all(stream), release_ckpt, torch.bfloat16)
+
+
+def _fp8_model(from_pretrained, path):
+    from hf_dsv4 import compat
+
+    with compat.weights_not_read({}):
+        return from_pretrained(path, dtype=torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(path: Path, key: str, change) -> Path:
+    """Rewrite the shard holding `key` with `change(tensors)` applied; the index follows."""
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    file = path / index["weight_map"][key]
+    with safe_open(file, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != file.name} | dict.fromkeys(
+        tensors, file.name
+    )
+    index_path.write_text(json.dumps(index))
+    return file
+
+
+def test_a_missing_tensor_fails_before_any_weight_is_read(tiny_ckpt, tmp_path):
+    path = _copy(tiny_ckpt, tmp_path / "ckpt")
+    _rewrite(path, "layers.1.attn.wq_a.weight", lambda t: t.pop("layers.1.attn.wq_a.weight"))
+    with pytest.raises(
+        ValueError, match=r"the checkpoint lacks 1 tensor\(s\) of the model: .*layers\.1\.self_attn\.q_a_proj"
+    ):
+        streamed(path)
+
+
+def test_an_unknown_tensor_fails_naming_its_file(tiny_ckpt, tmp_path):
+    path = _copy(tiny_ckpt, tmp_path / "ckpt")
+    file = _rewrite(path, "layers.0.attn.wq_a.weight", lambda t: t.update({"layers.0.attn.bogus": torch.ones(2)}))
+    with pytest.raises(ValueError, match=rf"{file.name}: tensor 'layers.0.attn.bogus' is not part of the model"):
+        streamed(path)
+
+
+def test_a_truncated_shard_fails_naming_the_file(tiny_ckpt, tmp_path):
+    path = _copy(tiny_ckpt, tmp_path / "ckpt")
+    file = sorted(path.glob("model-*.safetensors"))[1]
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=rf"{file}: not a readable safetensors file"):
+        streamed(path)
+
+
+def test_an_fp8_weight_that_is_not_whole_blocks_is_refused(release_ckpt, tmp_path):
+    """192 rows with 2 row scales: DeepSeek's blocks are 128 + 64 rows, transformers would infer 96 + 96."""
+    path = _copy(release_ckpt, tmp_path / "ckpt")
+
+    def grow(tensors):
+        weight = tensors["layers.0.attn.wq_a.weight"]  # [128, 256], scale [1, 2]
+        tensors["layers.0.attn.wq_a.weight"] = torch.cat([weight, weight[:64]])
+        tensors["layers.0.attn.wq_a.scale"] = torch.cat([tensors["layers.0.attn.wq_a.scale"]] * 2)
+
+    file = _rewrite(path, "layers.0.attn.wq_a.weight", grow)
+    with pytest.raises(ValueError, match=rf"{file.name}: 'layers.0.attn.wq_a.weight' \[192, 256\] .* 128 x 128 blocks"):
+        streamed(path)
+
+
+def test_a_quantization_config_cannot_be_passed(release_ckpt):
+    from transformers import FineGrainedFP8Config
+
+    kwargs = {"dtype": torch.bfloat16, "quantization_config": FineGrainedFP8Config()}
+    with pytest.raises(ValueError, match="pass no quantization_config"):
+        _build_streamed(ORIGINAL, DeepseekV4ForCausalLM, release_ckpt, (), kwargs)
