@@ -8,6 +8,8 @@
 (b) stock accelerate FSDP2 with cpu_ram_efficient_loading: every rank `from_pretrained`, then accelerate's
     `fsdp2_prepare_model` (called directly: on CPU processes `Accelerator.prepare` ignores FSDP);
 (c) hf_dsv4: `memory_efficient_init` + `shard_model`;
+(d) hf_dsv4 streamed: `memory_efficient_init(stream=True)` + `shard_model` (every rank builds on meta; rank 0 reads
+    the checkpoint one decoder layer at a time while the shards fill);
 (s) for scale, not a goal: (a) followed by the same FSDP2 layout as (c) (`hf_dsv4.sharding.apply_fsdp` on every rank's
     full copy, each rank slicing its own shards), i.e. stock loading that ends, like (c), with a sharded model.
 
@@ -58,6 +60,7 @@ BENCH_CONFIG = dict(
 )
 MODES = {"a": "stock transformers (every rank from_pretrained)", "b": "stock accelerate FSDP2 cpu_ram_efficient_loading",
          "c": "hf_dsv4 memory_efficient_init + shard_model",
+         "d": "hf_dsv4 memory_efficient_init(stream=True) + shard_model",
          "s": "(a) + fully_shard on every rank's full copy (scale only)"}  # fmt: skip
 PHASES: dict[str, float] = {}  # wall seconds of named phases of one run, filled by the loaders
 
@@ -125,6 +128,18 @@ def _load_hf_dsv4(ckpt: str, dtype):
     return shard_model(model)
 
 
+def _load_hf_dsv4_streamed(ckpt: str, dtype):
+    from transformers import AutoModelForCausalLM
+
+    from hf_dsv4 import memory_efficient_init, shard_model
+
+    start = time.perf_counter()
+    with memory_efficient_init(stream=True):
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+    PHASES["load_s"] = time.perf_counter() - start
+    return shard_model(model)
+
+
 def _load_stock_and_shard(ckpt: str, dtype):
     """(a), then the FSDP2 layout of (c) applied to every rank's full copy (FSDP2 slices each rank's own shards)."""
     import torch
@@ -157,7 +172,8 @@ def worker(mode: str, ckpt: str, out: str, backend: str) -> None:
     dist.init_process_group(backend)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    load = {"a": _load_stock, "b": _load_accelerate, "c": _load_hf_dsv4, "s": _load_stock_and_shard}[mode]
+    load = {"a": _load_stock, "b": _load_accelerate, "c": _load_hf_dsv4, "d": _load_hf_dsv4_streamed,
+            "s": _load_stock_and_shard}[mode]  # fmt: skip
     dist.barrier()
     baseline = _reset_peak()
     cpu_start, faults_start = _cpu_and_faults()

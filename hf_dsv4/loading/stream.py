@@ -72,7 +72,7 @@ class StreamedCheckpoint:
     def _open(self, file: Path):
         if file not in self._handles:
             try:
-                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+                self._handles[file] = safe_open(str(file), framework="pt", device="cpu", backend="pread")
             except Exception as exc:
                 raise ValueError(f"{file}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
         return self._handles[file]
