@@ -232,8 +232,16 @@ def convert_into(model: Any, tensors: dict[str, Any], load_config: Any) -> Any:
     """Load checkpoint `tensors` (safetensors slices; a subset of the checkpoint) into `model` as `from_pretrained`
     would (renamed, fused, dequantized, cast); returns transformers' `LoadStateDictInfo` for them."""
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.utils import logging as hf_logging
 
-    info, _ = convert_and_load_state_dict_in_model(model=model, state_dict=tensors, load_config=load_config)
+    quiet = hf_logging.is_progress_bar_enabled()  # one bar per unit would flood the log: the caller shows one
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        info, _ = convert_and_load_state_dict_in_model(model=model, state_dict=tensors, load_config=load_config)
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
     return info
 
 

@@ -101,24 +101,35 @@ def scenario_stream(ckpt: str, blind_ckpt: str, release_ckpt: str) -> dict:
             shard_model(model)
             result["stream_released"] = not any("_hf_dsv4_stream" in vars(m) for m in model.modules())
             out[f"{layout}_{dtype_name}"] = {**result, **compare_to_reference(model, ref)}
-    out["wrapped"] = wrapped_stream_error(ckpt)
+    out["lora"] = streamed_lora(ckpt)
     return out
 
 
-def wrapped_stream_error(ckpt: str) -> str | None:
-    """What shard_model raises on this rank for a streamed model wrapped in a PEFT adapter."""
+def streamed_lora(ckpt: str) -> dict:
+    """A LoRA adapter added between the streamed from_pretrained and shard_model: the base is read from the
+    checkpoint, the adapter starts from rank 0's initial values (A drawn by peft, B zero)."""
     from peft import get_peft_model
 
+    from hf_dsv4.sharding.streamed import checkpoint_name
     from hf_dsv4.training.lora import dsv4_lora_config
 
     with memory_efficient_init(stream=True):
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    model = get_peft_model(model, dsv4_lora_config(r=2, targets="attention"))
-    try:
-        shard_model(model)
-    except ShardingError as exc:
-        return str(exc)
-    return None
+    model = get_peft_model(model, dsv4_lora_config(r=4, alpha=8, targets="all"))
+    shard_model(model)
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    base = [(n, p) for n, p in model.named_parameters() if ".lora_" not in n]
+    lora = {n: full(p) for n, p in model.named_parameters() if ".lora_" in n}
+    with torch.no_grad():
+        logits, ref_logits = model(batch(1)).logits, ref(batch(1)).logits
+    return {
+        "bad_base": [n for n, p in base if not torch.equal(full(p), ref.get_parameter(checkpoint_name(n, "base_model.model.")))],
+        "lora_tensors": len(lora),
+        "lora_a_drawn": all(t.count_nonzero() > 0 and bool(torch.isfinite(t).all()) for n, t in lora.items() if ".lora_A." in n),
+        "lora_b_zero": all(t.count_nonzero() == 0 for n, t in lora.items() if ".lora_B." in n),
+        "lora_digest": hashlib.sha256(b"".join(t.detach().numpy().tobytes() for _, t in sorted(lora.items()))).hexdigest(),
+        "logits_equal": torch.equal(logits, ref_logits),
+    }  # fmt: skip
 
 
 def mismatch_error(ckpt: str) -> str | None:

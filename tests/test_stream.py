@@ -31,6 +31,11 @@ def test_streamed_shards_equal_stock_from_pretrained_bit_for_bit(streamed, layou
         assert result["stream_released"]
 
 
-def test_a_wrapped_streamed_model_is_refused_on_every_rank(streamed):
-    errors = [result["wrapped"] for result in streamed]
-    assert errors[0] == errors[1] and "wrapping it first (e.g. a PEFT adapter) is not supported yet" in errors[0]
+def test_a_lora_adapter_added_after_the_streamed_load_starts_from_rank_0s_values(streamed, tiny_counts):
+    for rank, result in enumerate(streamed):
+        lora = result["lora"]
+        assert lora["bad_base"] == [], f"rank {rank}"  # the base, read from the checkpoint under peft's names
+        assert lora["lora_tensors"] == tiny_counts["lora_all"]["trainable"]
+        assert lora["lora_a_drawn"] and lora["lora_b_zero"], f"rank {rank}"
+        assert lora["logits_equal"], f"rank {rank}"  # B = 0: the adapted model is the base
+    assert streamed[0]["lora"]["lora_digest"] == streamed[1]["lora"]["lora_digest"]

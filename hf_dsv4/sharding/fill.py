@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from tqdm.auto import tqdm
 
 from ..distributed import all_gather_object, on_source
 from ..loading.units import layer_units, pretrained_models
@@ -115,7 +116,10 @@ def load_from_source(
     and puts the shards on the device of the tensors it finds allocated."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     is_source = dist.get_rank() == 0
-    for prefix, module in layer_units(model):
+    units = layer_units(model)
+    if read is not None and is_source:
+        units = tqdm(units, desc="streaming the checkpoint into the shards", unit="layer", disable=None)
+    for prefix, module in units:
         if _on_meta(module):  # no buffer to take the device from: DCP would use the process group's default device
             module.to_empty(device=device)
         part = {}

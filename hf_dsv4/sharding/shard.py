@@ -21,7 +21,6 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 from .. import compat
 from ..distributed import local_device
 from ..loading.stream import StreamedCheckpoint, release_stream, streamed_checkpoint
-from ..loading.units import pretrained_models
 from .fill import (
     broadcast_non_persistent_buffers,
     load_from_source,
@@ -31,6 +30,7 @@ from .fill import (
     validate_against_source,
 )
 from .layout import ShardingError, apply_fsdp
+from .streamed import initial_adapter, stream_reader, streamed_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -98,28 +98,22 @@ def shard_model(
     cast = align_parameter_adapter_dtypes(model)  # before validation: every rank casts the same factors
     if cast:
         logger.info("%d routed-expert LoRA factor(s) kept in the experts' dtype", cast)
-    stream = streamed_checkpoint(
-        model
-    )  # rank 0's reader, True elsewhere, None unless memory_efficient_init(stream=True)
-    if stream is not None and pretrained_models(model)[0] is not model:
-        raise ShardingError(
-            "a model loaded with memory_efficient_init(stream=True) must be sharded as from_pretrained returned it: "
-            "wrapping it first (e.g. a PEFT adapter) is not supported yet; load without stream=True"
-        )
+    stream = streamed_checkpoint(model)  # rank 0: its reader; True elsewhere; None unless loaded streamed
     validate_against_source(model, streamed=stream is not None)
+    read = None  # streamed: every rank takes part in each unit's read (rank 0 reads, a failure raises everywhere)
     if stream is None:
         state_dict, buffers = _detach_source_weights(model)
-    else:  # nothing is held: each unit is read from the checkpoint when its shards are filled
-        state_dict, buffers = {}, stream.non_persistent_buffers() if dist.get_rank() == 0 else {}
+    elif isinstance(stream, StreamedCheckpoint):  # rank 0 holds nothing but a new adapter's initial values
+        state_dict, buffers = {}, streamed_buffers(model, stream)
+        read = stream_reader(model, stream, initial_adapter(model))
+    else:
+        state_dict, buffers, read = {}, {}, _nothing
     # Every rank shards a meta model the same way; rank 0's real tensors live on in `state_dict` only.
     model.to("meta")
     tie_weights(model)
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else None
     apply_fsdp(model, mesh, reshard_after_forward, mixed_precision, offload)
     materialize_buffers(model, "cpu" if cpu_offload else device)
-    read = None  # streamed: every rank takes part in each unit's read (rank 0 reads, a failure raises everywhere)
-    if stream is not None:
-        read = stream.read if isinstance(stream, StreamedCheckpoint) else _nothing
     load_from_source(model, state_dict, "cpu" if cpu_offload else device, read=read)
     del state_dict
     broadcast_non_persistent_buffers(model, buffers)

@@ -1,0 +1,99 @@
+"""Filling the shards of a streamed model (`memory_efficient_init(stream=True)`) on rank 0: each unit read from the
+checkpoint under the model's own names, also when the model was wrapped after `from_pretrained` (a PEFT adapter: its
+base layers are named `...base_layer...`, its new tensors are not in the checkpoint and get rank 0's initial values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..loading.stream import StreamedCheckpoint
+from ..loading.units import layer_units, pretrained_models
+from .fill import non_persistent_buffers
+from .layout import ShardingError
+
+_WRAPPED = "base_layer"  # peft's name for the layer it wraps
+
+
+def _outer_prefix(model: nn.Module) -> str:
+    """Where the transformers model sits in `model` ("" for itself, "base_model.model." under a PeftModel)."""
+    pretrained = pretrained_models(model)[0]
+    name = next(n for n, m in model.named_modules() if m is pretrained)
+    return f"{name}." if name else ""
+
+
+def checkpoint_name(model_key: str, outer: str) -> str:
+    """A wrapped model's state-dict name as the unwrapped model (and so the checkpoint reader) knows it."""
+    return ".".join(part for part in model_key[len(outer) :].split(".") if part != _WRAPPED)
+
+
+@torch.no_grad()
+def initial_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rank 0's initial values of the tensors a wrapper added after a streamed `from_pretrained` (on meta, as their
+    base was): PEFT LoRA factors, allocated on CPU and initialised by peft's own `reset_lora_parameters` with the
+    adapter's `init_lora_weights` (A as peft draws it, B zero). {} for an unwrapped model."""
+    if pretrained_models(model)[0] is model:
+        return {}
+    from peft.tuners.lora.layer import LoraLayer
+
+    configs = getattr(model, "peft_config", {})
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in list(module.lora_A):
+            init = configs[adapter].init_lora_weights if adapter in configs else True
+            if init not in (True, "gaussian"):
+                raise ShardingError(
+                    f"'{name}': init_lora_weights={init!r} is not supported for a streamed model (its base weights "
+                    "are not there when the adapter is added): use True or 'gaussian', or load without stream=True"
+                )
+            module.lora_A[adapter].to_empty(device="cpu")
+            module.lora_B[adapter].to_empty(device="cpu")
+            module.reset_lora_parameters(adapter, init)
+    state = model.state_dict(keep_vars=True)
+    unknown = [key for key, tensor in state.items() if tensor.is_meta and ".lora_" in key]
+    if unknown:
+        raise ShardingError(f"no initial values for {len(unknown)} adapter tensor(s), e.g. '{unknown[0]}'")
+    return {key: tensor.detach() for key, tensor in state.items() if ".lora_" in key}
+
+
+def streamed_buffers(model: nn.Module, stream: StreamedCheckpoint) -> dict[str, torch.Tensor]:
+    """The model's non-persistent buffers (rotary `*_inv_freq`) as stock `from_pretrained` computed them."""
+    outer, computed = _outer_prefix(model), stream.non_persistent_buffers()
+    return {name: computed[checkpoint_name(name, outer)] for name in non_persistent_buffers(model)}
+
+
+def stream_reader(
+    model: nn.Module, stream: StreamedCheckpoint, initial: dict[str, torch.Tensor]
+) -> Callable[[str], dict[str, torch.Tensor]]:
+    """`read(prefix)` for `load_from_source`: the unit of `model` at `prefix` (a decoder layer, or "" for the rest),
+    keyed as the unit's own state dict: its checkpoint tensors, read and converted by `stream`, and the `initial`
+    values of what the checkpoint does not hold. Every checkpoint tensor of the unit must find its place."""
+    outer = _outer_prefix(model)
+    units: dict[str, nn.Module] = {}
+
+    def read(prefix: str) -> dict[str, torch.Tensor]:
+        if not units:
+            units.update(layer_units(model))
+        unit_prefix = prefix[len(outer) :] if prefix else ""
+        unit = stream.read(unit_prefix)
+        inner = [p for p in units if p and p != prefix]
+        part = {}
+        for key in units[prefix].state_dict(keep_vars=True):
+            full = prefix + key
+            if not prefix and any(full.startswith(p) for p in inner):
+                continue  # the rest: decoder layers are units of their own
+            if full in initial:
+                part[key] = initial.pop(full)
+            else:
+                name = checkpoint_name(full, outer)[len(unit_prefix) :]
+                if name in unit:
+                    part[key] = unit.pop(name)
+        if unit:
+            raise ShardingError(f"checkpoint tensor(s) {sorted(unit)[:4]} of '{prefix or 'the rest'}' have no place")
+        return part
+
+    return read
