@@ -235,12 +235,16 @@ def run_mode(mode: str, ckpt: Path, ranks: int, backend: str, out: Path, port: i
     return results
 
 
-def build_checkpoint(path: Path) -> float:
-    """Build (once) the ~1 GB bf16 benchmark checkpoint; return its size in MB."""
-    from hf_dsv4.testing import build_tiny_dsv4
+def build_checkpoint(path: Path, layout: str = "hub") -> float:
+    """Build (once) the benchmark checkpoint: ~1 GB bf16 in the Hub layout, or the same model in DeepSeek's release
+    layout (FP8 / FP4 with block scales, ~0.5 GB; ~1 GB once dequantized); return its size in MB."""
+    from hf_dsv4.testing import build_release_dsv4, build_tiny_dsv4
 
     if not (path / "model.safetensors.index.json").exists():
-        build_tiny_dsv4(path, max_shard_bytes=256 * 2**20, **BENCH_CONFIG)
+        if layout == "release":
+            build_release_dsv4(path, max_shard_bytes=256 * 2**20, **BENCH_CONFIG)
+        else:
+            build_tiny_dsv4(path, max_shard_bytes=256 * 2**20, **BENCH_CONFIG)
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
 
 
@@ -255,7 +259,8 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", type=Path, default=Path("/tmp/hf_dsv4_bench_ckpt"))
+    parser.add_argument("--ckpt", type=Path, default=None, help="default: /tmp/hf_dsv4_bench_<layout>")
+    parser.add_argument("--layout", choices=["hub", "release"], default="hub", help="the checkpoint built if absent")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--backend", default="gloo")
     parser.add_argument("--modes", default="abc")
@@ -264,12 +269,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/hf_dsv4_bench_out"))
     parser.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ckpt is None:
+        args.ckpt = Path("/tmp/hf_dsv4_bench_ckpt" if args.layout == "hub" else "/tmp/hf_dsv4_bench_release")
     if args.worker:
         return worker(args.worker, str(args.ckpt), str(args.out), args.backend)
 
-    size_mb = build_checkpoint(args.ckpt)
+    size_mb = build_checkpoint(args.ckpt, args.layout)
     print(f"machine: {machine()}")
-    print(f"checkpoint: {size_mb:.0f} MB bf16 safetensors ({args.ckpt}), {args.ranks} ranks, {args.backend}")
+    print(
+        f"checkpoint: {size_mb:.0f} MB safetensors, {args.layout} layout ({args.ckpt}), {args.ranks} ranks, {args.backend}"
+    )
     print(f"goals for (c): non-source rise <= {1.3 * size_mb / args.ranks:.0f} MB (1.3 x ckpt / world); source rise "
           "<= 1.1 x (a) rank 0; wall <= (a)\n")  # fmt: skip
     print(

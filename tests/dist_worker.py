@@ -6,6 +6,7 @@ Run by `dist_launch.run_ranks` with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_POR
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -98,11 +99,38 @@ def scenario_stream(ckpt: str, blind_ckpt: str, release_ckpt: str) -> dict:
             result = {"all_meta": all(t.is_meta for _, t in named), "same_table": table(model) == table(ref)}
             config, ref_config = model.config.to_dict(), ref.config.to_dict()
             result["same_config"] = {**config, "_name_or_path": None} == {**ref_config, "_name_or_path": None}
-            shard_model(model)
+            with units_held() as held:
+                shard_model(model)
+            result["units_read"], result["held_from_earlier_units"] = len(held), held
             result["stream_released"] = not any("_hf_dsv4_stream" in vars(m) for m in model.modules())
             out[f"{layout}_{dtype_name}"] = {**result, **compare_to_reference(model, ref)}
     out["lora"] = streamed_lora(ckpt)
     return out
+
+
+@contextlib.contextmanager
+def units_held():
+    """On rank 0, for each unit the streamed reader reads: how many tensors of the units read before it are still
+    alive (0 = one unit held at a time)."""
+    import gc
+    import weakref
+
+    from hf_dsv4.loading.stream import StreamedCheckpoint
+
+    held, refs, original = [], [], StreamedCheckpoint.read
+
+    def read(self, prefix):
+        gc.collect()
+        held.append(sum(ref() is not None for ref in refs))
+        unit = original(self, prefix)
+        refs.extend(weakref.ref(t) for t in unit.values())
+        return unit
+
+    StreamedCheckpoint.read = read
+    try:
+        yield held
+    finally:
+        StreamedCheckpoint.read = original
 
 
 def streamed_lora(ckpt: str) -> dict:

@@ -91,6 +91,7 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
                ["--output_dir", str(out / "default_2proc"), "--max_steps", "6", "--logging_steps", "3"], out),
         _start("bf16", CPU_2PROC, RECIPE,
                [*fp32, "--dtype", "bfloat16", "--bf16", "true", "--max_steps", "4", "--logging_steps", "2",
+                "--stream_weights", "true",  # the checkpoint streamed into the shards, LoRA added in between
                 "--eval_strategy", "steps", "--eval_steps", "2", "--eval_dataset_name", str(data),
                 "--output_dir", str(out / "bf16")], out),
         _start("fsdp", CPU_2PROC, RECIPE, [*fp32, "--output_dir", str(out / "fsdp")], out),

@@ -56,6 +56,15 @@ class DSV4SFTConfig(SFTConfig):
             "help": "Deprecated alias of `activation_checkpointing` (TRL turns it on by default; here it is off)."
         },
     )
+    stream_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Under an FSDP launch, read a model given by path or hub id into the shards one decoder layer at "
+            "a time (memory_efficient_init(stream=True)): no rank holds the whole model, and DeepSeek's release "
+            "checkpoints (FP8 / FP4) are dequantized as they stream. A LoRA adapter then starts from rank 0's own "
+            "draw (A random, B zero), not the one of a load without streaming."
+        },
+    )
     turns: str = field(
         default="all",
         metadata={

@@ -93,15 +93,16 @@ def resolve_resume_from_checkpoint(value: str | bool | None, output_dir: str | o
 
 
 def load_dsv4_model(model_id: str, args: SFTConfig):
-    """`AutoModelForCausalLM.from_pretrained(model_id)` under `memory_efficient_init`, with `args.model_init_kwargs`
-    (dtype default bf16; `device_map` dropped: rank 0 loads on CPU and FSDP2 places the shards)."""
+    """`AutoModelForCausalLM.from_pretrained(model_id)` under `memory_efficient_init` (streamed with
+    `args.stream_weights`), with `args.model_init_kwargs` (dtype default bf16; `device_map` dropped: rank 0 loads on
+    CPU and FSDP2 places the shards)."""
     kwargs = dict(args.model_init_kwargs or {})
     dtype = resolve_dtype(kwargs.pop("dtype", kwargs.pop("torch_dtype", None)), default=torch.bfloat16)
     if kwargs.pop("device_map", None) is not None:
         logger.info("device_map is ignored: rank 0 loads on CPU and FSDP2 places the shards")
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     _ = args.device  # joins the process group (accelerate's PartialState) before the collective load
-    with memory_efficient_init():
+    with memory_efficient_init(stream=getattr(args, "stream_weights", False)):
         return AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **kwargs)
 
 
@@ -113,7 +114,8 @@ def _refuse_unsharded_meta_model(model, args: SFTConfig) -> None:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or args.fsdp_plugin_args:
         return
     raise ValueError(
-        f"rank {rank()}: the model is on the meta device (memory_efficient_init builds it there on every rank but 0) "
+        f"rank {rank()}: the model is on the meta device (memory_efficient_init builds it there on every rank but 0, "
+        "and on every rank with stream=True) "
         "but this run does not shard it, so its weights would never arrive: launch with an FSDP accelerate config "
         "(e.g. `accelerate launch --config_file accelerate_configs/fsdp2_cpu_2proc.yaml ...`), or load the model "
         "without memory_efficient_init"
