@@ -9,7 +9,8 @@
     `fsdp2_prepare_model` (called directly: on CPU processes `Accelerator.prepare` ignores FSDP);
 (c) hf_dsv4: `memory_efficient_init` + `shard_model`;
 (d) hf_dsv4 streamed: `memory_efficient_init(stream=True)` + `shard_model` (every rank builds on meta; rank 0 reads
-    the checkpoint one decoder layer at a time while the shards fill);
+    the checkpoint one decoder layer at a time while the shards fill, the next layer while one is sent);
+(e) as (d) with `shard_model(read_ahead=False)`: rank 0 reads a layer only once the previous one is sent;
 (s) for scale, not a goal: (a) followed by the same FSDP2 layout as (c) (`hf_dsv4.sharding.apply_fsdp` on every rank's
     full copy, each rank slicing its own shards), i.e. stock loading that ends, like (c), with a sharded model.
 
@@ -61,6 +62,7 @@ BENCH_CONFIG = dict(
 MODES = {"a": "stock transformers (every rank from_pretrained)", "b": "stock accelerate FSDP2 cpu_ram_efficient_loading",
          "c": "hf_dsv4 memory_efficient_init + shard_model",
          "d": "hf_dsv4 memory_efficient_init(stream=True) + shard_model",
+         "e": "(d) with shard_model(read_ahead=False)",
          "s": "(a) + fully_shard on every rank's full copy (scale only)"}  # fmt: skip
 PHASES: dict[str, float] = {}  # wall seconds of named phases of one run, filled by the loaders
 
@@ -128,7 +130,7 @@ def _load_hf_dsv4(ckpt: str, dtype):
     return shard_model(model)
 
 
-def _load_hf_dsv4_streamed(ckpt: str, dtype):
+def _load_hf_dsv4_streamed(ckpt: str, dtype, read_ahead: bool = True):
     from transformers import AutoModelForCausalLM
 
     from hf_dsv4 import memory_efficient_init, shard_model
@@ -137,7 +139,11 @@ def _load_hf_dsv4_streamed(ckpt: str, dtype):
     with memory_efficient_init(stream=True):
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
     PHASES["load_s"] = time.perf_counter() - start
-    return shard_model(model)
+    return shard_model(model, read_ahead=read_ahead)
+
+
+def _load_hf_dsv4_streamed_in_turn(ckpt: str, dtype):
+    return _load_hf_dsv4_streamed(ckpt, dtype, read_ahead=False)
 
 
 def _load_stock_and_shard(ckpt: str, dtype):
@@ -173,7 +179,7 @@ def worker(mode: str, ckpt: str, out: str, backend: str) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     load = {"a": _load_stock, "b": _load_accelerate, "c": _load_hf_dsv4, "d": _load_hf_dsv4_streamed,
-            "s": _load_stock_and_shard}[mode]  # fmt: skip
+            "e": _load_hf_dsv4_streamed_in_turn, "s": _load_stock_and_shard}[mode]  # fmt: skip
     dist.barrier()
     baseline = _reset_peak()
     cpu_start, faults_start = _cpu_and_faults()

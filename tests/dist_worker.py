@@ -100,7 +100,7 @@ def scenario_stream(ckpt: str, blind_ckpt: str, release_ckpt: str) -> dict:
             config, ref_config = model.config.to_dict(), ref.config.to_dict()
             result["same_config"] = {**config, "_name_or_path": None} == {**ref_config, "_name_or_path": None}
             with units_held() as held:
-                shard_model(model)
+                shard_model(model, read_ahead=dtype_name == "float32")  # bf16: each unit read in turn
             result["units_read"], result["held_from_earlier_units"] = len(held), held
             result["stream_released"] = not any("_hf_dsv4_stream" in vars(m) for m in model.modules())
             out[f"{layout}_{dtype_name}"] = {**result, **compare_to_reference(model, ref)}
@@ -110,8 +110,9 @@ def scenario_stream(ckpt: str, blind_ckpt: str, release_ckpt: str) -> dict:
 
 @contextlib.contextmanager
 def units_held():
-    """On rank 0, for each unit the streamed reader reads: how many tensors of the units read before it are still
-    alive (0 = one unit held at a time)."""
+    """On rank 0, for each unit the streamed reader reads: [how many units older than the previous one still have a
+    tensor alive, whether the previous one does] ([0, False]: one unit held; [0, True]: two, the one being sent and
+    the one being read)."""
     import gc
     import weakref
 
@@ -121,9 +122,10 @@ def units_held():
 
     def read(self, prefix):
         gc.collect()
-        held.append(sum(ref() is not None for ref in refs))
+        alive = [any(ref() is not None for ref in unit) for unit in refs]
+        held.append([sum(alive[:-1]), alive[-1] if alive else False])  # [older units alive, previous unit alive]
         unit = original(self, prefix)
-        refs.extend(weakref.ref(t) for t in unit.values())
+        refs.append([weakref.ref(t) for t in unit.values()])
         return unit
 
     StreamedCheckpoint.read = read

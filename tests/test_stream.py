@@ -29,9 +29,13 @@ def test_streamed_shards_equal_stock_from_pretrained_bit_for_bit(streamed, layou
             assert result["num_tensors"] == tiny_counts["tensors"]
         assert result["logits_equal"], f"rank {rank}: max diff {result['logits_max_diff']}"
         assert result["stream_released"]
-        # rank 0 read each unit (the decoder layers, then the rest) once, after the previous one was sent and freed
+        # rank 0 read each unit (the decoder layers, then the rest) once, while the previous one was sent, and only
+        # once every unit before that one was freed
         assert result["units_read"] == (len(tiny_counts["layers"]) + 1 if rank == 0 else 0)
-        assert not any(result["held_from_earlier_units"]), result["held_from_earlier_units"]
+        held = result["held_from_earlier_units"]
+        assert not any(older for older, _ in held), held  # never more than two units
+        if dtype == "bfloat16":  # read_ahead=False: the previous unit is gone before the next is read
+            assert not any(previous for _, previous in held), held
 
 
 def test_a_lora_adapter_added_after_the_streamed_load_starts_from_rank_0s_values(streamed, tiny_counts):

@@ -6,6 +6,7 @@ time, and the buffers outside the state dict are broadcast.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -103,13 +104,16 @@ def load_from_source(
     full_state_dict: dict[str, torch.Tensor],
     device: torch.device | str,
     read: Callable[[str], dict[str, torch.Tensor]] | None = None,
+    read_ahead: bool = True,
 ) -> None:
     """Send rank 0's full state dict into every rank's shards with DCP (`broadcast_from_rank0`), one decoder layer
     at a time. Rank 0 drops each part of `full_state_dict` once sent (the dict is emptied), so its memory falls as
     the shards fill instead of holding the checkpoint and the shards at once. With `read` (rank 0; streamed
     loading; every rank passes one, only rank 0's is called), each unit is read from the checkpoint instead
     (`read(prefix)`: the unit's tensors without the prefix),
-    sent and dropped, so rank 0 holds one unit at a time; a failure to read is raised on every rank.
+    sent and dropped; with `read_ahead` the next unit is read while one is sent (`_ReadAhead`), so rank 0 holds at
+    most two units (one without);
+    a failure to read is raised on every rank.
 
     Parameters are expected on meta and buffers on `device` (`materialize_buffers`): DCP then assigns each received
     shard instead of copying it into an allocated parameter (and, for the root, every loaded parameter into itself),
@@ -117,20 +121,66 @@ def load_from_source(
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     is_source = dist.get_rank() == 0
     units = layer_units(model)
+    ahead = None
     if read is not None and is_source:
+        ahead = _ReadAhead(read, [prefix for prefix, _ in units]) if read_ahead else _ReadInTurn(read)
+    if ahead is not None:
         units = tqdm(units, desc="streaming the checkpoint into the shards", unit="layer", disable=None)
-    for prefix, module in units:
-        if _on_meta(module):  # no buffer to take the device from: DCP would use the process group's default device
-            module.to_empty(device=device)
-        part = {}
-        if read is not None:
-            part = on_source(lambda prefix=prefix: read(prefix)) or {}
-        elif is_source:
-            part = {
-                key[len(prefix) :]: full_state_dict.pop(key) for key in list(full_state_dict) if key.startswith(prefix)
-            }
-        set_model_state_dict(module, part, options=options)
-        del part
+    try:
+        for prefix, module in units:
+            if _on_meta(module):  # no buffer to take the device from: DCP would use the process group's default device
+                module.to_empty(device=device)
+            part = {}
+            if read is not None:
+                part = on_source(lambda prefix=prefix: ahead(prefix)) or {}
+            elif is_source:
+                part = {
+                    key[len(prefix) :]: full_state_dict.pop(key)
+                    for key in list(full_state_dict)
+                    if key.startswith(prefix)
+                }
+            set_model_state_dict(module, part, options=options)
+            del part
+    finally:
+        if ahead is not None:
+            ahead.close()
+
+
+class _ReadInTurn:
+    """Rank 0's streamed reads, each when its unit is sent (one unit held)."""
+
+    def __init__(self, read: Callable[[str], dict[str, torch.Tensor]]):
+        self._read = read
+
+    def __call__(self, prefix: str) -> dict[str, torch.Tensor]:
+        return self._read(prefix)
+
+    def close(self) -> None:
+        pass
+
+
+class _ReadAhead:
+    """Rank 0's streamed reads, one unit ahead: unit k+1 is read (and converted) in a background thread while unit k
+    is sent, so reading overlaps the network; at most two units are held."""
+
+    def __init__(self, read: Callable[[str], dict[str, torch.Tensor]], prefixes: list[str]):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_dsv4-stream")
+        self._read, self._prefixes, self._pending = read, list(prefixes), {}
+        self._submit_next()
+
+    def _submit_next(self) -> None:
+        if self._prefixes:
+            prefix = self._prefixes.pop(0)
+            self._pending[prefix] = self._pool.submit(self._read, prefix)
+
+    def __call__(self, prefix: str) -> dict[str, torch.Tensor]:
+        future = self._pending.pop(prefix)
+        part = future.result()
+        self._submit_next()  # read the next unit while this one is sent
+        return part
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def broadcast_non_persistent_buffers(model: nn.Module, source: dict[str, torch.Tensor]) -> None:

@@ -80,11 +80,14 @@ def shard_model(
     reshard_after_forward: bool = True,
     mixed_precision: MixedPrecisionPolicy | None = None,
     cpu_offload: bool = False,
+    read_ahead: bool = True,
 ) -> nn.Module:
     """Shard `model` with FSDP2 and fill every shard with rank 0's weights, in place; returns `model`.
 
     Every rank must call it. Rank 0 must hold real weights; the other ranks may hold the same model on meta
-    (`memory_efficient_init`) or real weights (ignored). `mesh` defaults to a 1-D mesh over all ranks on this
+    (`memory_efficient_init`) or real weights (ignored). A model loaded under `memory_efficient_init(stream=True)` is
+    on meta on every rank: rank 0 reads it from the checkpoint one unit at a time, the next unit while the previous
+    one is sent unless `read_ahead=False` (then rank 0 holds one unit instead of two). `mesh` defaults to a 1-D mesh over all ranks on this
     rank's device (GPU under NCCL, else CPU); `mixed_precision` applies to bf16/fp32 groups only, never to
     fp32-kept modules or FP8/integer tensors; `cpu_offload` keeps sharded parameters on the CPU (also on CPU-only
     machines). LoRA factors that peft applies through `target_parameters` (routed experts) are cast to the dtype of
@@ -114,7 +117,7 @@ def shard_model(
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else None
     apply_fsdp(model, mesh, reshard_after_forward, mixed_precision, offload)
     materialize_buffers(model, "cpu" if cpu_offload else device)
-    load_from_source(model, state_dict, "cpu" if cpu_offload else device, read=read)
+    load_from_source(model, state_dict, "cpu" if cpu_offload else device, read=read, read_ahead=read_ahead)
     del state_dict
     broadcast_non_persistent_buffers(model, buffers)
     tie_weights(model)

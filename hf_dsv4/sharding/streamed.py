@@ -73,16 +73,16 @@ def stream_reader(
     keyed as the unit's own state dict: its checkpoint tensors, read and converted by `stream`, and the `initial`
     values of what the checkpoint does not hold. Every checkpoint tensor of the unit must find its place."""
     outer = _outer_prefix(model)
-    units: dict[str, nn.Module] = {}
+    # each unit's state-dict keys, taken now (sharding keeps the names): reads run in a background thread while the
+    # shards are filled, so they never look at the model itself
+    units = {prefix: list(module.state_dict(keep_vars=True)) for prefix, module in layer_units(model)}
 
     def read(prefix: str) -> dict[str, torch.Tensor]:
-        if not units:
-            units.update(layer_units(model))
         unit_prefix = prefix[len(outer) :] if prefix else ""
         unit = stream.read(unit_prefix)
         inner = [p for p in units if p and p != prefix]
         part = {}
-        for key in units[prefix].state_dict(keep_vars=True):
+        for key in units[prefix]:
             full = prefix + key
             if not prefix and any(full.startswith(p) for p in inner):
                 continue  # the rest: decoder layers are units of their own
