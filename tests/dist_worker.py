@@ -105,7 +105,30 @@ def scenario_stream(ckpt: str, blind_ckpt: str, release_ckpt: str) -> dict:
             result["stream_released"] = not any("_hf_dsv4_stream" in vars(m) for m in model.modules())
             out[f"{layout}_{dtype_name}"] = {**result, **compare_to_reference(model, ref)}
     out["lora"] = streamed_lora(ckpt)
+    out["torn"] = torn_stream_error(ckpt, Path(blind_ckpt).parent / "torn")
     return out
+
+
+def torn_stream_error(ckpt: str, copy: Path) -> str | None:
+    """What each rank raises when a shard file is cut short after the streamed from_pretrained checked it (the
+    checkpoint changed under the running job): rank 0 fails reading decoder layer 1, mid-stream."""
+    import shutil
+
+    if dist.get_rank() == 0:
+        shutil.copytree(ckpt, copy)
+    dist.barrier()
+    with memory_efficient_init(stream=True):
+        model = AutoModelForCausalLM.from_pretrained(copy, dtype=torch.float32)
+    if dist.get_rank() == 0:
+        index = json.loads((copy / "model.safetensors.index.json").read_text())
+        shard = copy / index["weight_map"]["layers.1.attn.wq_a.weight"]
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size // 2)
+    try:
+        shard_model(model)
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 @contextlib.contextmanager

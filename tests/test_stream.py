@@ -4,6 +4,8 @@ shards; the result equals a single-process stock `from_pretrained` bit for bit."
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from dist_launch import run_ranks
 
@@ -46,3 +48,13 @@ def test_a_lora_adapter_added_after_the_streamed_load_starts_from_rank_0s_values
         assert lora["lora_a_drawn"] and lora["lora_b_zero"], f"rank {rank}"
         assert lora["logits_equal"], f"rank {rank}"  # B = 0: the adapted model is the base
     assert streamed[0]["lora"]["lora_digest"] == streamed[1]["lora"]["lora_digest"]
+
+
+def test_a_shard_cut_short_mid_stream_fails_on_every_rank(streamed):
+    """A read that fails on rank 0 in the middle of the stream (the file changed under the job) is raised on every
+    rank, with rank 0's message, instead of leaving rank 1 waiting for the layer."""
+    errors = [result["torn"] for result in streamed]
+    assert errors[0] is not None and errors[0] == errors[1], errors
+    # the unit and its files are named (the cut file also holds part of layer 0, read first)
+    pattern = r"ValueError: reading 'model\.layers\.\d\.' from model-.+\.safetensors failed: SafetensorError: .*"
+    assert re.fullmatch(pattern, errors[0]), errors[0]

@@ -109,7 +109,13 @@ class StreamedCheckpoint:
         """The unit `prefix` ("model.layers.N." or "" for everything outside the decoder layers), converted; the
         names are the model's state-dict names without `prefix`. The twin's copy goes back to meta afterwards."""
         slices = {key: self._open(file).get_slice(key) for key, file in self.groups[prefix].items()}
-        info = compat.convert_into(self.twin, slices, self.load_config)
+        try:
+            info = compat.convert_into(self.twin, slices, self.load_config)
+        except Exception as exc:
+            files = ", ".join(sorted({file.name for file in self.groups[prefix].values()}))
+            raise ValueError(
+                f"reading '{prefix or 'the rest'}' from {files} failed: {type(exc).__name__}: {exc}"
+            ) from exc
         problems = {
             "mismatched": sorted(map(str, getattr(info, "mismatched_keys", ()) or ())),
             "conversion errors": sorted(map(str, (getattr(info, "conversion_errors", None) or {}).items())),
