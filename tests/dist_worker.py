@@ -106,7 +106,25 @@ def scenario_stream(ckpt: str, blind_ckpt: str, release_ckpt: str) -> dict:
             out[f"{layout}_{dtype_name}"] = {**result, **compare_to_reference(model, ref)}
     out["lora"] = streamed_lora(ckpt)
     out["torn"] = torn_stream_error(ckpt, Path(blind_ckpt).parent / "torn")
+    out["modules_to_save"] = modules_to_save_error(ckpt)
     return out
+
+
+def modules_to_save_error(ckpt: str) -> str | None:
+    """What shard_model raises on this rank for a streamed model under a LoRA adapter with modules_to_save (peft's
+    copies of lm_head are in no checkpoint and not an adapter's new tensors)."""
+    from peft import get_peft_model
+
+    from hf_dsv4.training.lora import dsv4_lora_config
+
+    with memory_efficient_init(stream=True):
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    model = get_peft_model(model, dsv4_lora_config(r=2, targets="attention", modules_to_save=["lm_head"]))
+    try:
+        shard_model(model)
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def torn_stream_error(ckpt: str, copy: Path) -> str | None:

@@ -58,3 +58,9 @@ def test_a_shard_cut_short_mid_stream_fails_on_every_rank(streamed):
     # the unit and its files are named (the cut file also holds part of layer 0, read first)
     pattern = r"ValueError: reading 'model\.layers\.\d\.' from model-.+\.safetensors failed: SafetensorError: .*"
     assert re.fullmatch(pattern, errors[0]), errors[0]
+
+
+def test_modules_to_save_under_a_streamed_model_are_refused_before_any_weight_moves(streamed):
+    errors = [result["modules_to_save"] for result in streamed]
+    assert errors[0] == errors[1] and errors[0].startswith("ShardingError: ")
+    assert "neither in the checkpoint nor a new adapter's" in errors[0] and "modules_to_save" in errors[0]

@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
 from .. import compat
-from ..distributed import local_device
+from ..distributed import every_rank_raises, local_device
 from ..loading.stream import StreamedCheckpoint, release_stream, streamed_checkpoint
 from .fill import (
     broadcast_non_persistent_buffers,
@@ -106,11 +106,12 @@ def shard_model(
     read = None  # streamed: every rank takes part in each unit's read (rank 0 reads, a failure raises everywhere)
     if stream is None:
         state_dict, buffers = _detach_source_weights(model)
-    elif isinstance(stream, StreamedCheckpoint):  # rank 0 holds nothing but a new adapter's initial values
-        state_dict, buffers = {}, streamed_buffers(model, stream)
-        read = stream_reader(model, stream, initial_adapter(model))
-    else:
+    else:  # rank 0 holds nothing but a new adapter's initial values; its checks fail on every rank
         state_dict, buffers, read = {}, {}, _nothing
+        with every_rank_raises():
+            if isinstance(stream, StreamedCheckpoint):
+                buffers = streamed_buffers(model, stream)
+                read = stream_reader(model, stream, initial_adapter(model))
     # Every rank shards a meta model the same way; rank 0's real tensors live on in `state_dict` only.
     model.to("meta")
     tie_weights(model)

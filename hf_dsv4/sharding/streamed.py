@@ -76,24 +76,33 @@ def stream_reader(
     # each unit's state-dict keys, taken now (sharding keeps the names): reads run in a background thread while the
     # shards are filled, so they never look at the model itself
     units = {prefix: list(module.state_dict(keep_vars=True)) for prefix, module in layer_units(model)}
+    readable = set(stream.twin.state_dict(keep_vars=True))
+    unfilled = [k for k in units[""] if k not in initial and checkpoint_name(k, outer) not in readable]
+    if unfilled:  # e.g. peft's modules_to_save copies: they would be left uninitialised
+        raise ShardingError(
+            f"{len(unfilled)} tensor(s) of the model are neither in the checkpoint nor a new adapter's (e.g. "
+            f"'{unfilled[0]}'); a streamed model takes LoRA adapters without modules_to_save: load without stream=True"
+        )
 
     def read(prefix: str) -> dict[str, torch.Tensor]:
         unit_prefix = prefix[len(outer) :] if prefix else ""
         unit = stream.read(unit_prefix)
         inner = [p for p in units if p and p != prefix]
-        part = {}
+        part, unfilled = {}, []
         for key in units[prefix]:
             full = prefix + key
             if not prefix and any(full.startswith(p) for p in inner):
                 continue  # the rest: decoder layers are units of their own
             if full in initial:
                 part[key] = initial.pop(full)
+                continue
+            name = checkpoint_name(full, outer)[len(unit_prefix) :]
+            if name in unit:
+                part[key] = unit.pop(name)
             else:
-                name = checkpoint_name(full, outer)[len(unit_prefix) :]
-                if name in unit:
-                    part[key] = unit.pop(name)
-        if unit:
-            raise ShardingError(f"checkpoint tensor(s) {sorted(unit)[:4]} of '{prefix or 'the rest'}' have no place")
+                unfilled.append(full)
+        if unit or unfilled:  # checked for the whole model before the stream started: a bug if reached
+            raise ShardingError(f"'{prefix or 'the rest'}': unplaced {sorted(unit)[:4]}, unfilled {unfilled[:4]}")
         return part
 
     return read
