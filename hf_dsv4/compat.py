@@ -69,6 +69,11 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
         ),
         Internal(
             "transformers.core_model_loading:revert_weight_conversion",
+            assigned="_weight_conversions",
+            why="the name conversions a load used, which a save reverts: every rank of an export uses rank 0's",
+        ),
+        Internal(
+            "transformers.core_model_loading:revert_weight_conversion",
             ("model", "state_dict"),
             why="a sharded export names its files' tensors as save_pretrained does",
         ),
@@ -178,6 +183,16 @@ def from_pretrained_keywords() -> set[str]:
     for listed in re.findall(r"for \w+ in \[([^\]]*)\]:\s*\n\s*\w+ = kwargs\.pop\(", source):
         names |= set(re.findall(r'"(\w+)"', listed))
     return names - {"pretrained_model_name_or_path"}
+
+
+def weight_conversions(model: Any) -> Any:
+    """The name conversions `from_pretrained` used to load `model` (what `save_pretrained` reverts), or None."""
+    return getattr(model, "_weight_conversions", None)
+
+
+def set_weight_conversions(model: Any, conversions: Any) -> None:
+    """Record on `model` the name conversions a load used (a model built from its config has none)."""
+    model._weight_conversions = conversions
 
 
 def revert_weight_conversion(model: Any, state_dict: dict[str, Any]) -> dict[str, Any]:

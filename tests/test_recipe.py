@@ -86,24 +86,26 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
             "--report_to", "none", "--seed", "42"]  # fmt: skip
     full = [*fp32, "--use_peft", "false", "--max_steps", str(FULL_STEPS), "--save_steps", str(FULL_SAVE_AT)]
     stop, full_stop = {"HF_DSV4_STOP_AT": str(SAVE_AT)}, {"HF_DSV4_STOP_AT": str(FULL_SAVE_AT)}
+    no_stream = ["--stream_weights", "false"]  # rank 0 loads the whole model, then sends it
     first = [
         _start("default_2proc", CPU_2PROC, RECIPE,
                ["--output_dir", str(out / "default_2proc"), "--max_steps", "6", "--logging_steps", "3"], out),
         _start("bf16", CPU_2PROC, RECIPE,
                [*fp32, "--dtype", "bfloat16", "--bf16", "true", "--max_steps", "4", "--logging_steps", "2",
-                "--stream_weights", "true",  # the checkpoint streamed into the shards, LoRA added in between
+                "--stream_weights", "true",  # the default, spelled out: streamed into the shards, LoRA added in between
                 "--eval_strategy", "steps", "--eval_steps", "2", "--eval_dataset_name", str(data),
                 "--output_dir", str(out / "bf16")], out),
         _start("fsdp", CPU_2PROC, RECIPE, [*fp32, "--output_dir", str(out / "fsdp")], out),
         _start("single", ONE_PROC, RECIPE, [*fp32, "--gradient_accumulation_steps", "2", "--output_dir", str(out / "single")], out),
         # LoRA and full fine-tuning, interrupted at a checkpoint, under each fsdp_state_dict_type
         _start("interrupted", CPU_2PROC, RECIPE, [*fp32, "--output_dir", str(out / "resumed")], out, {**stop, **RECORD}),
-        _start("interrupted_gathered", gathered, RECIPE, [*fp32, "--output_dir", str(out / "resumed_gathered")], out,
-               {**stop, **RECORD}),
+        # FULL_STATE_DICT runs also load without streaming: compared with the streamed runs, same adapter draw
+        _start("interrupted_gathered", gathered, RECIPE, [*fp32, *no_stream, "--output_dir", str(out / "resumed_gathered")],
+               out, {**stop, **RECORD}),
         _start("full", CPU_2PROC, RECIPE, [*full, "--output_dir", str(out / "full")], out, RECORD),
         _start("full_interrupted", CPU_2PROC, RECIPE, [*full, "--output_dir", str(out / "full_resumed")], out, full_stop),
-        _start("full_gathered_interrupted", gathered, RECIPE, [*full, "--output_dir", str(out / "full_gathered")], out,
-               {**full_stop, **RECORD}),
+        _start("full_gathered_interrupted", gathered, RECIPE, [*full, *no_stream, "--output_dir", str(out / "full_gathered")],
+               out, {**full_stop, **RECORD}),
     ]  # fmt: skip
     folder_of = {"interrupted": "resumed", "interrupted_gathered": "resumed_gathered",
                  "full_interrupted": "full_resumed", "full_gathered_interrupted": "full_gathered"}  # fmt: skip
@@ -125,9 +127,11 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
     latest = ["--resume_from_checkpoint", "true"]  # the newest complete checkpoint
     second = [
         _start("resumed", CPU_2PROC, RECIPE, [*fp32, "--output_dir", str(out / "resumed"), *latest], out),
-        _start("resumed_gathered", gathered, RECIPE, [*fp32, "--output_dir", str(out / "resumed_gathered"), *latest], out),
+        _start("resumed_gathered", gathered, RECIPE, [*fp32, *no_stream, "--output_dir", str(out / "resumed_gathered"), *latest],
+               out),
         _start("full_resumed", CPU_2PROC, RECIPE, [*full, "--output_dir", str(out / "full_resumed"), *latest], out),
-        _start("full_gathered", gathered, RECIPE, [*full, "--output_dir", str(out / "full_gathered"), *latest], out),
+        _start("full_gathered", gathered, RECIPE, [*full, *no_stream, "--output_dir", str(out / "full_gathered"), *latest],
+               out),
         _start("full_cross", gathered, RECIPE, [*full, "--output_dir", str(out / "full_cross"), *latest], out),
         _start("plain_trainer", CPU_2PROC, str(REPO / "tests" / "plain_trainer_script.py"),
                [str(model), str(data), str(out / "plain_trainer")], out),
@@ -188,9 +192,11 @@ def test_two_ranks_and_one_process_give_the_same_losses_and_adapter(runs):
     y = load_file(runs["dirs"]["single"] / "adapter_model.safetensors")
     assert sorted(x) == sorted(y)
     # Gradients differ only by the clipping norm's summation order (~1e-7 relative); Adam magnifies that on elements
-    # whose moments are near zero, so the adapters are compared to each tensor's scale (measured: <= 2e-4).
+    # whose moments are near zero, and a top-k routing near-tie can flip (measured: the losses agree within 1e-7 but
+    # at step 17, 2.5e-5, where the grad norms differ by 7e-4), so the adapters are compared to each tensor's scale
+    # (measured: <= 7.2e-3 with the seeded adapter draw, 2e-4 with peft's global-RNG draw before it).
     for key in x:
-        assert (x[key] - y[key]).abs().max() <= 1e-3 * y[key].abs().max(), key
+        assert (x[key] - y[key]).abs().max() <= 1e-2 * y[key].abs().max(), key
     _assert_adapter_changes_model(runs["model"], runs["dirs"]["fsdp"])
 
 

@@ -172,5 +172,5 @@ def test_nothing_pushed_holds_a_secret(runs, name):
 def test_no_log_line_of_any_rank_holds_a_secret(runs, name):
     log = runs[name]["log"].read_bytes()  # stdout and stderr of the launcher and both ranks, INFO level
     assert b"recipe_script: rank 0 finished" in log and b"recipe_script: rank 1 finished" in log
-    assert b"INFO hf_dsv4.loading.pretrained: rank 0 loaded the weights" in log
+    assert b"INFO hf_dsv4.loading.pretrained: rank 0 built the model on meta; shard_model streams" in log
     assert holders([runs[name]["log"]]) == []

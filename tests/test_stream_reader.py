@@ -145,3 +145,37 @@ def test_a_quantization_config_cannot_be_passed(release_ckpt):
     kwargs = {"dtype": torch.bfloat16, "quantization_config": FineGrainedFP8Config()}
     with pytest.raises(ValueError, match="pass no quantization_config"):
         _build_streamed(ORIGINAL, DeepseekV4ForCausalLM, release_ckpt, (), kwargs)
+
+
+# ------------------------------------------------------------------------------------------- the initial adapter
+
+
+def _lora(model):
+    from peft import get_peft_model
+
+    from hf_dsv4.training.lora import dsv4_lora_config
+
+    return get_peft_model(model, dsv4_lora_config(r=4, alpha=8, targets="all"))
+
+
+def test_a_streamed_adapter_starts_from_the_same_draw_as_one_on_loaded_weights(tiny_ckpt):
+    """`draw_lora_factors` (what DSV4SFTTrainer applies to the adapter it adds) gives every LoRA pair from its own
+    seeded generator, so rank 0 of a streamed load, which allocates the factors only when sharding, draws the same
+    adapter as a process that loaded the weights."""
+    from hf_dsv4.sharding.streamed import ADAPTER_SEED, draw_lora_factors, initial_adapter
+
+    loaded = _lora(AutoModelForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32))
+    assert draw_lora_factors(loaded, 42) == len([n for n, _ in loaded.named_modules() if n.endswith(".lora_A")])
+    expected = {k: v.clone() for k, v in loaded.state_dict().items() if ".lora_" in k}
+    model, _ = streamed(tiny_ckpt)
+    meta = _lora(model)
+    assert draw_lora_factors(meta, 42) == 0  # factors on meta are left for the shard-time draw
+    meta.__dict__[ADAPTER_SEED] = 42
+    initial = initial_adapter(meta)
+    assert sorted(initial) == sorted(expected)
+    assert all(torch.equal(initial[k], expected[k]) for k in expected)
+    a = {k: v for k, v in expected.items() if ".lora_A." in k}
+    assert all(v.count_nonzero() == v.numel() and v.abs().max() <= v.shape[1] ** -0.5 for v in a.values())
+    assert all(v.count_nonzero() == 0 for k, v in expected.items() if ".lora_B." in k)
+    draw_lora_factors(loaded, 43)
+    assert not any(torch.equal(v, a[k]) for k, v in loaded.state_dict().items() if k in a)

@@ -212,4 +212,6 @@ def release_stream(model: nn.Module) -> None:
     for pretrained in pretrained_models(model):
         found = pretrained.__dict__.pop(STREAM_ATTRIBUTE, None)
         if isinstance(found, StreamedCheckpoint):
+            # the conversions the reads used, for save_pretrained to revert, as on a model from_pretrained loaded
+            compat.set_weight_conversions(pretrained, compat.weight_conversions(found.twin))
             found.close()

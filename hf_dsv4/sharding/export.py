@@ -95,6 +95,10 @@ def save_pretrained_sharded(model: nn.Module, save_directory: str | os.PathLike)
     pretrained = _single_pretrained(model)
     folder = Path(save_directory)
     on_source(lambda: (folder.mkdir(parents=True, exist_ok=True), _clear_previous_export(folder)))
+    # names are reverted with the conversions rank 0's load used (the other ranks built their model from the config)
+    conversions = all_gather_object(compat.weight_conversions(pretrained) if rank() == 0 else None)[0]
+    if conversions is not None:
+        compat.set_weight_conversions(pretrained, conversions)
     groups = _file_groups(pretrained)
     state = pretrained.state_dict(keep_vars=True)
     world = torch.distributed.get_world_size() if is_distributed() else 1

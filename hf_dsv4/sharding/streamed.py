@@ -5,6 +5,8 @@ base layers are named `...base_layer...`, its new tensors are not in the checkpo
 
 from __future__ import annotations
 
+import math
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -30,26 +32,67 @@ def checkpoint_name(model_key: str, outer: str) -> str:
     return ".".join(part for part in model_key[len(outer) :].split(".") if part != _WRAPPED)
 
 
+ADAPTER_SEED = "_hf_dsv4_adapter_seed"  # set on a PeftModel whose LoRA factors are drawn by `draw_lora_factors`
+
+
+def _lora_layers(model: nn.Module):
+    """(name inside the transformers model, LoRA layer, adapter name, init_lora_weights) for every LoRA factor pair."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    outer, configs = _outer_prefix(model), getattr(model, "peft_config", {})
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in list(module.lora_A):
+                init = configs[adapter].init_lora_weights if adapter in configs else True
+                yield name[len(outer) :], module, adapter, init
+
+
+@torch.no_grad()
+def draw_lora_factors(model: nn.Module, seed: int, allocate: bool = False) -> int:
+    """Draw every LoRA factor pair of the PeftModel `model` as peft initialises it (`init_lora_weights` True: A
+    kaiming-uniform with a = sqrt(5); "gaussian": A normal with std 1/r; B zero), each from its own generator seeded by
+    `seed` and the layer's name: the same adapter whatever the number of ranks, the order of creation or whether the
+    base was loaded streamed. Factors on meta are left alone unless `allocate` (allocated on CPU first). Adapters
+    with another init are left as peft made them. Returns the number of pairs drawn."""
+    drawn = 0
+    for name, module, adapter, init in _lora_layers(model):
+        a, b = module.lora_A[adapter], module.lora_B[adapter]
+        if init not in (True, "gaussian") or (a.weight.is_meta and not allocate):
+            continue
+        if a.weight.is_meta:
+            a.to_empty(device="cpu")
+            b.to_empty(device="cpu")
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(f"{name}/{adapter}".encode())) % 2**63)
+        if init is True:
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5), generator=generator)
+        else:
+            nn.init.normal_(a.weight, std=1 / module.r[adapter], generator=generator)
+        nn.init.zeros_(b.weight)
+        if getattr(b, "bias", None) is not None:
+            nn.init.zeros_(b.bias)
+        drawn += 1
+    return drawn
+
+
 @torch.no_grad()
 def initial_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
     """Rank 0's initial values of the tensors a wrapper added after a streamed `from_pretrained` (on meta, as their
-    base was): PEFT LoRA factors, allocated on CPU and initialised by peft's own `reset_lora_parameters` with the
-    adapter's `init_lora_weights` (A as peft draws it, B zero). {} for an unwrapped model."""
+    base was): PEFT LoRA factors, allocated on CPU and drawn by `draw_lora_factors` from the seed the model carries
+    (`DSV4SFTTrainer` sets it: the same adapter as a run that does not stream), else by peft's own
+    `reset_lora_parameters` (A as peft draws it, B zero). {} for an unwrapped model."""
     if pretrained_models(model)[0] is model:
         return {}
-    from peft.tuners.lora.layer import LoraLayer
-
-    configs = getattr(model, "peft_config", {})
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        for adapter in list(module.lora_A):
-            init = configs[adapter].init_lora_weights if adapter in configs else True
-            if init not in (True, "gaussian"):
-                raise ShardingError(
-                    f"'{name}': init_lora_weights={init!r} is not supported for a streamed model (its base weights "
-                    "are not there when the adapter is added): use True or 'gaussian', or load without stream=True"
-                )
+    for name, _, _, init in _lora_layers(model):
+        if init not in (True, "gaussian"):
+            raise ShardingError(
+                f"'{name}': init_lora_weights={init!r} is not supported for a streamed model (its base weights are "
+                "not there when the adapter is added): use True or 'gaussian', or load without stream=True"
+            )
+    seed = next((m.__dict__[ADAPTER_SEED] for m in model.modules() if ADAPTER_SEED in m.__dict__), None)
+    if seed is not None:
+        draw_lora_factors(model, seed, allocate=True)
+    else:
+        for _, module, adapter, init in _lora_layers(model):
             module.lora_A[adapter].to_empty(device="cpu")
             module.lora_B[adapter].to_empty(device="cpu")
             module.reset_lora_parameters(adapter, init)

@@ -57,12 +57,12 @@ class DSV4SFTConfig(SFTConfig):
         },
     )
     stream_weights: bool = field(
-        default=False,
+        default=True,
         metadata={
-            "help": "Under an FSDP launch, read a model given by path or hub id into the shards one decoder layer at "
-            "a time (memory_efficient_init(stream=True)): no rank holds the whole model, and DeepSeek's release "
-            "checkpoints (FP8 / FP4) are dequantized as they stream. A LoRA adapter then starts from rank 0's own "
-            "draw (A random, B zero), not the one of a load without streaming."
+            "help": "Under a distributed (FSDP) launch, read a model given by path or hub id into the shards one "
+            "decoder layer at a time (memory_efficient_init(stream=True)): no rank holds the whole model, and "
+            "DeepSeek's release checkpoints (FP8 / FP4) are dequantized as they stream. Needs safetensors files; "
+            "false: rank 0 loads the whole model first, then sends it."
         },
     )
     turns: str = field(

@@ -2,9 +2,11 @@
 
 What it adds to `SFTTrainer` (the user writes none of it):
 
-- model from a path or hub id: loaded under `memory_efficient_init` (only rank 0 reads the checkpoint, the other
-  ranks build on meta), on CPU, in the configured dtype (`model_init_kwargs["dtype"]`, default bf16), never with a
-  `device_map`; LoRA from `peft_config` (see `hf_dsv4.dsv4_lora_config`) is added by `SFTTrainer` as usual;
+- model from a path or hub id: loaded under `memory_efficient_init(stream=args.stream_weights)` (default: every rank
+  builds on meta and rank 0 streams the checkpoint into the shards one decoder layer at a time; without streaming,
+  rank 0 loads it whole on CPU first), in the configured dtype (`model_init_kwargs["dtype"]`, default bf16), never
+  with a `device_map`; LoRA from `peft_config` (see `hf_dsv4.dsv4_lora_config`) is added by `SFTTrainer` as usual,
+  its factors drawn per layer from `args.seed` (`draw_lora_factors`: the same start on any number of ranks);
 - the DeepSeek-V4 chat template installed on the tokenizer, and the data tokenized by `hf_dsv4.training.data` (messages +
   tools, prompt-completion, ReAct agent rows) with assistant-only labels and the multi-turn thinking policy of
   `turns`; no packing or padding-free batches (DeepSeek-V4's compressors read the raw token stream);
@@ -39,6 +41,7 @@ from trl.data_utils import is_conversational
 from ..distributed import every_rank_raises, rank
 from ..loading import memory_efficient_init, resolve_dtype
 from ..sharding import save_pretrained_sharded
+from ..sharding.streamed import ADAPTER_SEED, draw_lora_factors
 from ..template import ConversationTokenizer, install_chat_template
 from .accelerate_plugin import DSV4FSDP2Plugin, dsv4_trainer_accelerator
 from .adapter import load_adapter, peft_model_of, save_adapter
@@ -175,6 +178,12 @@ class DSV4SFTTrainer(SFTTrainer):
             callbacks=callbacks,
             **kwargs,
         )
+        peft_model = peft_model_of(self.model)
+        if peft_model is not None and kwargs.get("peft_config") is not None:
+            # the adapter this trainer added starts from the same draw on any number of ranks, streamed or not:
+            # each LoRA pair from its own generator (args.seed, layer name); factors on meta are drawn when sharded
+            draw_lora_factors(peft_model, args.seed)
+            peft_model.__dict__[ADAPTER_SEED] = args.seed
 
     # ------------------------------------------------------------------------------------------------------ data
     # Overrides of upstream internals (TRL's `_prepare_dataset`, the Trainer's checkpoint hooks) are checked at import
