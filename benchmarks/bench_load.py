@@ -286,7 +286,9 @@ def main() -> None:
         f"checkpoint: {size_mb:.0f} MB safetensors, {args.layout} layout ({args.ckpt}), {args.ranks} ranks, {args.backend}"
     )
     print(f"goals for (c): non-source rise <= {1.3 * size_mb / args.ranks:.0f} MB (1.3 x ckpt / world); source rise "
-          "<= 1.1 x (a) rank 0; wall <= (a)\n")  # fmt: skip
+          "<= 1.1 x (a) rank 0; wall <= (a)")  # fmt: skip
+    print("goals for (d)/(e) (streamed): every rank's rise <= 1.3 x (the model in its loaded dtype / world) + one "
+          "decoder layer; wall <= (a)\n")  # fmt: skip
     print(
         f"{args.repeats} runs per mode, interleaved; medians (wall: slowest rank of a run), every run's wall in brackets\n"
     )

@@ -179,3 +179,12 @@ def test_a_streamed_adapter_starts_from_the_same_draw_as_one_on_loaded_weights(t
     assert all(v.count_nonzero() == 0 for k, v in expected.items() if ".lora_B." in k)
     draw_lora_factors(loaded, 43)
     assert not any(torch.equal(v, a[k]) for k, v in loaded.state_dict().items() if k in a)
+
+
+def test_the_trainer_streams_safetensors_folders_and_hub_ids_and_loads_bin_folders_whole(tiny_ckpt, tmp_path):
+    from hf_dsv4.training.trainer import streamable
+
+    assert streamable(str(tiny_ckpt)) and streamable("deepseek-ai/DeepSeek-V4-Flash")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "pytorch_model.bin").write_bytes(b"")
+    assert not streamable(str(tmp_path), "sub") and not streamable(str(tmp_path / "sub"))

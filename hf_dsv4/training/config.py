@@ -61,8 +61,8 @@ class DSV4SFTConfig(SFTConfig):
         metadata={
             "help": "Under a distributed (FSDP) launch, read a model given by path or hub id into the shards one "
             "decoder layer at a time (memory_efficient_init(stream=True)): no rank holds the whole model, and "
-            "DeepSeek's release checkpoints (FP8 / FP4) are dequantized as they stream. Needs safetensors files; "
-            "false: rank 0 loads the whole model first, then sends it."
+            "DeepSeek's release checkpoints (FP8 / FP4) are dequantized as they stream. A local folder without "
+            "safetensors files is loaded whole; false: rank 0 always loads the whole model first, then sends it."
         },
     )
     turns: str = field(

@@ -38,7 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
 
-from ..distributed import every_rank_raises, rank
+from ..distributed import all_gather_object, every_rank_raises, rank
 from ..loading import memory_efficient_init, resolve_dtype
 from ..sharding import save_pretrained_sharded
 from ..sharding.streamed import ADAPTER_SEED, draw_lora_factors
@@ -105,8 +105,20 @@ def load_dsv4_model(model_id: str, args: SFTConfig):
         logger.info("device_map is ignored: rank 0 loads on CPU and FSDP2 places the shards")
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     _ = args.device  # joins the process group (accelerate's PartialState) before the collective load
-    with memory_efficient_init(stream=getattr(args, "stream_weights", False)):
+    stream = getattr(args, "stream_weights", False) and streamable(model_id, kwargs.get("subfolder", ""))
+    stream = all_gather_object(stream)[0]  # rank 0's view of its files decides for every rank
+    with memory_efficient_init(stream=stream):
         return AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **kwargs)
+
+
+def streamable(model_id: str, subfolder: str = "") -> bool:
+    """Whether a model can be streamed: a hub id (the Hub serves DeepSeek-V4 as safetensors) or a local folder with
+    safetensors files; a local folder of `.bin` files is loaded whole on rank 0 instead (one log line says so)."""
+    folder = Path(model_id) / subfolder
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return True
+    logger.info("%s has no safetensors files: loaded whole on rank 0, not streamed", folder)
+    return False
 
 
 def _refuse_unsharded_meta_model(model, args: SFTConfig) -> None:
