@@ -104,6 +104,7 @@ def scenario_stream(ckpt: str, blind_ckpt: str, release_ckpt: str) -> dict:
             result["units_read"], result["held_from_earlier_units"] = len(held), held
             result["stream_released"] = not any("_hf_dsv4_stream" in vars(m) for m in model.modules())
             out[f"{layout}_{dtype_name}"] = {**result, **compare_to_reference(model, ref)}
+    out["release_not_streamed"] = release_not_streamed(release_ckpt)
     out["lora"] = streamed_lora(ckpt)
     out["torn"] = torn_stream_error(ckpt, Path(blind_ckpt).parent / "torn")
     out["modules_to_save"] = modules_to_save_error(ckpt)
@@ -174,6 +175,16 @@ def units_held():
         yield held
     finally:
         StreamedCheckpoint.read = original
+
+
+def release_not_streamed(release_ckpt: str) -> dict:
+    """The release layout without streaming: rank 0 loads it dequantized, the others build from its config.json."""
+    with memory_efficient_init():
+        model = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=torch.bfloat16)
+    ref = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=torch.bfloat16)
+    same_config = {**model.config.to_dict(), "_name_or_path": None} == {**ref.config.to_dict(), "_name_or_path": None}
+    shard_model(model)
+    return {"same_config": same_config, **compare_to_reference(model, ref)}
 
 
 def streamed_lora(ckpt: str) -> dict:

@@ -64,3 +64,12 @@ def test_modules_to_save_under_a_streamed_model_are_refused_before_any_weight_mo
     errors = [result["modules_to_save"] for result in streamed]
     assert errors[0] == errors[1] and errors[0].startswith("ShardingError: ")
     assert "neither in the checkpoint nor a new adapter's" in errors[0] and "modules_to_save" in errors[0]
+
+
+def test_the_release_layout_without_streaming_loads_the_same_and_every_config_drops_its_quantization(streamed):
+    """Rank 0 loads it dequantized (stock from_pretrained on CPU), the others build from config.json, whose
+    quantization_config they drop as rank 0's config has none."""
+    for rank, result in enumerate(streamed):
+        result = result["release_not_streamed"]
+        assert result["same_config"], f"rank {rank}"
+        assert result["bad_params"] == [] and result["bad_buffers"] == [] and result["logits_equal"], f"rank {rank}"

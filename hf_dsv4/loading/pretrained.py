@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .. import compat
-from ..distributed import every_rank_raises, is_distributed, rank
+from ..distributed import all_gather_object, every_rank_raises, is_distributed, rank
 from .stream import STREAM_ATTRIBUTE, dequantizing_config, fp8_block_size, open_streamed
 
 logger = logging.getLogger(__name__)
@@ -173,6 +173,15 @@ def _load(
         ) from exc
 
 
+def _config_as_on_source(model: Any) -> None:
+    """A checkpoint that rank 0 loaded dequantized (FP8 on a machine without a suitable GPU) leaves no
+    `quantization_config` on its config: the ranks that built from config.json drop theirs too, so every rank's config
+    (and what a later save writes) is rank 0's."""
+    dequantized = all_gather_object(getattr(model.config, "quantization_config", None) is None)[0]
+    if dequantized and getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
 def _rank_aware_from_pretrained(original: classmethod, stream: bool = False) -> classmethod:
     """A `from_pretrained` classmethod body that loads on the source rank and builds on meta elsewhere (with
     `stream`: builds on meta everywhere, rank 0 keeping a reader of the checkpoint)."""
@@ -186,6 +195,7 @@ def _rank_aware_from_pretrained(original: classmethod, stream: bool = False) -> 
         if stream:
             logger.info("rank %d built the model on meta; shard_model streams the weights in", rank())
         else:
+            _config_as_on_source(model)
             logger.info("rank %d %s", rank(), "loaded the weights" if rank() == 0 else "built the model on meta")
         return (model, info) if want_info else model
 
