@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from .. import compat
 from ..distributed import all_gather_object, every_rank_raises, is_distributed, rank
 from .stream import STREAM_ATTRIBUTE, dequantizing_config, fp8_block_size, open_streamed
+from .units import tensor_table
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +121,6 @@ def _threads_of_idle_ranks() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _tensor_table(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return {name: (tuple(t.shape), t.dtype) for name, t in [*model.named_parameters(), *model.named_buffers()]}
-
-
 def _build_streamed(original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
     """The meta model on every rank; rank 0's also carries the checkpoint's `StreamedCheckpoint`, whose twin (what
     stock `from_pretrained` builds) must have the same tensors as the model every rank built from the config."""
@@ -141,7 +138,7 @@ def _build_streamed(original: classmethod, cls: type, path: Any, args: tuple, kw
         return model
     with _threads_of_idle_ranks():
         stream = open_streamed(cls, original, path, args, kwargs, fp8_block)
-    built, planned = _tensor_table(model), _tensor_table(stream.twin)
+    built, planned = tensor_table(model), tensor_table(stream.twin)
     if built != planned:
         differ = sorted(n for n in built.keys() | planned.keys() if built.get(n) != planned.get(n))
         raise ValueError(
@@ -210,8 +207,8 @@ def memory_efficient_init(stream: bool = False) -> Iterator[None]:
     With `stream=True` no rank reads weights in `from_pretrained`: every rank gets the model on the meta device
     (rank 0's carries a reader of the checkpoint: files, transformers' conversion plan) and `shard_model` streams
     the checkpoint into the shards one decoder layer at a time, so rank 0 never holds the whole model
-    (`hf_dsv4.loading.stream`). The model must be sharded as returned (no wrapper such as a PEFT adapter yet), from
-    safetensors files.
+    (`hf_dsv4.loading.stream`). The checkpoint must be safetensors files; a LoRA adapter may be added before
+    `shard_model` (its factors are drawn on rank 0 when the shards are filled).
 
     Inside the block, `AutoModelForCausalLM.from_pretrained(path, dtype=...)` (and the same method of any
     `PreTrainedModel` subclass) loads real weights on CPU on rank 0 and returns the same model built on the meta

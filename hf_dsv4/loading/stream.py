@@ -5,8 +5,8 @@ Under `memory_efficient_init(stream=True)` every rank's `from_pretrained` return
 rank 0 the model also carries a `StreamedCheckpoint`: stock `from_pretrained` was run with its weight reading left
 out (`compat.weights_not_read`), which builds a meta twin of the model exactly as transformers would (quantizer,
 dtypes, fp32-kept modules, non-persistent buffers computed) and records the checkpoint files and the load plan.
-`shard_model` then asks it for one unit at a time: the unit's checkpoint tensors are opened as memory-mapped
-safetensors slices and loaded into the twin by transformers' own conversion (`convert_and_load_state_dict_in_model`:
+`shard_model` then asks it for one unit at a time: the unit's checkpoint tensors are opened as safetensors slices
+(read with pread: mapped pages would count in rank 0's memory) and loaded into the twin by transformers' own conversion (`convert_and_load_state_dict_in_model`:
 renames, expert fusion, FP8/FP4 dequantization, cast), handed over, and the twin's unit goes back to meta.
 
 Every checkpoint tensor is assigned to its unit before any weight is read (transformers' own renaming rules), so a
@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .. import compat
-from .units import layer_units, pretrained_models
+from .units import layer_units, non_persistent_buffers, pretrained_models
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +151,7 @@ class StreamedCheckpoint:
 
     def non_persistent_buffers(self) -> dict[str, torch.Tensor]:
         """The buffers no checkpoint holds (rotary `*_inv_freq`), as stock `from_pretrained` computed them."""
-        persistent = set(self.twin.state_dict(keep_vars=True))
-        return {name: b for name, b in self.twin.named_buffers() if name not in persistent}
+        return non_persistent_buffers(self.twin)
 
     def close(self) -> None:
         self._handles.clear()

@@ -3,6 +3,7 @@ final norm, head, ...). Shared by streamed loading, `shard_model`'s fill and the
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -25,3 +26,21 @@ def layer_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(state-dict prefix, module) of each decoder layer, then ("", model) for what is left."""
     names = {id(m): name for name, m in model.named_modules()}
     return [(names[id(layer)] + ".", layer) for layer in decoder_layers(model)] + [("", model)]
+
+
+def tensor_table(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """name -> (shape, dtype, kind) for every parameter and buffer (kind: parameter / buffer / non-persistent)."""
+    table = {}
+    for name, param in model.named_parameters():
+        table[name] = (tuple(param.shape), str(param.dtype), "parameter")
+    persistent = set(model.state_dict(keep_vars=True))
+    for name, buffer in model.named_buffers():
+        kind = "buffer" if name in persistent else "non-persistent buffer"
+        table[name] = (tuple(buffer.shape), str(buffer.dtype), kind)
+    return table
+
+
+def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """name -> tensor of the buffers that `state_dict` leaves out (rotary `*_inv_freq`)."""
+    persistent = set(model.state_dict(keep_vars=True))
+    return {name: b for name, b in model.named_buffers() if name not in persistent}

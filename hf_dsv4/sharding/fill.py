@@ -15,22 +15,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from tqdm.auto import tqdm
 
 from ..distributed import all_gather_object, on_source
-from ..loading.units import layer_units, pretrained_models
+from ..loading.units import layer_units, non_persistent_buffers, pretrained_models, tensor_table
 from .layout import ShardingError
 
 # ------------------------------------------------------------------------------------------------- validation
-
-
-def _tensor_table(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str, str]]:
-    """name -> (shape, dtype, kind) for every parameter and buffer (kind: parameter / buffer / non-persistent)."""
-    table = {}
-    for name, param in model.named_parameters():
-        table[name] = (tuple(param.shape), str(param.dtype), "parameter")
-    persistent = set(model.state_dict(keep_vars=True))
-    for name, buffer in model.named_buffers():
-        kind = "buffer" if name in persistent else "non-persistent buffer"
-        table[name] = (tuple(buffer.shape), str(buffer.dtype), kind)
-    return table
 
 
 def _compare_tables(rank: int, source: dict, local: dict) -> list[str]:
@@ -55,7 +43,7 @@ def validate_against_source(model: nn.Module, streamed: bool = False) -> None:
     """Collective: rank 0 sends its name -> (shape, dtype) table; any difference on any rank raises everywhere.
     Rank 0 must hold real weights unless they are `streamed` from its checkpoint."""
     rank = dist.get_rank()
-    local = _tensor_table(model)
+    local = tensor_table(model)
     source = [local if rank == 0 else None]
     dist.broadcast_object_list(source, src=0)
     if rank != 0:
@@ -80,12 +68,6 @@ def tie_weights(model: nn.Module) -> None:
         pretrained.tie_weights()
 
 
-def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """name -> tensor of the buffers that `state_dict` leaves out (rotary `*_inv_freq`)."""
-    persistent = set(model.state_dict(keep_vars=True))
-    return {name: b for name, b in model.named_buffers() if name not in persistent}
-
-
 def materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
     """Allocate every buffer on `device` (values follow); parameters stay on meta."""
     for module in model.modules():
@@ -108,12 +90,10 @@ def load_from_source(
 ) -> None:
     """Send rank 0's full state dict into every rank's shards with DCP (`broadcast_from_rank0`), one decoder layer
     at a time. Rank 0 drops each part of `full_state_dict` once sent (the dict is emptied), so its memory falls as
-    the shards fill instead of holding the checkpoint and the shards at once. With `read` (rank 0; streamed
-    loading; every rank passes one, only rank 0's is called), each unit is read from the checkpoint instead
-    (`read(prefix)`: the unit's tensors without the prefix),
-    sent and dropped; with `read_ahead` the next unit is read while one is sent (`_ReadAhead`), so rank 0 holds at
-    most two units (one without);
-    a failure to read is raised on every rank.
+    the shards fill instead of holding the checkpoint and the shards at once. With `read` (streamed loading; every
+    rank passes one, only rank 0's is called), each unit is read from the checkpoint instead (`read(prefix)`: the
+    unit's tensors without the prefix), sent and dropped; with `read_ahead` the next unit is read while one is sent
+    (`_ReadAhead`), so rank 0 holds at most two units (one without). A failure to read is raised on every rank.
 
     Parameters are expected on meta and buffers on `device` (`materialize_buffers`): DCP then assigns each received
     shard instead of copying it into an allocated parameter (and, for the root, every loaded parameter into itself),
@@ -121,10 +101,9 @@ def load_from_source(
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     is_source = dist.get_rank() == 0
     units = layer_units(model)
-    ahead = None
+    ahead = _ReadAhead(read, [p for p, _ in units]) if read is not None and is_source and read_ahead else None
+    fetch = ahead or read  # rank 0's reads; never called elsewhere (`on_source`)
     if read is not None and is_source:
-        ahead = _ReadAhead(read, [prefix for prefix, _ in units]) if read_ahead else _ReadInTurn(read)
-    if ahead is not None:
         units = tqdm(units, desc="streaming the checkpoint into the shards", unit="layer", disable=None)
     try:
         for prefix, module in units:
@@ -132,7 +111,7 @@ def load_from_source(
                 module.to_empty(device=device)
             part = {}
             if read is not None:
-                part = on_source(lambda prefix=prefix: ahead(prefix)) or {}
+                part = on_source(lambda prefix=prefix: fetch(prefix)) or {}
             elif is_source:
                 part = {
                     key[len(prefix) :]: full_state_dict.pop(key)
@@ -144,19 +123,6 @@ def load_from_source(
     finally:
         if ahead is not None:
             ahead.close()
-
-
-class _ReadInTurn:
-    """Rank 0's streamed reads, each when its unit is sent (one unit held)."""
-
-    def __init__(self, read: Callable[[str], dict[str, torch.Tensor]]):
-        self._read = read
-
-    def __call__(self, prefix: str) -> dict[str, torch.Tensor]:
-        return self._read(prefix)
-
-    def close(self) -> None:
-        pass
 
 
 class _ReadAhead:

@@ -21,11 +21,11 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 from .. import compat
 from ..distributed import every_rank_raises, local_device
 from ..loading.stream import StreamedCheckpoint, release_stream, streamed_checkpoint
+from ..loading.units import non_persistent_buffers
 from .fill import (
     broadcast_non_persistent_buffers,
     load_from_source,
     materialize_buffers,
-    non_persistent_buffers,
     tie_weights,
     validate_against_source,
 )

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from ..loading.stream import StreamedCheckpoint
-from ..loading.units import layer_units, pretrained_models
-from .fill import non_persistent_buffers
+from ..loading.units import layer_units, non_persistent_buffers, pretrained_models
 from .layout import ShardingError
 
 _WRAPPED = "base_layer"  # peft's name for the layer it wraps
