@@ -10,7 +10,9 @@
 (c) hf_dsv4: `memory_efficient_init` + `shard_model`;
 (d) hf_dsv4 streamed: `memory_efficient_init(stream=True)` + `shard_model` (every rank builds on meta; rank 0 reads
     the checkpoint one decoder layer at a time while the shards fill, the next layer while one is sent);
-(e) as (d) with `shard_model(read_ahead=False)`: rank 0 reads a layer only once the previous one is sent;
+(e) hf_dsv4 streamed, every rank reading: `memory_efficient_init(stream=True, readers="all")` + `shard_model` (each
+    rank reads and converts only the rows of its own shards; no weight is sent);
+(f) as (d) with `shard_model(read_ahead=False)`: rank 0 reads a layer only once the previous one is sent;
 (s) for scale, not a goal: (a) followed by the same FSDP2 layout as (c) (`hf_dsv4.sharding.apply_fsdp` on every rank's
     full copy, each rank slicing its own shards), i.e. stock loading that ends, like (c), with a sharded model.
 
@@ -62,7 +64,8 @@ BENCH_CONFIG = dict(
 MODES = {"a": "stock transformers (every rank from_pretrained)", "b": "stock accelerate FSDP2 cpu_ram_efficient_loading",
          "c": "hf_dsv4 memory_efficient_init + shard_model",
          "d": "hf_dsv4 memory_efficient_init(stream=True) + shard_model",
-         "e": "(d) with shard_model(read_ahead=False)",
+         "e": "hf_dsv4 memory_efficient_init(stream=True, readers=\"all\") + shard_model",
+         "f": "(d) with shard_model(read_ahead=False)",
          "s": "(a) + fully_shard on every rank's full copy (scale only)"}  # fmt: skip
 PHASES: dict[str, float] = {}  # wall seconds of named phases of one run, filled by the loaders
 
@@ -130,16 +133,20 @@ def _load_hf_dsv4(ckpt: str, dtype):
     return shard_model(model)
 
 
-def _load_hf_dsv4_streamed(ckpt: str, dtype, read_ahead: bool = True):
+def _load_hf_dsv4_streamed(ckpt: str, dtype, read_ahead: bool = True, readers: str = "rank0"):
     from transformers import AutoModelForCausalLM
 
     from hf_dsv4 import memory_efficient_init, shard_model
 
     start = time.perf_counter()
-    with memory_efficient_init(stream=True):
+    with memory_efficient_init(stream=True, readers=readers):
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
     PHASES["load_s"] = time.perf_counter() - start
     return shard_model(model, read_ahead=read_ahead)
+
+
+def _load_hf_dsv4_streamed_by_all(ckpt: str, dtype):
+    return _load_hf_dsv4_streamed(ckpt, dtype, readers="all")
 
 
 def _load_hf_dsv4_streamed_in_turn(ckpt: str, dtype):
@@ -179,7 +186,8 @@ def worker(mode: str, ckpt: str, out: str, backend: str) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     load = {"a": _load_stock, "b": _load_accelerate, "c": _load_hf_dsv4, "d": _load_hf_dsv4_streamed,
-            "e": _load_hf_dsv4_streamed_in_turn, "s": _load_stock_and_shard}[mode]  # fmt: skip
+            "e": _load_hf_dsv4_streamed_by_all, "f": _load_hf_dsv4_streamed_in_turn,
+            "s": _load_stock_and_shard}[mode]  # fmt: skip
     dist.barrier()
     baseline = _reset_peak()
     cpu_start, faults_start = _cpu_and_faults()

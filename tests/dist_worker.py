@@ -111,6 +111,33 @@ def scenario_stream(ckpt: str, blind_ckpt: str, release_ckpt: str) -> dict:
     return out
 
 
+def scenario_stream_all(ckpt: str, release_ckpt: str, scratch: str) -> dict:
+    """memory_efficient_init(stream=True, readers="all") + shard_model vs plain from_pretrained: every rank reads only
+    its own rows of the checkpoint, and no floating-point tensor crosses ranks while the shards are filled."""
+    from hf_dsv4.loading.stream import STREAM_ATTRIBUTE, StreamedCheckpoint
+
+    out = {}
+    for layout, source in (("hub", ckpt), ("release", release_ckpt)):
+        for dtype_name in ("float32", "bfloat16"):
+            with memory_efficient_init(stream=True, readers="all"):
+                model = DeepseekV4ForCausalLM.from_pretrained(source, dtype=DTYPES[dtype_name])
+            ref = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype_name])
+            named = [*model.named_parameters(), *model.named_buffers()]
+            result = {
+                "all_meta": all(t.is_meta for _, t in named),
+                "same_table": table(model) == table(ref),
+                "reads_here": isinstance(getattr(model, STREAM_ATTRIBUTE, None), StreamedCheckpoint),
+            }
+            with CollectiveRecorder() as recorder:
+                shard_model(model)
+            result["floating_sent"] = recorder.floating_elements()
+            result["stream_released"] = not any(STREAM_ATTRIBUTE in vars(m) for m in model.modules())
+            out[f"{layout}_{dtype_name}"] = {**result, **compare_to_reference(model, ref)}
+    out["lora"] = streamed_lora(ckpt, readers="all")
+    out["torn"] = torn_stream_error(ckpt, Path(scratch) / "torn", readers="all")
+    return out
+
+
 def modules_to_save_error(ckpt: str) -> str | None:
     """What shard_model raises on this rank for a streamed model under a LoRA adapter with modules_to_save (peft's
     copies of lm_head are in no checkpoint and not an adapter's new tensors)."""
@@ -128,7 +155,7 @@ def modules_to_save_error(ckpt: str) -> str | None:
     return None
 
 
-def torn_stream_error(ckpt: str, copy: Path) -> str | None:
+def torn_stream_error(ckpt: str, copy: Path, readers: str = "rank0") -> str | None:
     """What each rank raises when a shard file is cut short after the streamed from_pretrained checked it (the
     checkpoint changed under the running job): rank 0 fails reading decoder layer 1, mid-stream."""
     import shutil
@@ -136,8 +163,9 @@ def torn_stream_error(ckpt: str, copy: Path) -> str | None:
     if dist.get_rank() == 0:
         shutil.copytree(ckpt, copy)
     dist.barrier()
-    with memory_efficient_init(stream=True):
+    with memory_efficient_init(stream=True, readers=readers):
         model = AutoModelForCausalLM.from_pretrained(copy, dtype=torch.float32)
+    dist.barrier()  # every rank has opened the files
     if dist.get_rank() == 0:
         index = json.loads((copy / "model.safetensors.index.json").read_text())
         shard = copy / index["weight_map"]["layers.1.attn.wq_a.weight"]
@@ -162,11 +190,11 @@ def units_held():
 
     held, refs, original = [], [], StreamedCheckpoint.read
 
-    def read(self, prefix):
+    def read(self, prefix, rows=None):
         gc.collect()
         alive = [any(ref() is not None for ref in unit) for unit in refs]
         held.append([sum(alive[:-1]), alive[-1] if alive else False])  # [older units alive, previous unit alive]
-        unit = original(self, prefix)
+        unit = original(self, prefix, rows)
         refs.append([weakref.ref(t) for t in unit.values()])
         return unit
 
@@ -187,7 +215,7 @@ def release_not_streamed(release_ckpt: str) -> dict:
     return {"same_config": same_config, **compare_to_reference(model, ref)}
 
 
-def streamed_lora(ckpt: str) -> dict:
+def streamed_lora(ckpt: str, readers: str = "rank0") -> dict:
     """A LoRA adapter added between the streamed from_pretrained and shard_model: the base is read from the
     checkpoint, the adapter starts from rank 0's initial values (A drawn by peft, B zero)."""
     from peft import get_peft_model
@@ -195,7 +223,7 @@ def streamed_lora(ckpt: str) -> dict:
     from hf_dsv4.sharding.streamed import checkpoint_name
     from hf_dsv4.training.lora import dsv4_lora_config
 
-    with memory_efficient_init(stream=True):
+    with memory_efficient_init(stream=True, readers=readers):
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     model = get_peft_model(model, dsv4_lora_config(r=4, alpha=8, targets="all"))
     shard_model(model)

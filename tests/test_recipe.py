@@ -102,7 +102,9 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
         # FULL_STATE_DICT runs also load without streaming: compared with the streamed runs, same adapter draw
         _start("interrupted_gathered", gathered, RECIPE, [*fp32, *no_stream, "--output_dir", str(out / "resumed_gathered")],
                out, {**stop, **RECORD}),
-        _start("full", CPU_2PROC, RECIPE, [*full, "--output_dir", str(out / "full")], out, RECORD),
+        # every rank reads its own rows of the checkpoint: the other full runs (rank 0 reads) must equal it
+        _start("full", CPU_2PROC, RECIPE, [*full, "--stream_readers", "all", "--output_dir", str(out / "full")], out,
+               RECORD),
         _start("full_interrupted", CPU_2PROC, RECIPE, [*full, "--output_dir", str(out / "full_resumed")], out, full_stop),
         _start("full_gathered_interrupted", gathered, RECIPE, [*full, *no_stream, "--output_dir", str(out / "full_gathered")],
                out, {**full_stop, **RECORD}),

@@ -73,3 +73,47 @@ def test_the_release_layout_without_streaming_loads_the_same_and_every_config_dr
         result = result["release_not_streamed"]
         assert result["same_config"], f"rank {rank}"
         assert result["bad_params"] == [] and result["bad_buffers"] == [] and result["logits_equal"], f"rank {rank}"
+
+
+# ------------------------------------------------------------------------------------- readers="all": no weight sent
+
+
+@pytest.fixture(scope="module")
+def every_rank_reads(tiny_ckpt, release_ckpt, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("stream_all")
+    scratch = tmp_path_factory.mktemp("stream_all_scratch")
+    return run_ranks("stream_all", out, str(tiny_ckpt), str(release_ckpt), str(scratch), timeout=300)
+
+
+@pytest.mark.parametrize("layout", ["hub", "release"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_rank_reading_its_own_rows_gives_stock_shards_bit_for_bit(every_rank_reads, layout, dtype, tiny_counts):
+    """readers="all": each rank reads the rows of its shards (the experts it holds, an FP8 weight's rows widened to
+    whole 128-row scale blocks: on 2 ranks the 128-row projections put both halves in one block), converted by
+    transformers; nothing floating-point is sent while the shards are filled."""
+    for rank, result in enumerate(every_rank_reads):
+        result = result[f"{layout}_{dtype}"]
+        assert result["all_meta"] and result["same_table"] and result["reads_here"], f"rank {rank}"
+        assert result["bad_params"] == [] and result["bad_buffers"] == [], f"rank {rank}"
+        if layout == "hub":
+            assert result["num_tensors"] == tiny_counts["tensors"]
+        assert result["logits_equal"], f"rank {rank}: max diff {result['logits_max_diff']}"
+        assert result["floating_sent"] == 0, f"rank {rank}"
+        assert result["stream_released"]
+
+
+def test_every_rank_reading_starts_a_peft_adapter_from_rank_0s_draw(every_rank_reads, tiny_counts):
+    """peft draws each rank's A differently (its own RNG): with readers="all" rank 0's draw is broadcast."""
+    for rank, result in enumerate(every_rank_reads):
+        lora = result["lora"]
+        assert lora["bad_base"] == [] and lora["logits_equal"], f"rank {rank}"
+        assert lora["lora_tensors"] == tiny_counts["lora_all"]["trainable"]
+        assert lora["lora_a_drawn"] and lora["lora_b_zero"], f"rank {rank}"
+    assert every_rank_reads[0]["lora"]["lora_digest"] == every_rank_reads[1]["lora"]["lora_digest"]
+
+
+def test_a_shard_cut_short_while_every_rank_reads_fails_on_every_rank_with_the_same_error(every_rank_reads):
+    errors = [result["torn"] for result in every_rank_reads]
+    assert errors[0] is not None and errors[0] == errors[1], errors
+    pattern = r"ValueError: reading 'model\.layers\.\d\.' from model-.+\.safetensors failed: SafetensorError: .*"
+    assert re.fullmatch(pattern, errors[0]), errors[0]

@@ -7,6 +7,7 @@ tensor. The 2-rank runs are in test_stream.py."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, DeepseekV4ForCausalLM, PreTrainedModel
 
-from hf_dsv4.loading.pretrained import _build_streamed
+from hf_dsv4.loading.pretrained import _attach_reader, _plan_streamed
 from hf_dsv4.loading.stream import STREAM_ATTRIBUTE, StreamedCheckpoint
 
 ORIGINAL = PreTrainedModel.__dict__["from_pretrained"]
@@ -24,7 +25,8 @@ ORIGINAL = PreTrainedModel.__dict__["from_pretrained"]
 
 def streamed(path: Path, dtype: torch.dtype = torch.float32):
     """(meta model, reader) as rank 0 gets them."""
-    model = _build_streamed(ORIGINAL, DeepseekV4ForCausalLM, path, (), {"dtype": dtype})
+    model, kwargs, fp8_block = _plan_streamed(DeepseekV4ForCausalLM, path, (), {"dtype": dtype})
+    _attach_reader(model, ORIGINAL, DeepseekV4ForCausalLM, path, (), kwargs, fp8_block, "rank0")
     return model, getattr(model, STREAM_ATTRIBUTE)
 
 
@@ -54,6 +56,48 @@ def test_every_unit_read_equals_stock_from_pretrained(tiny_ckpt, release_ckpt, l
     assert all(t.is_meta for t in model.state_dict().values())
     assert getattr(model.config, "quantization_config", None) is None  # read dequantized, as stock on CPU
     assert_equal_to_stock(read_all(stream), path, dtype)
+
+
+def chunk_rows(rows: int, pieces: int, index: int) -> tuple[int, int]:
+    """The rows FSDP2 gives shard `index` of `pieces` (torch.chunk: ceil(rows / pieces) each, the last ones shorter
+    or empty)."""
+    size = -(-rows // pieces)
+    return min(index * size, rows), min((index + 1) * size, rows)
+
+
+@pytest.mark.parametrize("pieces", [2, 3])
+@pytest.mark.parametrize("layout", ["hub", "release"])
+def test_a_rank_reads_only_its_rows_and_gets_exactly_the_rows_of_the_whole_read(
+    tiny_ckpt, release_ckpt, layout, pieces
+):
+    """`read(prefix, rows)` (what every rank does with readers="all"): each piece of every parameter equals those rows
+    of the whole read, bit for bit, dtype included; buffers come whole. Only the experts in the rows are read, and an
+    FP8 weight's rows are widened to its 128-row scale blocks only (a block that straddles two shards is read by
+    both)."""
+    path = tiny_ckpt if layout == "hub" else release_ckpt
+    _, stream = streamed(path, torch.bfloat16)
+    params = {n for n, _ in stream.twin.named_parameters()}
+    experts = stream.twin.config.n_routed_experts
+    for prefix in stream.prefixes:
+        unit = {prefix + k: t for k, t in stream.read(prefix).items()}
+        for index in range(pieces):
+            rows = {n: chunk_rows(t.shape[0], pieces, index) for n, t in unit.items() if n in params}
+            plan = stream._row_plan(prefix, rows)
+            expert_keys = [k for k in plan.tensors if re.search(r"\.experts\.\d+\.", k)]
+            if prefix and layout == "release":
+                start, stop = chunk_rows(experts, pieces, index)
+                assert sorted({int(re.search(r"experts\.(\d+)\.", k)[1]) for k in expert_keys}) == [*range(start, stop)]
+                assert all(plan.tensors[k].get_shape()[0] % 128 == 0 for k in plan.tensors if k.endswith("wq_b.weight"))
+            part = stream.read(prefix, rows)
+            assert all(t.is_meta for t in stream.twin.state_dict().values())
+            assert {prefix + k for k in part} == set(unit), prefix
+            for name, tensor in unit.items():
+                start, stop = rows.get(name, (0, tensor.shape[0] if tensor.dim() else 0))
+                expected = tensor[start:stop] if name in rows else tensor
+                got = part[name[len(prefix) :]]
+                assert got.dtype == tensor.dtype and torch.equal(got, expected), (name, index)
+                if name in rows and rows[name] != (0, tensor.shape[0]):  # nothing else kept alive
+                    assert got.untyped_storage().nbytes() == got.numel() * got.element_size(), name
 
 
 def test_a_release_checkpoint_is_read_dequantized_on_a_gpu_machine_too(release_ckpt, monkeypatch):
@@ -144,7 +188,7 @@ def test_a_quantization_config_cannot_be_passed(release_ckpt):
 
     kwargs = {"dtype": torch.bfloat16, "quantization_config": FineGrainedFP8Config()}
     with pytest.raises(ValueError, match="pass no quantization_config"):
-        _build_streamed(ORIGINAL, DeepseekV4ForCausalLM, release_ckpt, (), kwargs)
+        _plan_streamed(DeepseekV4ForCausalLM, release_ckpt, (), kwargs)
 
 
 # ------------------------------------------------------------------------------------------- the initial adapter

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,23 +122,44 @@ def _threads_of_idle_ranks() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _build_streamed(original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-    """The meta model on every rank; rank 0's also carries the checkpoint's `StreamedCheckpoint`, whose twin (what
-    stock `from_pretrained` builds) must have the same tensors as the model every rank built from the config."""
+READERS = ("rank0", "all")
+
+
+def _reader_turns(readers: str) -> list[bool]:
+    """For each turn of opening the checkpoint, whether this rank opens it then. "rank0": rank 0 alone. "all": first
+    the lowest rank of each machine (by host name), so a Hub id is downloaded once per machine into its cache, then
+    the machine's other ranks, which find the files in that cache (a collective)."""
+    if readers == "rank0":
+        return [rank() == 0]
+    hosts = all_gather_object(socket.gethostname())
+    leader = hosts.index(hosts[rank()]) == rank()
+    return [leader, not leader]
+
+
+def _plan_streamed(cls: type, path: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict, Any]:
+    """(the meta model built from the config, the `from_pretrained` kwargs that read it, the FP8 block size or
+    None): a release checkpoint is read dequantized into the requested dtype, on a GPU machine too."""
     model = build_on_meta(cls, path, *args, **dict(kwargs))
     if "quantization_config" in kwargs:
         raise ValueError("streamed loading reads the weights dequantized: pass no quantization_config")
     quantized = getattr(model.config, "quantization_config", None)
     fp8_block = None
-    if quantized is not None:  # read dequantized into the requested dtype, on a GPU machine too
+    if quantized is not None:
         kwargs = {**kwargs, "quantization_config": dequantizing_config(quantized)}
         fp8_block = fp8_block_size(quantized)
         del model.config.quantization_config  # as transformers leaves a dequantized model's config
-    if rank() != 0:
-        setattr(model, STREAM_ATTRIBUTE, True)
-        return model
+    return model, kwargs, fp8_block
+
+
+def _attach_reader(
+    model: Any, original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict, fp8_block: Any, readers: str
+) -> None:
+    """Open the checkpoint (stock `from_pretrained` without reading weights) and attach its `StreamedCheckpoint` to
+    `model`; its twin (what stock `from_pretrained` builds) must have the same tensors as the model built from the
+    config."""
     with _threads_of_idle_ranks():
         stream = open_streamed(cls, original, path, args, kwargs, fp8_block)
+    stream.readers = readers
     built, planned = tensor_table(model), tensor_table(stream.twin)
     if built != planned:
         differ = sorted(n for n in built.keys() | planned.keys() if built.get(n) != planned.get(n))
@@ -146,28 +168,43 @@ def _build_streamed(original: classmethod, cls: type, path: Any, args: tuple, kw
             f"{planned.get(differ[0])} vs {built.get(differ[0])}); a quantized model cannot be streamed yet"
         )
     setattr(model, STREAM_ATTRIBUTE, stream)
-    return model
 
 
-def _load(
-    original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict[str, Any], stream: bool = False
-) -> tuple[Any, dict]:
-    """(model, loading info) on the source rank; (meta model, {}) elsewhere; with `stream`, the meta model on every
-    rank (`hf_dsv4.loading.stream`). Any failure is a CheckpointLoadError."""
+@contextlib.contextmanager
+def _load_errors() -> Iterator[None]:
+    """Any failure to load on this rank as a CheckpointLoadError naming the rank."""
     try:
-        if stream:
-            return _build_streamed(original, cls, path, args, kwargs), {}
+        yield
+    except Exception as exc:
+        raise CheckpointLoadError(
+            f"rank {rank()} could not load the checkpoint: {type(exc).__name__}: {exc}. Check that every shard listed "
+            "in model.safetensors.index.json is complete and matches config.json."
+        ) from exc
+
+
+def _load(original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict]:
+    """(model, loading info) on the source rank; (meta model, {}) elsewhere. Any failure is a CheckpointLoadError."""
+    with _load_errors():
         if rank() != 0:
             return build_on_meta(cls, path, *args, **kwargs), {}
         with _threads_of_idle_ranks():
             model, info = original.__get__(None, cls)(path, *args, output_loading_info=True, **kwargs)
         _strict_loading_info(info)
         return model, info
-    except Exception as exc:
-        raise CheckpointLoadError(
-            f"rank {rank()} could not load the checkpoint: {type(exc).__name__}: {exc}. Check that every shard listed "
-            "in model.safetensors.index.json is complete and matches config.json."
-        ) from exc
+
+
+def _load_streamed(original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict, readers: str) -> Any:
+    """The meta model on every rank, carrying a reader of the checkpoint on the ranks that read it (rank 0, or every
+    rank with `readers="all"`; True elsewhere). A collective: each step's failure is raised on every rank."""
+    with every_rank_raises(), _load_errors():
+        model, kwargs, fp8_block = _plan_streamed(cls, path, args, kwargs)
+    for opens in _reader_turns(readers):
+        with every_rank_raises(), _load_errors():
+            if opens:
+                _attach_reader(model, original, cls, path, args, kwargs, fp8_block, readers)
+    if getattr(model, STREAM_ATTRIBUTE, None) is None:
+        setattr(model, STREAM_ATTRIBUTE, True)
+    return model
 
 
 def _config_as_on_source(model: Any) -> None:
@@ -179,7 +216,7 @@ def _config_as_on_source(model: Any) -> None:
         del model.config.quantization_config
 
 
-def _rank_aware_from_pretrained(original: classmethod, stream: bool = False) -> classmethod:
+def _rank_aware_from_pretrained(original: classmethod, stream: bool = False, readers: str = "rank0") -> classmethod:
     """A `from_pretrained` classmethod body that loads on the source rank and builds on meta elsewhere (with
     `stream`: builds on meta everywhere, rank 0 keeping a reader of the checkpoint)."""
 
@@ -187,11 +224,12 @@ def _rank_aware_from_pretrained(original: classmethod, stream: bool = False) -> 
         if not is_distributed():
             return original.__get__(None, cls)(pretrained_model_name_or_path, *args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
-        with every_rank_raises():  # a failure on any rank is raised on every rank, never left as a hang
-            model, info = _load(original, cls, pretrained_model_name_or_path, args, kwargs, stream)
-        if stream:
+        if stream:  # a failure on any rank is raised on every rank, never left as a hang
+            model, info = _load_streamed(original, cls, pretrained_model_name_or_path, args, kwargs, readers), {}
             logger.info("rank %d built the model on meta; shard_model streams the weights in", rank())
         else:
+            with every_rank_raises():
+                model, info = _load(original, cls, pretrained_model_name_or_path, args, kwargs)
             _config_as_on_source(model)
             logger.info("rank %d %s", rank(), "loaded the weights" if rank() == 0 else "built the model on meta")
         return (model, info) if want_info else model
@@ -201,7 +239,7 @@ def _rank_aware_from_pretrained(original: classmethod, stream: bool = False) -> 
 
 
 @contextlib.contextmanager
-def memory_efficient_init(stream: bool = False) -> Iterator[None]:
+def memory_efficient_init(stream: bool = False, readers: str = "rank0") -> Iterator[None]:
     """Scope under which `from_pretrained` reads the checkpoint on the source rank (global rank 0) only.
 
     With `stream=True` no rank reads weights in `from_pretrained`: every rank gets the model on the meta device
@@ -210,6 +248,11 @@ def memory_efficient_init(stream: bool = False) -> Iterator[None]:
     (`hf_dsv4.loading.stream`). The checkpoint must be safetensors files; a LoRA adapter may be added before
     `shard_model` (its factors are drawn on rank 0 when the shards are filled).
 
+    `readers` (with `stream=True`): "rank0" (default) reads on rank 0 and sends each unit into the shards; "all" has
+    every rank read only the rows its own shards hold (an FP8 weight's rows widened to its 128-row scale blocks, the
+    routed experts it holds), so no weight crosses ranks: for machines that each see the checkpoint files (a shared
+    or local copy). A Hub id is then downloaded once per machine, by its lowest rank, into the Hugging Face cache.
+
     Inside the block, `AutoModelForCausalLM.from_pretrained(path, dtype=...)` (and the same method of any
     `PreTrainedModel` subclass) loads real weights on CPU on rank 0 and returns the same model built on the meta
     device elsewhere. Every rank must call it (it is a collective; a failure on any rank raises the same
@@ -217,11 +260,15 @@ def memory_efficient_init(stream: bool = False) -> Iterator[None]:
     `from_pretrained`. Nesting is harmless: an inner block changes nothing. `PreTrainedModel.from_pretrained` is
     restored on exit, also on error.
     """
+    if readers not in READERS:
+        raise ValueError(f"readers must be one of {READERS}, not {readers!r}")
+    if readers != "rank0" and not stream:
+        raise ValueError("readers='all' reads a streamed checkpoint: pass stream=True")
     original = PreTrainedModel.__dict__["from_pretrained"]
     if getattr(original.__func__, "__hf_dsv4_rank_aware__", False):
         yield  # already inside a memory_efficient_init block: one hook, one agreement per load
         return
-    PreTrainedModel.from_pretrained = _rank_aware_from_pretrained(original, stream)
+    PreTrainedModel.from_pretrained = _rank_aware_from_pretrained(original, stream, readers)
     try:
         yield
     finally:

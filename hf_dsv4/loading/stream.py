@@ -15,8 +15,10 @@ checkpoint that lacks a tensor of the model, or holds one the model does not kno
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +42,13 @@ class StreamedCheckpoint:
         self, twin: nn.Module, checkpoint_files: list[str], load_config: Any, fp8_block: tuple[int, int] | None = None
     ):
         self.twin = twin
+        self.readers = "rank0"  # or "all": every rank has a reader and reads its own rows
         self.load_config = load_config
         self.files = [Path(f) for f in checkpoint_files]
         self._handles: dict[Path, Any] = {}
         meta_state = twin.state_dict()
+        self._shapes = {name: tensor.shape for name, tensor in meta_state.items()}  # restored by `_release`
+        self.targets: dict[str, str] = {}  # checkpoint key -> the model tensor it feeds
         self.prefixes = [prefix for prefix, _ in layer_units(twin)]
         self.groups: dict[str, dict[str, Path]] = {prefix: {} for prefix in self.prefixes}
         produced: set[str] = set()
@@ -58,8 +63,8 @@ class StreamedCheckpoint:
                         continue
                     raise ValueError(f"{file.name}: tensor '{key}' is not part of the model (as '{target}')")
                 produced.add(target)
-                prefix = next(p for p in self.prefixes if target.startswith(p))  # "" (the rest) comes last
-                self.groups[prefix][key] = file
+                self.targets[key] = target
+                self.groups[_unit_of(self.prefixes, target)][key] = file
         if fp8_block is not None:
             self._check_block_scales(fp8_block)
         missing = sorted(set(meta_state) - produced)
@@ -105,17 +110,24 @@ class StreamedCheckpoint:
                     "transformers would dequantize it with a block size inferred from the shapes"
                 )
 
-    def read(self, prefix: str) -> dict[str, torch.Tensor]:
+    def read(self, prefix: str, rows: dict[str, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
         """The unit `prefix` ("model.layers.N." or "" for everything outside the decoder layers), converted; the
-        names are the model's state-dict names without `prefix`. The twin's copy goes back to meta afterwards."""
-        slices = {key: self._open(file).get_slice(key) for key, file in self.groups[prefix].items()}
+        names are the model's state-dict names without `prefix`. The twin's copy goes back to meta afterwards.
+
+        `rows` ({model tensor name: (start, stop)}) asks for only those rows (dim 0, the dimension FSDP2 shards) of
+        those tensors: only the checkpoint rows they come from are read and converted (`_row_plan`)."""
+        plan = self._row_plan(prefix, rows or {})
         try:
-            info = compat.convert_into(self.twin, slices, self.load_config)
+            with self._local_shapes(plan.shapes):
+                info = compat.convert_into(self.twin, plan.tensors, self.load_config)
+                unit = self._collect(prefix, plan)
         except Exception as exc:
             files = ", ".join(sorted({file.name for file in self.groups[prefix].values()}))
             raise ValueError(
                 f"reading '{prefix or 'the rest'}' from {files} failed: {type(exc).__name__}: {exc}"
             ) from exc
+        finally:
+            self._release(prefix)
         problems = {
             "mismatched": sorted(map(str, getattr(info, "mismatched_keys", ()) or ())),
             "conversion errors": sorted(map(str, (getattr(info, "conversion_errors", None) or {}).items())),
@@ -124,15 +136,86 @@ class StreamedCheckpoint:
         problems = {k: v for k, v in problems.items() if v}
         if problems:
             raise ValueError(f"converting the checkpoint tensors of '{prefix or 'the rest'}' failed: {problems}")
+        return unit
+
+    def _collect(self, prefix: str, plan: _RowPlan) -> dict[str, torch.Tensor]:
         other_units = [p for p in self.prefixes if p and p != prefix]
         state = self.twin.state_dict()
-        unit = {
-            key[len(prefix) :]: tensor
-            for key, tensor in state.items()
-            if key.startswith(prefix) and not tensor.is_meta and not any(key.startswith(p) for p in other_units)
-        }
-        self._release(prefix)
+        unit = {}
+        for key, tensor in state.items():
+            if not key.startswith(prefix) or any(key.startswith(p) for p in other_units):
+                continue
+            if key in plan.empty:
+                unit[key[len(prefix) :]] = torch.empty((0, *tensor.shape[1:]), dtype=tensor.dtype)
+            elif not tensor.is_meta:
+                if key in plan.cuts:  # rows read whole for their scale blocks: keep the asked ones only
+                    offset, length = plan.cuts[key]
+                    tensor = tensor[offset : offset + length].clone()
+                unit[key[len(prefix) :]] = tensor
         return unit
+
+    def _row_plan(self, prefix: str, rows: dict[str, tuple[int, int]]) -> _RowPlan:
+        """What to read for unit `prefix` when only `rows` of some tensors are wanted. Per model tensor:
+        - one checkpoint tensor per row (routed experts, fused by transformers from one tensor per expert): only the
+          experts in the rows are read, each whole with its FP4 scale;
+        - one checkpoint tensor with the same rows (a renamed or dequantized weight): its rows, widened to whole
+          scale blocks for an FP8 weight (128 rows share a scale), read and converted, then cut to the rows asked;
+        - anything else (or no rows asked): read whole, then cut."""
+        plan = _RowPlan()
+        by_target: dict[str, list[str]] = defaultdict(list)
+        for key in self.groups[prefix]:
+            by_target[self.targets[key]].append(key)
+        for target, keys in by_target.items():
+            shape = self._shapes[target]
+            start, stop = rows.get(target, (0, shape[0] if len(shape) else 0))
+            if target not in rows or (start, stop) == (0, shape[0]):
+                plan.tensors.update({key: self._slice(key) for key in keys})
+                continue
+            if stop <= start:
+                plan.empty.add(target)
+                continue
+            shapes = {key: self._slice(key).get_shape() for key in keys}
+            if all(len(s) == len(shape) - 1 for s in shapes.values()):  # one checkpoint tensor per row
+                families: dict[str, list[str]] = defaultdict(list)
+                for key in keys:
+                    families[re.sub(r"(^|\.)\d+(?=\.)", r"\1*", key)].append(key)  # one list per w1 / w3 / scale
+                for family, members in families.items():
+                    if len(members) != shape[0]:
+                        raise ValueError(f"'{target}' has {shape[0]} rows but {len(members)} tensors '{family}'")
+                    members.sort(key=_natural)
+                    plan.tensors.update({key: self._slice(key) for key in members[start:stop]})
+                plan.shapes[target] = (stop - start, *shape[1:])
+                continue
+            weights = [key for key in keys if not key.endswith(".scale")]
+            scale = weights[0][: -len("weight")] + "scale" if len(weights) == 1 else None
+            if len(weights) != 1 or shapes[weights[0]][0] != shape[0] or (scale in shapes) != (len(keys) == 2):
+                plan.tensors.update({key: self._slice(key) for key in keys})  # read whole, cut after conversion
+                plan.cuts[target] = (start, stop - start)
+                continue
+            block = shape[0] // shapes[scale][0] if scale in shapes else 1
+            first, last = start // block * block, min(-(-stop // block) * block, shape[0])
+            plan.tensors[weights[0]] = _Rows(self._slice(weights[0]), first, last)
+            if scale in shapes:
+                plan.tensors[scale] = _Rows(self._slice(scale), first // block, -(-last // block))
+            plan.shapes[target] = (last - first, *shape[1:])
+            if (first, last) != (start, stop):
+                plan.cuts[target] = (start - first, stop - start)
+        return plan
+
+    def _slice(self, key: str) -> Any:
+        return self._open(self.groups[_unit_of(self.prefixes, self.targets[key])][key]).get_slice(key)
+
+    @contextlib.contextmanager
+    def _local_shapes(self, shapes: dict[str, tuple[int, ...]]):
+        """The twin's tensors `shapes` take those shapes (on meta) while a partial read loads into them."""
+        for name, shape in shapes.items():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = self.twin.get_submodule(owner_name) if owner_name else self.twin
+            old = owner._parameters[leaf]
+            owner._parameters[leaf] = nn.Parameter(
+                torch.empty(shape, dtype=old.dtype, device="meta"), requires_grad=old.requires_grad
+            )
+        yield
 
     @torch.no_grad()
     def _release(self, prefix: str) -> None:
@@ -144,10 +227,11 @@ class StreamedCheckpoint:
         ]:
             owner_name, _, leaf = name.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
+            meta = torch.empty(self._shapes[f"{prefix}{name}"], dtype=tensor.dtype, device="meta")
             if isinstance(tensor, nn.Parameter):
-                owner._parameters[leaf] = nn.Parameter(tensor.to("meta"), requires_grad=tensor.requires_grad)
+                owner._parameters[leaf] = nn.Parameter(meta, requires_grad=tensor.requires_grad)
             else:
-                owner._buffers[leaf] = tensor.to("meta")
+                owner._buffers[leaf] = meta
 
     def non_persistent_buffers(self) -> dict[str, torch.Tensor]:
         """The buffers no checkpoint holds (rotary `*_inv_freq`), as stock `from_pretrained` computed them."""
@@ -155,6 +239,45 @@ class StreamedCheckpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+class _RowPlan:
+    """What a partial read loads: checkpoint `tensors` (slices, or `_Rows` of them), the twin tensors that take a
+    local `shapes`, the `cuts` (offset, length) made after conversion, and the tensors with no rows (`empty`)."""
+
+    def __init__(self):
+        self.tensors: dict[str, Any] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.cuts: dict[str, tuple[int, int]] = {}
+        self.empty: set[str] = set()
+
+
+class _Rows:
+    """Rows [start, stop) of a safetensors slice, seen by transformers' loader as a whole tensor (shape, dtype,
+    `[...]` reads them)."""
+
+    def __init__(self, source: Any, start: int, stop: int):
+        self.source, self.start, self.stop = source, start, stop
+
+    def get_shape(self) -> list[int]:
+        return [self.stop - self.start, *self.source.get_shape()[1:]]
+
+    def get_dtype(self) -> str:
+        return self.source.get_dtype()
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if index is not Ellipsis:
+            raise TypeError(f"only [...] reads rows of a checkpoint tensor, not {index!r}")
+        return self.source[self.start : self.stop]
+
+
+def _natural(key: str) -> list:
+    """Sort key: numbers by value (expert 10 after expert 9), as transformers orders the tensors it fuses."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
+def _unit_of(prefixes: list[str], target: str) -> str:
+    return next(p for p in prefixes if target.startswith(p))  # "" (the rest) comes last
 
 
 def dequantizing_config(quantization_config: Any) -> Any:

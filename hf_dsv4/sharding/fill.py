@@ -1,6 +1,7 @@
 """Filling the shards: every rank checks its model against rank 0's, then rank 0's weights are sent into every
 shard through DCP (`set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`), one decoder layer at a
-time, and the buffers outside the state dict are broadcast.
+time, and the buffers outside the state dict are broadcast. With a streamed checkpoint that every rank reads
+(`readers="all"`), each rank reads its own rows instead (`load_own_rows`) and no weight is sent.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from tqdm.auto import tqdm
 
-from ..distributed import all_gather_object, on_source
+from ..distributed import all_gather_object, every_rank_raises, on_source
 from ..loading.units import layer_units, non_persistent_buffers, pretrained_models, tensor_table
 from .layout import ShardingError
 
@@ -125,6 +127,61 @@ def load_from_source(
             ahead.close()
 
 
+def own_rows(param: torch.Tensor) -> tuple[int, int] | None:
+    """The rows (dim 0) of `param`'s full tensor that this rank's shard holds, or None for a tensor every rank holds
+    whole. FSDP2 shards dim 0 in `torch.chunk` pieces (ceil(n / k) rows each, the last ones shorter or empty) over each
+    `Shard(0)` mesh dimension; `Replicate` dimensions (HSDP) hold the same rows."""
+    if not isinstance(param, DTensor):
+        return None
+    start, stop = 0, param.shape[0]
+    for mesh_dim, placement in enumerate(param.placements):
+        if isinstance(placement, Replicate):
+            continue
+        if type(placement) is not Shard or placement.dim != 0:
+            raise ShardingError(f"cannot read rows for placement {placement} (FSDP2 shards dim 0)")
+        size, index = param.device_mesh.size(mesh_dim), param.device_mesh.get_local_rank(mesh_dim)
+        chunk = -(-(stop - start) // size)
+        start, stop = min(start + index * chunk, stop), min(start + (index + 1) * chunk, stop)
+    if stop - start != param.to_local().shape[0]:
+        raise ShardingError(f"rows [{start}, {stop}) do not match the local shard {tuple(param.to_local().shape)}")
+    return start, stop
+
+
+def load_own_rows(
+    model: nn.Module,
+    read: Callable[[str, dict[str, tuple[int, int]]], dict[str, torch.Tensor]],
+    device: torch.device | str,
+) -> None:
+    """Fill every rank's shards from its own reads of the checkpoint, one unit at a time: `read(prefix, rows)` returns
+    the unit's tensors (keyed as the unit's state dict) cut to `rows` ({key: (start, stop)}, this rank's rows of each
+    sharded parameter); whole for the rest. No weight crosses ranks; a failed read is raised on every rank.
+    The shards are assigned as DTensors with the parameters' own mesh and placements (`load_state_dict(assign=True)`,
+    as DCP does), on `device`."""
+    units = layer_units(model)
+    inner = [p for p, _ in units if p]
+    for prefix, module in tqdm(units, desc="reading this rank's rows into the shards", unit="layer", disable=None):
+        own = {
+            key: tensor
+            for key, tensor in module.state_dict(keep_vars=True).items()
+            if prefix or not any(key.startswith(p) for p in inner)
+        }
+        rows = {key: span for key, tensor in own.items() if (span := own_rows(tensor)) is not None}
+        part = {}
+        with every_rank_raises():
+            part = read(prefix, rows)
+        state = {}
+        for key, tensor in own.items():
+            local = part.pop(key).to(device)
+            if isinstance(tensor, DTensor):
+                local = DTensor.from_local(
+                    local, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape,
+                    stride=tensor.stride(),
+                )  # fmt: skip
+            state[key] = local
+        module.load_state_dict(state, strict=False, assign=True)
+        del part, state
+
+
 class _ReadAhead:
     """Rank 0's streamed reads, one unit ahead: unit k+1 is read (and converted) in a background thread while unit k
     is sent, so reading overlaps the network; at most two units are held."""
@@ -149,9 +206,11 @@ class _ReadAhead:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def broadcast_non_persistent_buffers(model: nn.Module, source: dict[str, torch.Tensor]) -> None:
-    """Make the buffers outside the state dict equal to rank 0's (they are recomputed from the config elsewhere)."""
+def broadcast_non_persistent_buffers(model: nn.Module, source: dict[str, torch.Tensor], local: bool = False) -> None:
+    """Make the buffers outside the state dict equal to rank 0's (they are recomputed from the config elsewhere);
+    `local`: every rank's `source` holds them already, as stock `from_pretrained` computed them on that rank."""
     for name, buffer in non_persistent_buffers(model).items():
-        if dist.get_rank() == 0:
+        if local or dist.get_rank() == 0:
             buffer.copy_(source[name])
-        dist.broadcast(buffer, src=0)
+        if not local:
+            dist.broadcast(buffer, src=0)

@@ -19,18 +19,19 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
 from .. import compat
-from ..distributed import every_rank_raises, local_device
+from ..distributed import all_gather_object, every_rank_raises, local_device
 from ..loading.stream import StreamedCheckpoint, release_stream, streamed_checkpoint
 from ..loading.units import non_persistent_buffers
 from .fill import (
     broadcast_non_persistent_buffers,
     load_from_source,
+    load_own_rows,
     materialize_buffers,
     tie_weights,
     validate_against_source,
 )
 from .layout import ShardingError, apply_fsdp
-from .streamed import initial_adapter, stream_reader, streamed_buffers
+from .streamed import broadcast_initial_adapter, initial_adapter, stream_reader, streamed_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,18 @@ def _nothing(prefix: str) -> dict[str, torch.Tensor]:
     return {}
 
 
+def _readers(stream: StreamedCheckpoint | bool | None) -> str | None:
+    """Who reads a streamed checkpoint ("rank0" or "all"; None: not streamed), agreed by every rank (a collective)."""
+    mine = stream.readers if isinstance(stream, StreamedCheckpoint) else ("rank0" if stream else None)
+    seen = all_gather_object(mine)
+    if len(set(seen)) > 1:
+        raise ShardingError(
+            f"the ranks loaded the model differently (readers per rank: {seen}); enter the same "
+            "memory_efficient_init(stream=..., readers=...) on every rank"
+        )
+    return seen[0]
+
+
 def shard_model(
     model: nn.Module,
     mesh: DeviceMesh | None = None,
@@ -103,6 +116,7 @@ def shard_model(
         logger.info("%d routed-expert LoRA factor(s) kept in the experts' dtype", cast)
     stream = streamed_checkpoint(model)  # rank 0: its reader; True elsewhere; None unless loaded streamed
     validate_against_source(model, streamed=stream is not None)
+    every_rank_reads = _readers(stream) == "all"
     read = None  # streamed: every rank takes part in each unit's read (rank 0 reads, a failure raises everywhere)
     if stream is None:
         state_dict, buffers = _detach_source_weights(model)
@@ -111,16 +125,22 @@ def shard_model(
         with every_rank_raises():
             if isinstance(stream, StreamedCheckpoint):
                 buffers = streamed_buffers(model, stream)
-                read = stream_reader(model, stream, initial_adapter(model))
+                initial = initial_adapter(model)
+                if every_rank_reads:
+                    broadcast_initial_adapter(model, initial)
+                read = stream_reader(model, stream, initial)
     # Every rank shards a meta model the same way; rank 0's real tensors live on in `state_dict` only.
     model.to("meta")
     tie_weights(model)
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else None
     apply_fsdp(model, mesh, reshard_after_forward, mixed_precision, offload)
     materialize_buffers(model, "cpu" if cpu_offload else device)
-    load_from_source(model, state_dict, "cpu" if cpu_offload else device, read=read, read_ahead=read_ahead)
+    if every_rank_reads:
+        load_own_rows(model, read, "cpu" if cpu_offload else device)
+    else:
+        load_from_source(model, state_dict, "cpu" if cpu_offload else device, read=read, read_ahead=read_ahead)
     del state_dict
-    broadcast_non_persistent_buffers(model, buffers)
+    broadcast_non_persistent_buffers(model, buffers, local=every_rank_reads)
     tie_weights(model)
     if stream is not None:
         release_stream(model)

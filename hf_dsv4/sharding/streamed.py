@@ -102,6 +102,18 @@ def initial_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: tensor.detach() for key, tensor in state.items() if ".lora_" in key}
 
 
+@torch.no_grad()
+def broadcast_initial_adapter(model: nn.Module, initial: dict[str, torch.Tensor]) -> None:
+    """Make every rank's `initial` adapter values rank 0's, when each rank reads its own rows (`readers="all"`). An
+    adapter drawn from the seed `DSV4SFTTrainer` sets is the same on every rank already; peft's own draw is not."""
+    import torch.distributed as dist
+
+    if any(ADAPTER_SEED in m.__dict__ for m in model.modules()):
+        return
+    for key in sorted(initial):
+        dist.broadcast(initial[key], src=0)
+
+
 def streamed_buffers(model: nn.Module, stream: StreamedCheckpoint) -> dict[str, torch.Tensor]:
     """The model's non-persistent buffers (rotary `*_inv_freq`) as stock `from_pretrained` computed them."""
     outer, computed = _outer_prefix(model), stream.non_persistent_buffers()
@@ -110,10 +122,11 @@ def streamed_buffers(model: nn.Module, stream: StreamedCheckpoint) -> dict[str, 
 
 def stream_reader(
     model: nn.Module, stream: StreamedCheckpoint, initial: dict[str, torch.Tensor]
-) -> Callable[[str], dict[str, torch.Tensor]]:
-    """`read(prefix)` for `load_from_source`: the unit of `model` at `prefix` (a decoder layer, or "" for the rest),
-    keyed as the unit's own state dict: its checkpoint tensors, read and converted by `stream`, and the `initial`
-    values of what the checkpoint does not hold. Every checkpoint tensor of the unit must find its place."""
+) -> Callable[..., dict[str, torch.Tensor]]:
+    """`read(prefix, rows=None)` for `load_from_source` / `load_own_rows`: the unit of `model` at `prefix` (a decoder
+    layer, or "" for the rest), keyed as the unit's own state dict: its checkpoint tensors, read and converted by
+    `stream`, and the `initial` values of what the checkpoint does not hold; with `rows` ({key: (start, stop)}) only
+    those rows of those tensors. Every checkpoint tensor of the unit must find its place."""
     outer = _outer_prefix(model)
     # each unit's state-dict keys, taken now (sharding keeps the names): reads run in a background thread while the
     # shards are filled, so they never look at the model itself
@@ -126,9 +139,11 @@ def stream_reader(
             f"'{unfilled[0]}'); a streamed model takes LoRA adapters without modules_to_save: load without stream=True"
         )
 
-    def read(prefix: str) -> dict[str, torch.Tensor]:
+    def read(prefix: str, rows: dict[str, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+        rows = rows or {}
         unit_prefix = prefix[len(outer) :] if prefix else ""
-        unit = stream.read(unit_prefix)
+        wanted = {checkpoint_name(prefix + key, outer): span for key, span in rows.items()}
+        unit = stream.read(unit_prefix, wanted)
         inner = [p for p in units if p and p != prefix]
         part, unfilled = {}, []
         for key in units[prefix]:
@@ -136,7 +151,11 @@ def stream_reader(
             if not prefix and any(full.startswith(p) for p in inner):
                 continue  # the rest: decoder layers are units of their own
             if full in initial:
-                part[key] = initial.pop(full)
+                value = initial.pop(full)
+                if key in rows:
+                    start, stop = rows[key]
+                    value = value[start:stop].clone()
+                part[key] = value
                 continue
             name = checkpoint_name(full, outer)[len(unit_prefix) :]
             if name in unit:

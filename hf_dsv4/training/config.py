@@ -65,6 +65,15 @@ class DSV4SFTConfig(SFTConfig):
             "safetensors files is loaded whole; false: rank 0 always loads the whole model first, then sends it."
         },
     )
+    stream_readers: str = field(
+        default="rank0",
+        metadata={
+            "help": "Who reads a streamed checkpoint: 'rank0' reads each decoder layer on rank 0 and sends it into the "
+            "shards; 'all' has every rank read only the rows of its own shards (no weight crosses ranks), for "
+            "machines that each see the checkpoint files (a hub id is downloaded once per machine, into its cache).",
+            "choices": ["rank0", "all"],
+        },
+    )
     turns: str = field(
         default="all",
         metadata={
