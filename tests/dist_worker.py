@@ -138,6 +138,40 @@ def scenario_stream_all(ckpt: str, release_ckpt: str, scratch: str) -> dict:
     return out
 
 
+def scenario_stream_budget(ckpt: str, release_ckpt: str, scratch: str) -> dict:
+    """shard_model(read_budget=...) on a streamed model: rank 0 reads each rank's rows in pieces of at most the budget
+    (converted bytes) and sends them; the budget is a third of the largest tensor's shard, so tensors are cut."""
+    from hf_dsv4.loading.stream import StreamedCheckpoint
+
+    out = {}
+    for layout, source in (("hub", ckpt), ("release", release_ckpt)):
+        for dtype_name in ("float32", "bfloat16"):
+            with memory_efficient_init(stream=True):
+                model = DeepseekV4ForCausalLM.from_pretrained(source, dtype=DTYPES[dtype_name])
+            ref = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype_name])
+            world = dist.get_world_size()
+            largest = max(p.numel() * p.element_size() for p in ref.parameters())
+            budget = largest // world // 3
+            row = max(p[0].numel() * p.element_size() for p in ref.parameters() if p.dim())
+            reads, original = [], StreamedCheckpoint.read
+
+            def read(self, prefix, rows=None, only=None, original=original, reads=reads):
+                part = original(self, prefix, rows, only)
+                reads.append(sum(t.numel() * t.element_size() for t in part.values()))
+                return part
+
+            StreamedCheckpoint.read = read
+            try:
+                shard_model(model, read_budget=budget)
+            finally:
+                StreamedCheckpoint.read = original
+            result = {"budget": budget, "largest_row": row, "largest_tensor": largest, "reads": reads}
+            out[f"{layout}_{dtype_name}"] = {**result, **compare_to_reference(model, ref)}
+    out["lora"] = streamed_lora(ckpt, read_budget=4096)
+    out["torn"] = torn_stream_error(ckpt, Path(scratch) / "torn", read_budget=4096)
+    return out
+
+
 def modules_to_save_error(ckpt: str) -> str | None:
     """What shard_model raises on this rank for a streamed model under a LoRA adapter with modules_to_save (peft's
     copies of lm_head are in no checkpoint and not an adapter's new tensors)."""
@@ -155,7 +189,7 @@ def modules_to_save_error(ckpt: str) -> str | None:
     return None
 
 
-def torn_stream_error(ckpt: str, copy: Path, readers: str = "rank0") -> str | None:
+def torn_stream_error(ckpt: str, copy: Path, readers: str = "rank0", read_budget: int | None = None) -> str | None:
     """What each rank raises when a shard file is cut short after the streamed from_pretrained checked it (the
     checkpoint changed under the running job): rank 0 fails reading decoder layer 1, mid-stream."""
     import shutil
@@ -172,7 +206,7 @@ def torn_stream_error(ckpt: str, copy: Path, readers: str = "rank0") -> str | No
         with open(shard, "r+b") as f:
             f.truncate(shard.stat().st_size // 2)
     try:
-        shard_model(model)
+        shard_model(model, read_budget=read_budget)
     except Exception as exc:  # noqa: BLE001 - recorded for the test
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -190,11 +224,11 @@ def units_held():
 
     held, refs, original = [], [], StreamedCheckpoint.read
 
-    def read(self, prefix, rows=None):
+    def read(self, prefix, rows=None, only=None):
         gc.collect()
         alive = [any(ref() is not None for ref in unit) for unit in refs]
         held.append([sum(alive[:-1]), alive[-1] if alive else False])  # [older units alive, previous unit alive]
-        unit = original(self, prefix, rows)
+        unit = original(self, prefix, rows, only)
         refs.append([weakref.ref(t) for t in unit.values()])
         return unit
 
@@ -215,7 +249,7 @@ def release_not_streamed(release_ckpt: str) -> dict:
     return {"same_config": same_config, **compare_to_reference(model, ref)}
 
 
-def streamed_lora(ckpt: str, readers: str = "rank0") -> dict:
+def streamed_lora(ckpt: str, readers: str = "rank0", read_budget: int | None = None) -> dict:
     """A LoRA adapter added between the streamed from_pretrained and shard_model: the base is read from the
     checkpoint, the adapter starts from rank 0's initial values (A drawn by peft, B zero)."""
     from peft import get_peft_model
@@ -223,7 +257,7 @@ def streamed_lora(ckpt: str, readers: str = "rank0") -> dict:
     from hf_dsv4.sharding.streamed import checkpoint_name
     from hf_dsv4.training.lora import dsv4_lora_config
 
-    with memory_efficient_init(stream=True, readers=readers):
+    with memory_efficient_init(stream=True, readers=readers, read_budget=read_budget):  # shard_model reads within it
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     model = get_peft_model(model, dsv4_lora_config(r=4, alpha=8, targets="all"))
     shard_model(model)

@@ -105,7 +105,9 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
         # every rank reads its own rows of the checkpoint: the other full runs (rank 0 reads) must equal it
         _start("full", CPU_2PROC, RECIPE, [*full, "--stream_readers", "all", "--output_dir", str(out / "full")], out,
                RECORD),
-        _start("full_interrupted", CPU_2PROC, RECIPE, [*full, "--output_dir", str(out / "full_resumed")], out, full_stop),
+        # rank 0 reads each rank's rows in 64 KB pieces (cutting the experts), then sends them
+        _start("full_interrupted", CPU_2PROC, RECIPE,
+               [*full, "--stream_read_budget_mb", "0.0625", "--output_dir", str(out / "full_resumed")], out, full_stop),
         _start("full_gathered_interrupted", gathered, RECIPE, [*full, *no_stream, "--output_dir", str(out / "full_gathered")],
                out, {**full_stop, **RECORD}),
     ]  # fmt: skip

@@ -117,3 +117,41 @@ def test_a_shard_cut_short_while_every_rank_reads_fails_on_every_rank_with_the_s
     assert errors[0] is not None and errors[0] == errors[1], errors
     pattern = r"ValueError: reading 'model\.layers\.\d\.' from model-.+\.safetensors failed: SafetensorError: .*"
     assert re.fullmatch(pattern, errors[0]), errors[0]
+
+
+# ------------------------------------------------------------------------- a byte budget: rank 0 never holds a unit
+
+
+@pytest.fixture(scope="module")
+def budgeted(tiny_ckpt, release_ckpt, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("stream_budget")
+    scratch = tmp_path_factory.mktemp("stream_budget_scratch")
+    return run_ranks("stream_budget", out, str(tiny_ckpt), str(release_ckpt), str(scratch), timeout=300)
+
+
+@pytest.mark.parametrize("layout", ["hub", "release"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rank_0_reads_within_the_byte_budget_and_every_shard_equals_stock(budgeted, layout, dtype):
+    """read_budget = a third of the largest tensor's shard: every read rank 0 makes holds at most the budget (or one
+    row of a tensor whose row is larger), the largest tensors are read in row slices, and the shards are stock's."""
+    for rank, result in enumerate(budgeted):
+        result = result[f"{layout}_{dtype}"]
+        assert result["bad_params"] == [] and result["bad_buffers"] == [], f"rank {rank}"
+        assert result["logits_equal"], f"rank {rank}: max diff {result['logits_max_diff']}"
+    reads, budget = budgeted[0][f"{layout}_{dtype}"]["reads"], budgeted[0][f"{layout}_{dtype}"]["budget"]
+    assert max(reads) <= max(budget, budgeted[0][f"{layout}_{dtype}"]["largest_row"]), (max(reads), budget)
+    assert len(reads) > 3 * 2 * 4  # several pieces per unit and rank
+    assert budgeted[1][f"{layout}_{dtype}"]["reads"] == []  # only rank 0 reads
+
+
+def test_a_budgeted_stream_sends_rank_0s_adapter_draw_and_fails_on_every_rank(budgeted, tiny_counts):
+    for rank, result in enumerate(budgeted):
+        lora = result["lora"]
+        assert lora["bad_base"] == [] and lora["logits_equal"], f"rank {rank}"
+        assert lora["lora_tensors"] == tiny_counts["lora_all"]["trainable"]
+        assert lora["lora_a_drawn"] and lora["lora_b_zero"], f"rank {rank}"
+    assert budgeted[0]["lora"]["lora_digest"] == budgeted[1]["lora"]["lora_digest"]
+    errors = [result["torn"] for result in budgeted]
+    assert errors[0] is not None and errors[0] == errors[1], errors
+    pattern = r"ValueError: reading 'model\.layers\.\d\.' from model-.+\.safetensors failed: SafetensorError: .*"
+    assert re.fullmatch(pattern, errors[0]), errors[0]

@@ -232,3 +232,17 @@ def test_the_trainer_streams_safetensors_folders_and_hub_ids_and_loads_bin_folde
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "pytorch_model.bin").write_bytes(b"")
     assert not streamable(str(tmp_path), "sub") and not streamable(str(tmp_path / "sub"))
+
+
+def test_a_ranks_reads_are_cut_into_pieces_within_the_budget():
+    """`read_pieces`: tensors in name order, filled into pieces of at most `budget` bytes, a tensor cut along its rows
+    where it does not fit (one row at least, even when a row is larger than the budget), empty spans left out."""
+    from hf_dsv4.sharding.fill import read_pieces
+
+    spans = {"a": (0, 10), "b": (4, 8), "c": (3, 3), "d": (0, 1)}
+    row_bytes = {"a": 10, "b": 30, "c": 5, "d": 500}
+    assert read_pieces(spans, row_bytes, 60) == [
+        {"a": (0, 6)}, {"a": (6, 10)}, {"b": (4, 6)}, {"b": (6, 8)}, {"d": (0, 1)}
+    ]  # fmt: skip
+    assert read_pieces(spans, row_bytes, 10**6) == [{"a": (0, 10), "b": (4, 8), "d": (0, 1)}]
+    assert read_pieces({"c": (3, 3)}, row_bytes, 60) == []

@@ -193,7 +193,9 @@ def _load(original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict
         return model, info
 
 
-def _load_streamed(original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict, readers: str) -> Any:
+def _load_streamed(
+    original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict, readers: str, read_budget: int | None
+) -> Any:
     """The meta model on every rank, carrying a reader of the checkpoint on the ranks that read it (rank 0, or every
     rank with `readers="all"`; True elsewhere). A collective: each step's failure is raised on every rank."""
     with every_rank_raises(), _load_errors():
@@ -204,6 +206,8 @@ def _load_streamed(original: classmethod, cls: type, path: Any, args: tuple, kwa
                 _attach_reader(model, original, cls, path, args, kwargs, fp8_block, readers)
     if getattr(model, STREAM_ATTRIBUTE, None) is None:
         setattr(model, STREAM_ATTRIBUTE, True)
+    else:
+        getattr(model, STREAM_ATTRIBUTE).read_budget = read_budget
     return model
 
 
@@ -216,7 +220,9 @@ def _config_as_on_source(model: Any) -> None:
         del model.config.quantization_config
 
 
-def _rank_aware_from_pretrained(original: classmethod, stream: bool = False, readers: str = "rank0") -> classmethod:
+def _rank_aware_from_pretrained(
+    original: classmethod, stream: bool = False, readers: str = "rank0", read_budget: int | None = None
+) -> classmethod:
     """A `from_pretrained` classmethod body that loads on the source rank and builds on meta elsewhere (with
     `stream`: builds on meta everywhere, rank 0 keeping a reader of the checkpoint)."""
 
@@ -225,7 +231,8 @@ def _rank_aware_from_pretrained(original: classmethod, stream: bool = False, rea
             return original.__get__(None, cls)(pretrained_model_name_or_path, *args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         if stream:  # a failure on any rank is raised on every rank, never left as a hang
-            model, info = _load_streamed(original, cls, pretrained_model_name_or_path, args, kwargs, readers), {}
+            path = pretrained_model_name_or_path
+            model, info = _load_streamed(original, cls, path, args, kwargs, readers, read_budget), {}
             logger.info("rank %d built the model on meta; shard_model streams the weights in", rank())
         else:
             with every_rank_raises():
@@ -239,7 +246,9 @@ def _rank_aware_from_pretrained(original: classmethod, stream: bool = False, rea
 
 
 @contextlib.contextmanager
-def memory_efficient_init(stream: bool = False, readers: str = "rank0") -> Iterator[None]:
+def memory_efficient_init(
+    stream: bool = False, readers: str = "rank0", read_budget: int | None = None
+) -> Iterator[None]:
     """Scope under which `from_pretrained` reads the checkpoint on the source rank (global rank 0) only.
 
     With `stream=True` no rank reads weights in `from_pretrained`: every rank gets the model on the meta device
@@ -252,6 +261,8 @@ def memory_efficient_init(stream: bool = False, readers: str = "rank0") -> Itera
     every rank read only the rows its own shards hold (an FP8 weight's rows widened to its 128-row scale blocks, the
     routed experts it holds), so no weight crosses ranks: for machines that each see the checkpoint files (a shared
     or local copy). A Hub id is then downloaded once per machine, by its lowest rank, into the Hugging Face cache.
+    `read_budget` (bytes, with `readers="rank0"`): rank 0 reads each rank's rows in pieces of at most that many
+    converted bytes and sends each to its rank, instead of reading whole units (`shard_model`'s `read_budget`).
 
     Inside the block, `AutoModelForCausalLM.from_pretrained(path, dtype=...)` (and the same method of any
     `PreTrainedModel` subclass) loads real weights on CPU on rank 0 and returns the same model built on the meta
@@ -262,13 +273,15 @@ def memory_efficient_init(stream: bool = False, readers: str = "rank0") -> Itera
     """
     if readers not in READERS:
         raise ValueError(f"readers must be one of {READERS}, not {readers!r}")
-    if readers != "rank0" and not stream:
-        raise ValueError("readers='all' reads a streamed checkpoint: pass stream=True")
+    if (readers != "rank0" or read_budget is not None) and not stream:
+        raise ValueError("readers and read_budget apply to a streamed checkpoint: pass stream=True")
+    if read_budget is not None and (readers != "rank0" or read_budget < 1):
+        raise ValueError(f"read_budget is a positive number of bytes for readers='rank0', not {read_budget!r}")
     original = PreTrainedModel.__dict__["from_pretrained"]
     if getattr(original.__func__, "__hf_dsv4_rank_aware__", False):
         yield  # already inside a memory_efficient_init block: one hook, one agreement per load
         return
-    PreTrainedModel.from_pretrained = _rank_aware_from_pretrained(original, stream, readers)
+    PreTrainedModel.from_pretrained = _rank_aware_from_pretrained(original, stream, readers, read_budget)
     try:
         yield
     finally:

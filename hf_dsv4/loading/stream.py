@@ -43,6 +43,7 @@ class StreamedCheckpoint:
     ):
         self.twin = twin
         self.readers = "rank0"  # or "all": every rank has a reader and reads its own rows
+        self.read_budget: int | None = None  # bytes per read for `shard_model` (None: whole units)
         self.load_config = load_config
         self.files = [Path(f) for f in checkpoint_files]
         self._handles: dict[Path, Any] = {}
@@ -110,13 +111,16 @@ class StreamedCheckpoint:
                     "transformers would dequantize it with a block size inferred from the shapes"
                 )
 
-    def read(self, prefix: str, rows: dict[str, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+    def read(
+        self, prefix: str, rows: dict[str, tuple[int, int]] | None = None, only: set[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         """The unit `prefix` ("model.layers.N." or "" for everything outside the decoder layers), converted; the
         names are the model's state-dict names without `prefix`. The twin's copy goes back to meta afterwards.
 
         `rows` ({model tensor name: (start, stop)}) asks for only those rows (dim 0, the dimension FSDP2 shards) of
-        those tensors: only the checkpoint rows they come from are read and converted (`_row_plan`)."""
-        plan = self._row_plan(prefix, rows or {})
+        those tensors: only the checkpoint rows they come from are read and converted (`_row_plan`). `only` (model
+        tensor names) reads just those tensors of the unit."""
+        plan = self._row_plan(prefix, rows or {}, only)
         try:
             with self._local_shapes(plan.shapes):
                 info = compat.convert_into(self.twin, plan.tensors, self.load_config)
@@ -145,6 +149,8 @@ class StreamedCheckpoint:
         for key, tensor in state.items():
             if not key.startswith(prefix) or any(key.startswith(p) for p in other_units):
                 continue
+            if plan.only is not None and key not in plan.only:
+                continue
             if key in plan.empty:
                 unit[key[len(prefix) :]] = torch.empty((0, *tensor.shape[1:]), dtype=tensor.dtype)
             elif not tensor.is_meta:
@@ -154,17 +160,18 @@ class StreamedCheckpoint:
                 unit[key[len(prefix) :]] = tensor
         return unit
 
-    def _row_plan(self, prefix: str, rows: dict[str, tuple[int, int]]) -> _RowPlan:
+    def _row_plan(self, prefix: str, rows: dict[str, tuple[int, int]], only: set[str] | None = None) -> _RowPlan:
         """What to read for unit `prefix` when only `rows` of some tensors are wanted. Per model tensor:
         - one checkpoint tensor per row (routed experts, fused by transformers from one tensor per expert): only the
           experts in the rows are read, each whole with its FP4 scale;
         - one checkpoint tensor with the same rows (a renamed or dequantized weight): its rows, widened to whole
           scale blocks for an FP8 weight (128 rows share a scale), read and converted, then cut to the rows asked;
         - anything else (or no rows asked): read whole, then cut."""
-        plan = _RowPlan()
+        plan = _RowPlan(only)
         by_target: dict[str, list[str]] = defaultdict(list)
         for key in self.groups[prefix]:
-            by_target[self.targets[key]].append(key)
+            if only is None or self.targets[key] in only:
+                by_target[self.targets[key]].append(key)
         for target, keys in by_target.items():
             shape = self._shapes[target]
             start, stop = rows.get(target, (0, shape[0] if len(shape) else 0))
@@ -211,10 +218,12 @@ class StreamedCheckpoint:
         for name, shape in shapes.items():
             owner_name, _, leaf = name.rpartition(".")
             owner = self.twin.get_submodule(owner_name) if owner_name else self.twin
-            old = owner._parameters[leaf]
-            owner._parameters[leaf] = nn.Parameter(
-                torch.empty(shape, dtype=old.dtype, device="meta"), requires_grad=old.requires_grad
-            )
+            if leaf in owner._parameters:
+                old = owner._parameters[leaf]
+                meta = torch.empty(shape, dtype=old.dtype, device="meta")
+                owner._parameters[leaf] = nn.Parameter(meta, requires_grad=old.requires_grad)
+            else:
+                owner._buffers[leaf] = torch.empty(shape, dtype=owner._buffers[leaf].dtype, device="meta")
         yield
 
     @torch.no_grad()
@@ -243,9 +252,11 @@ class StreamedCheckpoint:
 
 class _RowPlan:
     """What a partial read loads: checkpoint `tensors` (slices, or `_Rows` of them), the twin tensors that take a
-    local `shapes`, the `cuts` (offset, length) made after conversion, and the tensors with no rows (`empty`)."""
+    local `shapes`, the `cuts` (offset, length) made after conversion, the tensors with no rows (`empty`), and the
+    unit's tensors asked for (`only`; None: all)."""
 
-    def __init__(self):
+    def __init__(self, only: set[str] | None = None):
+        self.only = only
         self.tensors: dict[str, Any] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.cuts: dict[str, tuple[int, int]] = {}

@@ -160,26 +160,111 @@ def load_own_rows(
     units = layer_units(model)
     inner = [p for p, _ in units if p]
     for prefix, module in tqdm(units, desc="reading this rank's rows into the shards", unit="layer", disable=None):
-        own = {
-            key: tensor
-            for key, tensor in module.state_dict(keep_vars=True).items()
-            if prefix or not any(key.startswith(p) for p in inner)
-        }
+        own = _unit_entries(prefix, module, inner)
         rows = {key: span for key, tensor in own.items() if (span := own_rows(tensor)) is not None}
         part = {}
         with every_rank_raises():
             part = read(prefix, rows)
-        state = {}
-        for key, tensor in own.items():
-            local = part.pop(key).to(device)
-            if isinstance(tensor, DTensor):
-                local = DTensor.from_local(
-                    local, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape,
-                    stride=tensor.stride(),
-                )  # fmt: skip
-            state[key] = local
-        module.load_state_dict(state, strict=False, assign=True)
-        del part, state
+        _assign(module, own, {key: tensor.to(device) for key, tensor in part.items()})
+        del part
+
+
+def _assign(module: nn.Module, own: dict[str, torch.Tensor], local: dict[str, torch.Tensor]) -> None:
+    """Assign this rank's `local` tensors (its rows of each sharded parameter, whole for the rest) to the unit
+    `module` whose state-dict entries are `own`: DTensors with the parameters' own mesh and placements, as DCP does
+    (`load_state_dict(assign=True)`: FSDP2 takes them as its sharded parameters)."""
+    state = {}
+    for key, tensor in own.items():
+        value = local.pop(key)
+        if isinstance(tensor, DTensor):
+            value = DTensor.from_local(
+                value, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape,
+                stride=tensor.stride(),
+            )  # fmt: skip
+        state[key] = value
+    module.load_state_dict(state, strict=False, assign=True)
+
+
+def _unit_entries(prefix: str, module: nn.Module, inner: list[str]) -> dict[str, torch.Tensor]:
+    """The unit's own state-dict entries (for the rest, "", without the decoder layers)."""
+    entries = module.state_dict(keep_vars=True).items()
+    return {key: tensor for key, tensor in entries if prefix or not any(key.startswith(p) for p in inner)}
+
+
+def read_pieces(
+    spans: dict[str, tuple[int, int]], row_bytes: dict[str, int], budget: int
+) -> list[dict[str, tuple[int, int]]]:
+    """One rank's reads of a unit cut into pieces of at most `budget` bytes once converted: `spans` are the rows
+    (start, stop) it needs of each tensor, `row_bytes` the bytes of one row. Tensors are taken in name order, a
+    tensor larger than what is left of a piece is cut along its rows (dim 0; at least one row per piece). Tensors
+    with no rows here are left out."""
+    pieces, piece, used = [], {}, 0
+    for key in sorted(spans):
+        start, stop = spans[key]
+        while start < stop:
+            fits = (budget - used) // max(row_bytes[key], 1)
+            if piece and fits < 1:
+                pieces.append(piece)
+                piece, used = {}, 0
+                continue
+            take = min(stop - start, max(fits, 1))
+            piece[key] = (start, start + take)
+            used += take * row_bytes[key]
+            start += take
+    return [*pieces, piece] if piece else pieces
+
+
+def load_in_pieces(
+    model: nn.Module,
+    read: Callable[..., dict[str, torch.Tensor]],
+    device: torch.device | str,
+    budget: int,
+    comm_device: torch.device | str | None = None,
+) -> None:
+    """Fill every rank's shards from rank 0's reads of the checkpoint within a byte budget: for each unit and each
+    rank, rank 0 reads that rank's rows (its shards' rows; whole tensors for what every rank holds whole) in pieces
+    of at most `budget` converted bytes (`read_pieces`, a tensor cut along dim 0 if it is larger) and sends each
+    piece to its rank (point to point; its own pieces it keeps). Rank 0 so holds one piece at a time (plus what
+    converting it takes: FP8 rows widened to whole scale blocks, fp32 temporaries), never a unit; every rank
+    receives exactly its rows. A failed read is raised on every rank. Messages travel on `comm_device` (the
+    process group's device: the GPU under NCCL), the shards are placed on `device`."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm_device = comm_device or device
+    units = layer_units(model)
+    inner = [p for p, _ in units if p]
+    if rank == 0:
+        units = tqdm(units, desc="streaming the checkpoint into the shards", unit="layer", disable=None)
+    for prefix, module in units:
+        own = _unit_entries(prefix, module, inner)
+        spans = {key: own_rows(t) or (0, t.shape[0] if t.dim() else 1) for key, t in own.items()}
+        every_rank = all_gather_object(spans)
+        row_bytes = {key: t.element_size() * (t[0].numel() if t.dim() else 1) for key, t in own.items()}
+        local = {
+            key: torch.empty((stop - start, *t.shape[1:]) if t.dim() else (), dtype=t.dtype, device=comm_device)
+            for key, t in own.items()
+            for start, stop in [spans[key]]
+        }
+        for target in range(world):
+            for piece in read_pieces(every_rank[target], row_bytes, budget):
+                only = set(piece)
+                rows = {key: span for key, span in piece.items() if own[key].dim()}
+                part = on_source(lambda prefix=prefix, rows=rows, only=only: read(prefix, rows, only)) or {}
+                if rank not in (0, target):
+                    continue
+                for key in sorted(piece):
+                    start = piece[key][0] - every_rank[target][key][0]
+                    stop = start + piece[key][1] - piece[key][0]
+                    if rank == target:
+                        view = local[key][start:stop] if own[key].dim() else local[key]
+                        if rank == 0:
+                            view.copy_(part.pop(key))
+                        else:
+                            dist.recv(view, src=0)
+                    else:
+                        dist.send(part.pop(key).to(comm_device).contiguous(), dst=target)
+                del part
+        _assign(module, own, {key: t.to(device) for key, t in local.items()})
+        del local
 
 
 class _ReadAhead:

@@ -25,6 +25,7 @@ from ..loading.units import non_persistent_buffers
 from .fill import (
     broadcast_non_persistent_buffers,
     load_from_source,
+    load_in_pieces,
     load_own_rows,
     materialize_buffers,
     tie_weights,
@@ -75,16 +76,19 @@ def _nothing(prefix: str) -> dict[str, torch.Tensor]:
     return {}
 
 
-def _readers(stream: StreamedCheckpoint | bool | None) -> str | None:
-    """Who reads a streamed checkpoint ("rank0" or "all"; None: not streamed), agreed by every rank (a collective)."""
+def _streaming(stream: StreamedCheckpoint | bool | None, read_budget: int | None) -> tuple[str | None, int | None]:
+    """(who reads a streamed checkpoint: "rank0" or "all", None if not streamed; the read budget: `read_budget` or
+    the reader's), as rank 0 has them: every rank takes rank 0's path (a collective)."""
     mine = stream.readers if isinstance(stream, StreamedCheckpoint) else ("rank0" if stream else None)
-    seen = all_gather_object(mine)
+    budget = stream.read_budget if read_budget is None and isinstance(stream, StreamedCheckpoint) else read_budget
+    gathered = all_gather_object((mine, budget))
+    seen = [readers for readers, _ in gathered]
     if len(set(seen)) > 1:
         raise ShardingError(
             f"the ranks loaded the model differently (readers per rank: {seen}); enter the same "
             "memory_efficient_init(stream=..., readers=...) on every rank"
         )
-    return seen[0]
+    return seen[0], gathered[0][1]
 
 
 def shard_model(
@@ -94,18 +98,24 @@ def shard_model(
     mixed_precision: MixedPrecisionPolicy | None = None,
     cpu_offload: bool = False,
     read_ahead: bool = True,
+    read_budget: int | None = None,
 ) -> nn.Module:
     """Shard `model` with FSDP2 and fill every shard with rank 0's weights, in place; returns `model`.
 
     Every rank must call it. Rank 0 must hold real weights; the other ranks may hold the same model on meta
     (`memory_efficient_init`) or real weights (ignored). A model loaded under `memory_efficient_init(stream=True)` is
     on meta on every rank: rank 0 reads it from the checkpoint one unit at a time, the next unit while the previous
-    one is sent unless `read_ahead=False` (then rank 0 holds one unit instead of two). `mesh` defaults to a 1-D mesh over all ranks on this
-    rank's device (GPU under NCCL, else CPU); `mixed_precision` applies to bf16/fp32 groups only, never to
-    fp32-kept modules or FP8/integer tensors; `cpu_offload` keeps sharded parameters on the CPU (also on CPU-only
-    machines). LoRA factors that peft applies through `target_parameters` (routed experts) are cast to the dtype of
-    the weight they adapt first (`align_parameter_adapter_dtypes`). Raises `ShardingError` on every
-    rank if any rank's model differs from rank 0's.
+    one is sent unless `read_ahead=False` (then rank 0 holds one unit instead of two). With `read_budget` (bytes;
+    default: the one given to `memory_efficient_init`; rank 0's counts) rank 0 reads each rank's rows in pieces of at
+    most that many converted bytes and sends each piece to its rank, so it never holds a unit (a tensor larger than
+    the budget, such as Flash's 8.6 GB fused experts, is read in row slices). Under
+    `memory_efficient_init(stream=True, readers="all")` every rank reads its own rows and nothing is sent.
+
+    `mesh` defaults to a 1-D mesh over all ranks on this rank's device (GPU under NCCL, else CPU); `mixed_precision`
+    applies to bf16/fp32 groups only, never to fp32-kept modules or FP8/integer tensors; `cpu_offload` keeps sharded
+    parameters on the CPU (also on CPU-only machines). LoRA factors that peft applies through `target_parameters`
+    (routed experts) are cast to the dtype of the weight they adapt first (`align_parameter_adapter_dtypes`). Raises
+    `ShardingError` on every rank if any rank's model differs from rank 0's.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise ShardingError("shard_model needs torch.distributed; start with torchrun or `accelerate launch`")
@@ -116,7 +126,8 @@ def shard_model(
         logger.info("%d routed-expert LoRA factor(s) kept in the experts' dtype", cast)
     stream = streamed_checkpoint(model)  # rank 0: its reader; True elsewhere; None unless loaded streamed
     validate_against_source(model, streamed=stream is not None)
-    every_rank_reads = _readers(stream) == "all"
+    readers, read_budget = _streaming(stream, read_budget)
+    every_rank_reads = readers == "all"
     read = None  # streamed: every rank takes part in each unit's read (rank 0 reads, a failure raises everywhere)
     if stream is None:
         state_dict, buffers = _detach_source_weights(model)
@@ -137,6 +148,8 @@ def shard_model(
     materialize_buffers(model, "cpu" if cpu_offload else device)
     if every_rank_reads:
         load_own_rows(model, read, "cpu" if cpu_offload else device)
+    elif stream is not None and read_budget is not None:
+        load_in_pieces(model, read, "cpu" if cpu_offload else device, read_budget, comm_device=device)
     else:
         load_from_source(model, state_dict, "cpu" if cpu_offload else device, read=read, read_ahead=read_ahead)
     del state_dict

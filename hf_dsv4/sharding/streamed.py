@@ -123,10 +123,11 @@ def streamed_buffers(model: nn.Module, stream: StreamedCheckpoint) -> dict[str, 
 def stream_reader(
     model: nn.Module, stream: StreamedCheckpoint, initial: dict[str, torch.Tensor]
 ) -> Callable[..., dict[str, torch.Tensor]]:
-    """`read(prefix, rows=None)` for `load_from_source` / `load_own_rows`: the unit of `model` at `prefix` (a decoder
-    layer, or "" for the rest), keyed as the unit's own state dict: its checkpoint tensors, read and converted by
-    `stream`, and the `initial` values of what the checkpoint does not hold; with `rows` ({key: (start, stop)}) only
-    those rows of those tensors. Every checkpoint tensor of the unit must find its place."""
+    """`read(prefix, rows=None, only=None)` for `load_from_source` / `load_own_rows` / `load_in_pieces`: the unit of
+    `model` at `prefix` (a decoder layer, or "" for the rest), keyed as the unit's own state dict: its checkpoint
+    tensors, read and converted by `stream`, and the `initial` values of what the checkpoint does not hold; with
+    `rows` ({key: (start, stop)}) only those rows of those tensors, with `only` (keys) only those tensors. Every
+    checkpoint tensor of the unit must find its place."""
     outer = _outer_prefix(model)
     # each unit's state-dict keys, taken now (sharding keeps the names): reads run in a background thread while the
     # shards are filled, so they never look at the model itself
@@ -139,19 +140,24 @@ def stream_reader(
             f"'{unfilled[0]}'); a streamed model takes LoRA adapters without modules_to_save: load without stream=True"
         )
 
-    def read(prefix: str, rows: dict[str, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+    def read(
+        prefix: str, rows: dict[str, tuple[int, int]] | None = None, only: set[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         rows = rows or {}
         unit_prefix = prefix[len(outer) :] if prefix else ""
         wanted = {checkpoint_name(prefix + key, outer): span for key, span in rows.items()}
-        unit = stream.read(unit_prefix, wanted)
+        names = None if only is None else {checkpoint_name(prefix + key, outer) for key in only}
+        unit = stream.read(unit_prefix, wanted, names)
         inner = [p for p in units if p and p != prefix]
         part, unfilled = {}, []
         for key in units[prefix]:
             full = prefix + key
             if not prefix and any(full.startswith(p) for p in inner):
                 continue  # the rest: decoder layers are units of their own
-            if full in initial:
-                value = initial.pop(full)
+            if only is not None and key not in only:
+                continue
+            if full in initial:  # read once per unit, or once per piece of it (then dropped with the reader)
+                value = initial[full] if only is not None else initial.pop(full)
                 if key in rows:
                     start, stop = rows[key]
                     value = value[start:stop].clone()

@@ -97,7 +97,7 @@ def resolve_resume_from_checkpoint(value: str | bool | None, output_dir: str | o
 
 def load_dsv4_model(model_id: str, args: SFTConfig):
     """`AutoModelForCausalLM.from_pretrained(model_id)` under `memory_efficient_init` (streamed with
-    `args.stream_weights`, read by `args.stream_readers`), with `args.model_init_kwargs` (dtype default bf16; `device_map` dropped: rank 0 loads on
+    `args.stream_weights`, read by `args.stream_readers` within `args.stream_read_budget_mb`), with `args.model_init_kwargs` (dtype default bf16; `device_map` dropped: rank 0 loads on
     CPU and FSDP2 places the shards)."""
     kwargs = dict(args.model_init_kwargs or {})
     dtype = resolve_dtype(kwargs.pop("dtype", kwargs.pop("torch_dtype", None)), default=torch.bfloat16)
@@ -108,7 +108,9 @@ def load_dsv4_model(model_id: str, args: SFTConfig):
     stream = getattr(args, "stream_weights", False) and streamable(model_id, kwargs.get("subfolder", ""))
     stream = all_gather_object(stream)[0]  # rank 0's view of its files decides for every rank
     readers = getattr(args, "stream_readers", "rank0") if stream else "rank0"
-    with memory_efficient_init(stream=stream, readers=readers):
+    budget = getattr(args, "stream_read_budget_mb", 0) if stream and readers == "rank0" else 0
+    budget = int(budget * 2**20) or None
+    with memory_efficient_init(stream=stream, readers=readers, read_budget=budget):
         return AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **kwargs)
 
 
