@@ -113,59 +113,75 @@ def scenario_stream(ckpt: str, blind_ckpt: str, release_ckpt: str) -> dict:
 
 def scenario_stream_all(ckpt: str, release_ckpt: str, scratch: str) -> dict:
     """memory_efficient_init(stream=True, readers="all") + shard_model vs plain from_pretrained: every rank reads only
-    its own rows of the checkpoint, and no floating-point tensor crosses ranks while the shards are filled."""
+    its own rows of the checkpoint (whole, or in pieces within a read budget of a third of the largest tensor's
+    shard), and no floating-point tensor crosses ranks while the shards are filled."""
     from hf_dsv4.loading.stream import STREAM_ATTRIBUTE, StreamedCheckpoint
 
     out = {}
-    for layout, source in (("hub", ckpt), ("release", release_ckpt)):
-        for dtype_name in ("float32", "bfloat16"):
-            with memory_efficient_init(stream=True, readers="all"):
-                model = DeepseekV4ForCausalLM.from_pretrained(source, dtype=DTYPES[dtype_name])
-            ref = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype_name])
-            named = [*model.named_parameters(), *model.named_buffers()]
-            result = {
-                "all_meta": all(t.is_meta for _, t in named),
-                "same_table": table(model) == table(ref),
-                "reads_here": isinstance(getattr(model, STREAM_ATTRIBUTE, None), StreamedCheckpoint),
-            }
-            with CollectiveRecorder() as recorder:
-                shard_model(model)
-            result["floating_sent"] = recorder.floating_elements()
-            result["stream_released"] = not any(STREAM_ATTRIBUTE in vars(m) for m in model.modules())
-            out[f"{layout}_{dtype_name}"] = {**result, **compare_to_reference(model, ref)}
+    runs = [(layout, dtype, False) for layout in ("hub", "release") for dtype in ("float32", "bfloat16")]
+    for layout, dtype_name, in_pieces in [*runs, ("hub", "bfloat16", True), ("release", "float32", True)]:
+        source = ckpt if layout == "hub" else release_ckpt
+        ref = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype_name])
+        budget = _a_third_of_the_largest_shard(ref) if in_pieces else None
+        with memory_efficient_init(stream=True, readers="all", read_budget=budget):
+            model = DeepseekV4ForCausalLM.from_pretrained(source, dtype=DTYPES[dtype_name])
+        named = [*model.named_parameters(), *model.named_buffers()]
+        result = {
+            "all_meta": all(t.is_meta for _, t in named),
+            "same_table": table(model) == table(ref),
+            "reads_here": isinstance(getattr(model, STREAM_ATTRIBUTE, None), StreamedCheckpoint),
+        }
+        with CollectiveRecorder() as recorder, recording_reads() as reads:
+            shard_model(model)
+        result.update(floating_sent=recorder.floating_elements(), reads=reads, budget=budget, **_row_sizes(ref))
+        result["stream_released"] = not any(STREAM_ATTRIBUTE in vars(m) for m in model.modules())
+        out[f"{layout}_{dtype_name}{'_budget' if in_pieces else ''}"] = {**result, **compare_to_reference(model, ref)}
     out["lora"] = streamed_lora(ckpt, readers="all")
     out["torn"] = torn_stream_error(ckpt, Path(scratch) / "torn", readers="all")
     return out
 
 
+def _a_third_of_the_largest_shard(model: torch.nn.Module) -> int:
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    return largest // dist.get_world_size() // 3
+
+
+def _row_sizes(model: torch.nn.Module) -> dict:
+    return {"largest_row": max(p[0].numel() * p.element_size() for p in model.parameters() if p.dim())}
+
+
+@contextlib.contextmanager
+def recording_reads():
+    """The bytes of every part this rank's streamed reader returns, in order."""
+    from hf_dsv4.loading.stream import StreamedCheckpoint
+
+    reads, original = [], StreamedCheckpoint.read
+
+    def read(self, prefix, rows=None, only=None):
+        part = original(self, prefix, rows, only)
+        reads.append(sum(t.numel() * t.element_size() for t in part.values()))
+        return part
+
+    StreamedCheckpoint.read = read
+    try:
+        yield reads
+    finally:
+        StreamedCheckpoint.read = original
+
+
 def scenario_stream_budget(ckpt: str, release_ckpt: str, scratch: str) -> dict:
     """shard_model(read_budget=...) on a streamed model: rank 0 reads each rank's rows in pieces of at most the budget
     (converted bytes) and sends them; the budget is a third of the largest tensor's shard, so tensors are cut."""
-    from hf_dsv4.loading.stream import StreamedCheckpoint
-
     out = {}
     for layout, source in (("hub", ckpt), ("release", release_ckpt)):
         for dtype_name in ("float32", "bfloat16"):
             with memory_efficient_init(stream=True):
                 model = DeepseekV4ForCausalLM.from_pretrained(source, dtype=DTYPES[dtype_name])
             ref = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype_name])
-            world = dist.get_world_size()
-            largest = max(p.numel() * p.element_size() for p in ref.parameters())
-            budget = largest // world // 3
-            row = max(p[0].numel() * p.element_size() for p in ref.parameters() if p.dim())
-            reads, original = [], StreamedCheckpoint.read
-
-            def read(self, prefix, rows=None, only=None, original=original, reads=reads):
-                part = original(self, prefix, rows, only)
-                reads.append(sum(t.numel() * t.element_size() for t in part.values()))
-                return part
-
-            StreamedCheckpoint.read = read
-            try:
+            budget = _a_third_of_the_largest_shard(ref)
+            with recording_reads() as reads:
                 shard_model(model, read_budget=budget)
-            finally:
-                StreamedCheckpoint.read = original
-            result = {"budget": budget, "largest_row": row, "largest_tensor": largest, "reads": reads}
+            result = {"budget": budget, "reads": reads, **_row_sizes(ref)}
             out[f"{layout}_{dtype_name}"] = {**result, **compare_to_reference(model, ref)}
     out["lora"] = streamed_lora(ckpt, read_budget=4096)
     out["torn"] = torn_stream_error(ckpt, Path(scratch) / "torn", read_budget=4096)

@@ -85,38 +85,56 @@ def every_rank_reads(tiny_ckpt, release_ckpt, tmp_path_factory) -> list[dict]:
     return run_ranks("stream_all", out, str(tiny_ckpt), str(release_ckpt), str(scratch), timeout=300)
 
 
-@pytest.mark.parametrize("layout", ["hub", "release"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_every_rank_reading_its_own_rows_gives_stock_shards_bit_for_bit(every_rank_reads, layout, dtype, tiny_counts):
+def assert_within_budget(result: dict) -> None:
+    """Every read holds at most the budget (or one row of a tensor whose row is larger), in several pieces."""
+    reads, budget = result["reads"], result["budget"]
+    assert max(reads) <= max(budget, result["largest_row"]), (max(reads), budget)
+    assert len(reads) > 3 * 4  # several pieces per unit
+
+
+@pytest.mark.parametrize(
+    "run", ["hub_float32", "hub_bfloat16", "release_float32", "release_bfloat16", "hub_bfloat16_budget",
+            "release_float32_budget"],
+)  # fmt: skip
+def test_every_rank_reading_its_own_rows_gives_stock_shards_bit_for_bit(every_rank_reads, run, tiny_counts):
     """readers="all": each rank reads the rows of its shards (the experts it holds, an FP8 weight's rows widened to
     whole 128-row scale blocks: on 2 ranks the 128-row projections put both halves in one block), converted by
-    transformers; nothing floating-point is sent while the shards are filled."""
+    transformers, whole or in pieces within a read budget; nothing floating-point is sent while the shards fill."""
     for rank, result in enumerate(every_rank_reads):
-        result = result[f"{layout}_{dtype}"]
+        result = result[run]
         assert result["all_meta"] and result["same_table"] and result["reads_here"], f"rank {rank}"
         assert result["bad_params"] == [] and result["bad_buffers"] == [], f"rank {rank}"
-        if layout == "hub":
+        if run.startswith("hub"):
             assert result["num_tensors"] == tiny_counts["tensors"]
         assert result["logits_equal"], f"rank {rank}: max diff {result['logits_max_diff']}"
         assert result["floating_sent"] == 0, f"rank {rank}"
         assert result["stream_released"]
+        if run.endswith("budget"):
+            assert_within_budget(result)
+        else:
+            assert len(result["reads"]) == len(tiny_counts["layers"]) + 1  # one read per unit
 
 
-def test_every_rank_reading_starts_a_peft_adapter_from_rank_0s_draw(every_rank_reads, tiny_counts):
-    """peft draws each rank's A differently (its own RNG): with readers="all" rank 0's draw is broadcast."""
-    for rank, result in enumerate(every_rank_reads):
+def assert_rank_0s_adapter_and_torn_shard(results: list[dict], tiny_counts: dict) -> None:
+    """The LoRA case: the base read under peft's names, the adapter rank 0's draw (A drawn, B zero) on every rank;
+    the torn case: a shard cut short after loading fails on every rank with rank 0's error naming unit and file."""
+    for rank, result in enumerate(results):
         lora = result["lora"]
         assert lora["bad_base"] == [] and lora["logits_equal"], f"rank {rank}"
         assert lora["lora_tensors"] == tiny_counts["lora_all"]["trainable"]
         assert lora["lora_a_drawn"] and lora["lora_b_zero"], f"rank {rank}"
-    assert every_rank_reads[0]["lora"]["lora_digest"] == every_rank_reads[1]["lora"]["lora_digest"]
-
-
-def test_a_shard_cut_short_while_every_rank_reads_fails_on_every_rank_with_the_same_error(every_rank_reads):
-    errors = [result["torn"] for result in every_rank_reads]
+    assert results[0]["lora"]["lora_digest"] == results[1]["lora"]["lora_digest"]
+    errors = [result["torn"] for result in results]
     assert errors[0] is not None and errors[0] == errors[1], errors
     pattern = r"ValueError: reading 'model\.layers\.\d\.' from model-.+\.safetensors failed: SafetensorError: .*"
     assert re.fullmatch(pattern, errors[0]), errors[0]
+
+
+def test_every_rank_reading_starts_from_rank_0s_peft_draw_and_a_torn_shard_fails_everywhere(
+    every_rank_reads, tiny_counts
+):
+    """peft draws each rank's A from its own RNG: with readers="all" rank 0's draw is broadcast."""
+    assert_rank_0s_adapter_and_torn_shard(every_rank_reads, tiny_counts)
 
 
 # ------------------------------------------------------------------------- a byte budget: rank 0 never holds a unit
@@ -132,26 +150,15 @@ def budgeted(tiny_ckpt, release_ckpt, tmp_path_factory) -> list[dict]:
 @pytest.mark.parametrize("layout", ["hub", "release"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_rank_0_reads_within_the_byte_budget_and_every_shard_equals_stock(budgeted, layout, dtype):
-    """read_budget = a third of the largest tensor's shard: every read rank 0 makes holds at most the budget (or one
-    row of a tensor whose row is larger), the largest tensors are read in row slices, and the shards are stock's."""
+    """read_budget = a third of the largest tensor's shard: rank 0 reads each rank's rows in pieces within it (the
+    largest tensors in row slices) and sends them; the shards are stock's."""
     for rank, result in enumerate(budgeted):
         result = result[f"{layout}_{dtype}"]
         assert result["bad_params"] == [] and result["bad_buffers"] == [], f"rank {rank}"
         assert result["logits_equal"], f"rank {rank}: max diff {result['logits_max_diff']}"
-    reads, budget = budgeted[0][f"{layout}_{dtype}"]["reads"], budgeted[0][f"{layout}_{dtype}"]["budget"]
-    assert max(reads) <= max(budget, budgeted[0][f"{layout}_{dtype}"]["largest_row"]), (max(reads), budget)
-    assert len(reads) > 3 * 2 * 4  # several pieces per unit and rank
+    assert_within_budget(budgeted[0][f"{layout}_{dtype}"])
     assert budgeted[1][f"{layout}_{dtype}"]["reads"] == []  # only rank 0 reads
 
 
 def test_a_budgeted_stream_sends_rank_0s_adapter_draw_and_fails_on_every_rank(budgeted, tiny_counts):
-    for rank, result in enumerate(budgeted):
-        lora = result["lora"]
-        assert lora["bad_base"] == [] and lora["logits_equal"], f"rank {rank}"
-        assert lora["lora_tensors"] == tiny_counts["lora_all"]["trainable"]
-        assert lora["lora_a_drawn"] and lora["lora_b_zero"], f"rank {rank}"
-    assert budgeted[0]["lora"]["lora_digest"] == budgeted[1]["lora"]["lora_digest"]
-    errors = [result["torn"] for result in budgeted]
-    assert errors[0] is not None and errors[0] == errors[1], errors
-    pattern = r"ValueError: reading 'model\.layers\.\d\.' from model-.+\.safetensors failed: SafetensorError: .*"
-    assert re.fullmatch(pattern, errors[0]), errors[0]
+    assert_rank_0s_adapter_and_torn_shard(budgeted, tiny_counts)

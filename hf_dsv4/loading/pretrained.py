@@ -261,8 +261,9 @@ def memory_efficient_init(
     every rank read only the rows its own shards hold (an FP8 weight's rows widened to its 128-row scale blocks, the
     routed experts it holds), so no weight crosses ranks: for machines that each see the checkpoint files (a shared
     or local copy). A Hub id is then downloaded once per machine, by its lowest rank, into the Hugging Face cache.
-    `read_budget` (bytes, with `readers="rank0"`): rank 0 reads each rank's rows in pieces of at most that many
-    converted bytes and sends each to its rank, instead of reading whole units (`shard_model`'s `read_budget`).
+    `read_budget` (bytes): rank 0 reads each rank's rows in pieces of at most that many converted bytes and sends each
+    to its rank, instead of reading whole units (with `readers="all"`: every rank reads its own rows in such pieces);
+    see `shard_model`.
 
     Inside the block, `AutoModelForCausalLM.from_pretrained(path, dtype=...)` (and the same method of any
     `PreTrainedModel` subclass) loads real weights on CPU on rank 0 and returns the same model built on the meta
@@ -275,8 +276,8 @@ def memory_efficient_init(
         raise ValueError(f"readers must be one of {READERS}, not {readers!r}")
     if (readers != "rank0" or read_budget is not None) and not stream:
         raise ValueError("readers and read_budget apply to a streamed checkpoint: pass stream=True")
-    if read_budget is not None and (readers != "rank0" or read_budget < 1):
-        raise ValueError(f"read_budget is a positive number of bytes for readers='rank0', not {read_budget!r}")
+    if read_budget is not None and read_budget < 1:
+        raise ValueError(f"read_budget is a positive number of bytes, not {read_budget!r}")
     original = PreTrainedModel.__dict__["from_pretrained"]
     if getattr(original.__func__, "__hf_dsv4_rank_aware__", False):
         yield  # already inside a memory_efficient_init block: one hook, one agreement per load

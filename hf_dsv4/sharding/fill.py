@@ -6,6 +6,7 @@ time, and the buffers outside the state dict are broadcast. With a streamed chec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -149,24 +150,34 @@ def own_rows(param: torch.Tensor) -> tuple[int, int] | None:
 
 def load_own_rows(
     model: nn.Module,
-    read: Callable[[str, dict[str, tuple[int, int]]], dict[str, torch.Tensor]],
+    read: Callable[..., dict[str, torch.Tensor]],
     device: torch.device | str,
+    budget: int | None = None,
 ) -> None:
-    """Fill every rank's shards from its own reads of the checkpoint, one unit at a time: `read(prefix, rows)` returns
-    the unit's tensors (keyed as the unit's state dict) cut to `rows` ({key: (start, stop)}, this rank's rows of each
-    sharded parameter); whole for the rest. No weight crosses ranks; a failed read is raised on every rank.
-    The shards are assigned as DTensors with the parameters' own mesh and placements (`load_state_dict(assign=True)`,
-    as DCP does), on `device`."""
+    """Fill every rank's shards from its own reads of the checkpoint, one unit at a time: `read(prefix, rows, only)`
+    returns the unit's tensors (keyed as the unit's state dict) cut to `rows` ({key: (start, stop)}, this rank's rows
+    of each sharded parameter; whole for the rest), all of them or `only` those. With a `budget` (bytes) each rank
+    reads its rows in pieces of at most that many converted bytes (`read_pieces`). No weight crosses ranks; a failed
+    read is raised on every rank. The shards are assigned as DTensors with the parameters' own mesh and placements
+    (`load_state_dict(assign=True)`, as DCP does), on `device`."""
     units = layer_units(model)
     inner = [p for p, _ in units if p]
     for prefix, module in tqdm(units, desc="reading this rank's rows into the shards", unit="layer", disable=None):
         own = _unit_entries(prefix, module, inner)
-        rows = {key: span for key, tensor in own.items() if (span := own_rows(tensor)) is not None}
-        part = {}
+        spans = _spans(own)
+        local = {}
         with every_rank_raises():
-            part = read(prefix, rows)
-        _assign(module, own, {key: tensor.to(device) for key, tensor in part.items()})
-        del part
+            if budget is None:
+                rows = {key: span for key, span in spans.items() if isinstance(own[key], DTensor)}
+                local = {key: tensor.to(device) for key, tensor in read(prefix, rows).items()}
+            else:
+                local = _allocate(own, spans, device)
+                for piece in read_pieces(spans, _row_bytes(own), budget):
+                    part = read(prefix, _cut_rows(own, piece), set(piece))
+                    for key in piece:
+                        _into(local[key], own[key], piece[key], spans[key]).copy_(part.pop(key))
+                    del part
+        _assign(module, own, local)
 
 
 def _assign(module: nn.Module, own: dict[str, torch.Tensor], local: dict[str, torch.Tensor]) -> None:
@@ -189,6 +200,35 @@ def _unit_entries(prefix: str, module: nn.Module, inner: list[str]) -> dict[str,
     """The unit's own state-dict entries (for the rest, "", without the decoder layers)."""
     entries = module.state_dict(keep_vars=True).items()
     return {key: tensor for key, tensor in entries if prefix or not any(key.startswith(p) for p in inner)}
+
+
+def _spans(own: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """The rows of each entry this rank holds: its shard's rows, all rows of what every rank holds whole (a 0-dim
+    tensor counts as one row)."""
+    return {key: own_rows(t) or (0, t.shape[0] if t.dim() else 1) for key, t in own.items()}
+
+
+def _row_bytes(own: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {key: t.element_size() * math.prod(t.shape[1:]) for key, t in own.items()}
+
+
+def _allocate(own: dict[str, torch.Tensor], spans: dict, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Empty tensors for this rank's rows of each entry, filled piece by piece."""
+    return {
+        key: torch.empty((stop - start, *t.shape[1:]) if t.dim() else (), dtype=t.dtype, device=device)
+        for key, t in own.items()
+        for start, stop in [spans[key]]
+    }
+
+
+def _cut_rows(own: dict[str, torch.Tensor], piece: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """A piece's rows as `read` takes them (a 0-dim tensor is read whole)."""
+    return {key: span for key, span in piece.items() if own[key].dim()}
+
+
+def _into(local: torch.Tensor, entry: torch.Tensor, rows: tuple[int, int], span: tuple[int, int]) -> torch.Tensor:
+    """The part of `local` (a rank's rows `span` of `entry`) where the piece's `rows` go."""
+    return local[rows[0] - span[0] : rows[1] - span[0]] if entry.dim() else local
 
 
 def read_pieces(
@@ -236,32 +276,23 @@ def load_in_pieces(
         units = tqdm(units, desc="streaming the checkpoint into the shards", unit="layer", disable=None)
     for prefix, module in units:
         own = _unit_entries(prefix, module, inner)
-        spans = {key: own_rows(t) or (0, t.shape[0] if t.dim() else 1) for key, t in own.items()}
-        every_rank = all_gather_object(spans)
-        row_bytes = {key: t.element_size() * (t[0].numel() if t.dim() else 1) for key, t in own.items()}
-        local = {
-            key: torch.empty((stop - start, *t.shape[1:]) if t.dim() else (), dtype=t.dtype, device=comm_device)
-            for key, t in own.items()
-            for start, stop in [spans[key]]
-        }
+        every_rank = all_gather_object(_spans(own))
+        local = _allocate(own, every_rank[rank], comm_device)
         for target in range(world):
-            for piece in read_pieces(every_rank[target], row_bytes, budget):
-                only = set(piece)
-                rows = {key: span for key, span in piece.items() if own[key].dim()}
+            for piece in read_pieces(every_rank[target], _row_bytes(own), budget):
+                rows, only = _cut_rows(own, piece), set(piece)
                 part = on_source(lambda prefix=prefix, rows=rows, only=only: read(prefix, rows, only)) or {}
                 if rank not in (0, target):
                     continue
                 for key in sorted(piece):
-                    start = piece[key][0] - every_rank[target][key][0]
-                    stop = start + piece[key][1] - piece[key][0]
-                    if rank == target:
-                        view = local[key][start:stop] if own[key].dim() else local[key]
-                        if rank == 0:
-                            view.copy_(part.pop(key))
-                        else:
-                            dist.recv(view, src=0)
-                    else:
+                    if rank == 0 and target != 0:
                         dist.send(part.pop(key).to(comm_device).contiguous(), dst=target)
+                        continue
+                    view = _into(local[key], own[key], piece[key], every_rank[target][key])
+                    if rank == 0:
+                        view.copy_(part.pop(key))
+                    else:
+                        dist.recv(view, src=0)
                 del part
         _assign(module, own, {key: t.to(device) for key, t in local.items()})
         del local

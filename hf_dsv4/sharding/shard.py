@@ -109,7 +109,8 @@ def shard_model(
     default: the one given to `memory_efficient_init`; rank 0's counts) rank 0 reads each rank's rows in pieces of at
     most that many converted bytes and sends each piece to its rank, so it never holds a unit (a tensor larger than
     the budget, such as Flash's 8.6 GB fused experts, is read in row slices). Under
-    `memory_efficient_init(stream=True, readers="all")` every rank reads its own rows and nothing is sent.
+    `memory_efficient_init(stream=True, readers="all")` every rank reads its own rows (in pieces within the budget, if
+    one is given) and nothing is sent.
 
     `mesh` defaults to a 1-D mesh over all ranks on this rank's device (GPU under NCCL, else CPU); `mixed_precision`
     applies to bf16/fp32 groups only, never to fp32-kept modules or FP8/integer tensors; `cpu_offload` keeps sharded
@@ -147,7 +148,7 @@ def shard_model(
     apply_fsdp(model, mesh, reshard_after_forward, mixed_precision, offload)
     materialize_buffers(model, "cpu" if cpu_offload else device)
     if every_rank_reads:
-        load_own_rows(model, read, "cpu" if cpu_offload else device)
+        load_own_rows(model, read, "cpu" if cpu_offload else device, read_budget)
     elif stream is not None and read_budget is not None:
         load_in_pieces(model, read, "cpu" if cpu_offload else device, read_budget, comm_device=device)
     else:

@@ -77,9 +77,10 @@ class DSV4SFTConfig(SFTConfig):
     stream_read_budget_mb: float = field(
         default=0.0,
         metadata={
-            "help": "With stream_readers 'rank0': rank 0 reads each rank's rows of a decoder layer in pieces of at "
-            "most this many MB (once dequantized) and sends each to its rank, instead of reading whole layers "
-            "(DeepSeek-V4-Flash's are ~13 GB in bf16; its fused experts alone 8.6 GB). 0: whole layers."
+            "help": "Read a streamed checkpoint in pieces of at most this many MB (once dequantized) instead of whole "
+            "decoder layers (DeepSeek-V4-Flash's are ~13 GB in bf16, its fused experts alone 8.6 GB): with "
+            "stream_readers 'rank0' rank 0 reads each rank's rows in such pieces and sends them; with 'all' every "
+            "rank reads its own rows in such pieces. 0: whole layers."
         },
     )
     turns: str = field(

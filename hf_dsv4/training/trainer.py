@@ -108,7 +108,7 @@ def load_dsv4_model(model_id: str, args: SFTConfig):
     stream = getattr(args, "stream_weights", False) and streamable(model_id, kwargs.get("subfolder", ""))
     stream = all_gather_object(stream)[0]  # rank 0's view of its files decides for every rank
     readers = getattr(args, "stream_readers", "rank0") if stream else "rank0"
-    budget = getattr(args, "stream_read_budget_mb", 0) if stream and readers == "rank0" else 0
+    budget = getattr(args, "stream_read_budget_mb", 0) if stream else 0
     budget = int(budget * 2**20) or None
     with memory_efficient_init(stream=stream, readers=readers, read_budget=budget):
         return AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **kwargs)
