@@ -2,6 +2,7 @@
 
     python benchmarks/bench_load.py                 # 2 CPU ranks (gloo), ~1 GB bf16 checkpoint built locally
     python benchmarks/bench_load.py --ranks 2 --ckpt /path/to/dsv4 --backend nccl   # on GPUs
+    python benchmarks/bench_load.py --layout flash --modes gh --read_budget_mb 512 --repeats 1   # Flash-width layer
 
 (a) stock transformers: every rank calls `from_pretrained` (what transformers 5 does under FSDP, even with
     FSDP_CPU_RAM_EFFICIENT_LOADING);
@@ -15,6 +16,7 @@
 (f) as (d) with `shard_model(read_ahead=False)`: rank 0 reads a layer only once the previous one is sent;
 (g) as (d) with `memory_efficient_init(stream=True, read_budget=...)` (`--read_budget_mb`, default 16): rank 0 reads
     each rank's rows in pieces of at most the budget and sends each to its rank, never holding a whole layer;
+(h) as (e) with the same read budget: every rank reads its own rows in pieces;
 (s) for scale, not a goal: (a) followed by the same FSDP2 layout as (c) (`hf_dsv4.sharding.apply_fsdp` on every rank's
     full copy, each rank slicing its own shards), i.e. stock loading that ends, like (c), with a sharded model.
 
@@ -69,6 +71,7 @@ MODES = {"a": "stock transformers (every rank from_pretrained)", "b": "stock acc
          "e": "hf_dsv4 memory_efficient_init(stream=True, readers=\"all\") + shard_model",
          "f": "(d) with shard_model(read_ahead=False)",
          "g": "(d) with read_budget (rank 0 reads each rank's rows in pieces)",
+         "h": "(e) with read_budget (each rank reads its rows in pieces)",
          "s": "(a) + fully_shard on every rank's full copy (scale only)"}  # fmt: skip
 PHASES: dict[str, float] = {}  # wall seconds of named phases of one run, filled by the loaders
 
@@ -158,6 +161,11 @@ def _load_hf_dsv4_streamed_in_pieces(ckpt: str, dtype):
     return _load_hf_dsv4_streamed(ckpt, dtype, read_budget=int(float(os.environ["BENCH_READ_BUDGET_MB"]) * 2**20))
 
 
+def _load_hf_dsv4_streamed_by_all_in_pieces(ckpt: str, dtype):
+    budget = int(float(os.environ["BENCH_READ_BUDGET_MB"]) * 2**20)
+    return _load_hf_dsv4_streamed(ckpt, dtype, readers="all", read_budget=budget)
+
+
 def _load_hf_dsv4_streamed_in_turn(ckpt: str, dtype):
     return _load_hf_dsv4_streamed(ckpt, dtype, read_ahead=False)
 
@@ -196,7 +204,7 @@ def worker(mode: str, ckpt: str, out: str, backend: str) -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     load = {"a": _load_stock, "b": _load_accelerate, "c": _load_hf_dsv4, "d": _load_hf_dsv4_streamed,
             "e": _load_hf_dsv4_streamed_by_all, "f": _load_hf_dsv4_streamed_in_turn,
-            "g": _load_hf_dsv4_streamed_in_pieces,
+            "g": _load_hf_dsv4_streamed_in_pieces, "h": _load_hf_dsv4_streamed_by_all_in_pieces,
             "s": _load_stock_and_shard}[mode]  # fmt: skip
     dist.barrier()
     baseline = _reset_peak()
@@ -261,11 +269,17 @@ def run_mode(mode: str, ckpt: Path, ranks: int, backend: str, out: Path, port: i
 
 def build_checkpoint(path: Path, layout: str = "hub") -> float:
     """Build (once) the benchmark checkpoint: ~1 GB bf16 in the Hub layout, or the same model in DeepSeek's release
-    layout (FP8 / FP4 with block scales, ~0.5 GB; ~1 GB once dequantized); return its size in MB."""
+    layout (FP8 / FP4 with block scales, ~0.5 GB; ~1 GB once dequantized), or (`flash`) a full-width
+    DeepSeek-V4-Flash slice of one decoder layer in the release layout (`flash_release.py`: 5.4 GB, 15.3 GB in bf16);
+    return its size in MB."""
     from hf_dsv4.testing import build_release_dsv4, build_tiny_dsv4
 
     if not (path / "model.safetensors.index.json").exists():
-        if layout == "release":
+        if layout == "flash":
+            from flash_release import build_flash_release
+
+            build_flash_release(path)
+        elif layout == "release":
             build_release_dsv4(path, max_shard_bytes=256 * 2**20, **BENCH_CONFIG)
         else:
             build_tiny_dsv4(path, max_shard_bytes=256 * 2**20, **BENCH_CONFIG)
@@ -284,7 +298,9 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, default=None, help="default: /tmp/hf_dsv4_bench_<layout>")
-    parser.add_argument("--layout", choices=["hub", "release"], default="hub", help="the checkpoint built if absent")
+    parser.add_argument(
+        "--layout", choices=["hub", "release", "flash"], default="hub", help="the checkpoint built if absent"
+    )
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--backend", default="gloo")
     parser.add_argument("--modes", default="abc")
@@ -295,7 +311,11 @@ def main() -> None:
     parser.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ckpt is None:
-        args.ckpt = Path("/tmp/hf_dsv4_bench_ckpt" if args.layout == "hub" else "/tmp/hf_dsv4_bench_release")
+        args.ckpt = Path(
+            {"hub": "/tmp/hf_dsv4_bench_ckpt", "release": "/tmp/hf_dsv4_bench_release"}.get(
+                args.layout, "/tmp/hf_dsv4_flash_release"
+            )
+        )
     if args.worker:
         return worker(args.worker, str(args.ckpt), str(args.out), args.backend)
     os.environ["BENCH_READ_BUDGET_MB"] = str(args.read_budget_mb)  # the workers of mode (g) inherit it

@@ -129,3 +129,28 @@ def test_a_later_change_by_accelerate_is_left_alone(monkeypatch):
     PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
     restore()
     assert PartialState._shared_state["distributed_type"] == DistributedType.MULTI_GPU
+
+
+def test_streamed_reads_convert_in_the_calling_thread_and_leave_the_setting_as_it_was(monkeypatch):
+    """`convert_into` turns transformers' read pool off for its call only (HF_DEACTIVATE_ASYNC_LOAD), whatever the
+    variable held before, also when the conversion fails."""
+    import os
+
+    import transformers.core_model_loading as loading
+
+    seen = []
+
+    def convert(model, state_dict, load_config):
+        seen.append(os.environ.get("HF_DEACTIVATE_ASYNC_LOAD"))
+        if state_dict == "fail":
+            raise RuntimeError("boom")
+        return "info", None
+
+    monkeypatch.setattr(loading, "convert_and_load_state_dict_in_model", convert)
+    monkeypatch.delenv("HF_DEACTIVATE_ASYNC_LOAD", raising=False)
+    assert compat.convert_into(None, {}, None) == "info"
+    assert "HF_DEACTIVATE_ASYNC_LOAD" not in os.environ
+    monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "0")
+    with pytest.raises(RuntimeError, match="boom"):
+        compat.convert_into(None, "fail", None)
+    assert os.environ["HF_DEACTIVATE_ASYNC_LOAD"] == "0" and seen == ["1", "1"]
