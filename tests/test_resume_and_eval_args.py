@@ -105,3 +105,14 @@ def test_a_cpu_machine_needs_no_device_or_precision_flag_and_float32_weights_com
     assert training_args.bf16 is False and training_args.use_cpu
     _, training_args, _ = recipe.parse_args([*argv, "--bf16", "true"])
     assert training_args.bf16 is True
+
+
+def test_the_flash_recipe_config_streams_the_release_on_every_rank_within_a_budget(recipe):
+    """recipes/configs/dsv4_flash_lora.yaml parses with the recipe's own parser into the loading it documents."""
+    config = str(REPO / "recipes" / "configs" / "dsv4_flash_lora.yaml")
+    script_args, training_args, model_args = recipe.parse_args(["--config", config, "--dataset_name", "x/y"])
+    assert model_args.model_name_or_path == "deepseek-ai/DeepSeek-V4-Flash"
+    assert training_args.stream_weights and training_args.stream_readers == "all"
+    assert training_args.stream_read_budget_mb == 2048
+    with pytest.raises(SystemExit):  # a reader that does not exist is refused by the parser
+        recipe.parse_args(["--config", config, "--dataset_name", "x/y", "--stream_readers", "rank1"])

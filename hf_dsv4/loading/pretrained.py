@@ -125,13 +125,17 @@ def _threads_of_idle_ranks() -> Iterator[None]:
 READERS = ("rank0", "all")
 
 
-def _reader_turns(readers: str) -> list[bool]:
-    """For each turn of opening the checkpoint, whether this rank opens it then. "rank0": rank 0 alone. "all": first
-    the lowest rank of each machine (by host name), so a Hub id is downloaded once per machine into its cache, then
-    the machine's other ranks, which find the files in that cache (a collective)."""
+def _reader_turns(readers: str, path: Any) -> list[bool]:
+    """For each turn of opening the checkpoint, whether this rank opens it then. "rank0": rank 0 alone. "all": when
+    every rank sees a local folder, all at once; else first the lowest rank of each machine (by host name), so a Hub
+    id is downloaded once per machine into its cache, then the machine's other ranks, which find the files in that
+    cache (a collective)."""
     if readers == "rank0":
         return [rank() == 0]
-    hosts = all_gather_object(socket.gethostname())
+    seen = all_gather_object((socket.gethostname(), os.path.isdir(str(path))))
+    if all(local for _, local in seen):
+        return [True]
+    hosts = [host for host, _ in seen]
     leader = hosts.index(hosts[rank()]) == rank()
     return [leader, not leader]
 
@@ -200,7 +204,7 @@ def _load_streamed(
     rank with `readers="all"`; True elsewhere). A collective: each step's failure is raised on every rank."""
     with every_rank_raises(), _load_errors():
         model, kwargs, fp8_block = _plan_streamed(cls, path, args, kwargs)
-    for opens in _reader_turns(readers):
+    for opens in _reader_turns(readers, path):
         with every_rank_raises(), _load_errors():
             if opens:
                 _attach_reader(model, original, cls, path, args, kwargs, fp8_block, readers)
