@@ -138,7 +138,45 @@ def scenario_stream_all(ckpt: str, release_ckpt: str, scratch: str) -> dict:
         out[f"{layout}_{dtype_name}{'_budget' if in_pieces else ''}"] = {**result, **compare_to_reference(model, ref)}
     out["lora"] = streamed_lora(ckpt, readers="all")
     out["torn"] = torn_stream_error(ckpt, Path(scratch) / "torn", readers="all")
+    out["hub_id"] = streamed_hub_id(ckpt, Path(scratch) / "hub")
     return out
+
+
+def streamed_hub_id(ckpt: str, cache: Path) -> dict:
+    """readers="all" with a Hub id (from a local Hugging Face cache, offline): the machine's lowest rank opens it
+    first, the others after it (they would find a download in the cache); the shards equal stock's."""
+    import shutil
+
+    import hf_dsv4.loading.pretrained as pretrained
+
+    snapshot = cache / "models--acme--tiny-dsv4" / "snapshots" / ("0" * 40)
+    if dist.get_rank() == 0:
+        shutil.copytree(ckpt, snapshot)
+        (cache / "models--acme--tiny-dsv4" / "refs").mkdir()
+        (cache / "models--acme--tiny-dsv4" / "refs" / "main").write_text("0" * 40)
+    dist.barrier()
+    spans, original = [], pretrained.open_streamed
+
+    def timed(*args, **kwargs):
+        start = time.monotonic()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spans.append([start, time.monotonic()])
+
+    pretrained.open_streamed = timed
+    try:
+        with memory_efficient_init(stream=True, readers="all"):
+            model = AutoModelForCausalLM.from_pretrained(
+                "acme/tiny-dsv4", dtype=torch.float32, cache_dir=str(cache), local_files_only=True
+            )
+    finally:
+        pretrained.open_streamed = original
+    shard_model(model)
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    opened = [None] * dist.get_world_size()
+    dist.all_gather_object(opened, spans)
+    return {"opened": opened, **compare_to_reference(model, ref)}
 
 
 def _a_third_of_the_largest_shard(model: torch.nn.Module) -> int:
