@@ -19,6 +19,7 @@ _EXPORTS = {
     "ChatFormatError": "hf_dsv4.template",
     "encode_messages": "hf_dsv4.template",
     "install_chat_template": "hf_dsv4.template",
+    "detect_effort_profile": "hf_dsv4.template",
     "tokenize_conversation": "hf_dsv4.template",
     "CheckpointLoadError": "hf_dsv4.loading",
     "memory_efficient_init": "hf_dsv4.loading",
@@ -52,6 +53,7 @@ __all__ = [
     "encode_messages",
     "gather_adapter",
     "install_chat_template",
+    "detect_effort_profile",
     "load_adapter",
     "memory_efficient_init",
     "save_adapter",
@@ -63,7 +65,13 @@ __all__ = [
 if TYPE_CHECKING:
     from .loading import CheckpointLoadError, memory_efficient_init
     from .sharding import ShardingError, save_pretrained_sharded, shard_model
-    from .template import ChatFormatError, encode_messages, install_chat_template, tokenize_conversation
+    from .template import (
+        ChatFormatError,
+        detect_effort_profile,
+        encode_messages,
+        install_chat_template,
+        tokenize_conversation,
+    )
     from .training import (
         LORA_TARGETS,
         DSV4Accelerator,

@@ -41,13 +41,15 @@ _MODE_OPTIONS = st.sampled_from(
     ]
 )
 _DROP_OPTIONS = st.sampled_from([({}, True), ({"drop_thinking": True}, True), ({"drop_thinking": False}, False)])
-_EFFORT_OPTIONS = st.sampled_from(
-    [
-        ({}, None),
-        ({"reasoning_effort": None}, None),
-        ({"reasoning_effort": "high"}, "high"),
-        ({"reasoning_effort": "max"}, "max"),
-    ]
+_EFFORTS = {  # per effort profile: (keyword arguments, the reasoning effort they select)
+    "0424": [({}, None), ({"reasoning_effort": None}, None), ({"reasoning_effort": "high"}, "high"),
+             ({"reasoning_effort": "max"}, "max")],
+    "0731": [({}, None), ({"reasoning_effort": None}, None), ({"reasoning_effort": "low"}, "low"),
+             ({"reasoning_effort": "high"}, "high"), ({"reasoning_effort": "max"}, "max")],
+}  # fmt: skip
+# the template's default profile (the installed one) or one passed with the call
+_PROFILE_OPTIONS = st.sampled_from(
+    [({}, "0424"), ({"effort_profile": "0424"}, "0424"), ({"effort_profile": "0731"}, "0731")]
 )
 
 
@@ -55,10 +57,12 @@ _EFFORT_OPTIONS = st.sampled_from(
 def _options(draw) -> tuple[dict, dict]:
     """(keyword arguments for apply_chat_template, the matching encode_messages options)."""
     kwargs, options = {}, {}
+    profile_kwargs, options["effort_profile"] = draw(_PROFILE_OPTIONS)
+    kwargs.update(profile_kwargs)
     for strategy, name in (
         (_MODE_OPTIONS, "thinking_mode"),
         (_DROP_OPTIONS, "drop_thinking"),
-        (_EFFORT_OPTIONS, "reasoning_effort"),
+        (st.sampled_from(_EFFORTS[options["effort_profile"]]), "reasoning_effort"),
     ):
         given_kwargs, value = draw(strategy)
         kwargs.update(given_kwargs)

@@ -137,3 +137,36 @@ def test_config_rejects_packing_and_unknown_options(tmp_path):
         DSV4SFTConfig(output_dir=str(tmp_path), turns="every", report_to=[])
     with pytest.raises(ValueError, match="overlong"):
         DSV4SFTConfig(output_dir=str(tmp_path), overlong="cut", report_to=[])
+
+
+def test_the_effort_profile_is_read_from_the_checkpoint_and_used_for_template_and_labels(checkpoint, tmp_path, caplog):
+    """--effort_profile auto (the default) on a checkpoint that ships the 0731 encoder: the trainer's template and
+    its tokenized rows render the 0731 effort block ("max": the new text), and the choice is logged."""
+    import logging
+    import shutil
+
+    from hf_dsv4.template import tokens as T
+
+    model_dir = tmp_path / "ckpt_0731"
+    shutil.copytree(checkpoint, model_dir)
+    (model_dir / "encoding").mkdir()
+    (model_dir / "encoding" / "encoding_dsv4.py").write_text(
+        'REASONING_EFFORT_PROMPTS = {"low": "", "high": "h", "max": "m"}\nDEFAULT_REASONING_EFFORT = "low"\n'
+    )
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    with caplog.at_level(logging.INFO, logger="hf_dsv4.training.trainer"):
+        trainer = DSV4SFTTrainer(
+            str(model_dir), args=_args(tmp_path / "out", max_steps=1, reasoning_effort="max"),
+            train_dataset=Dataset.from_list(rows), peft_config=dsv4_lora_config(r=2, alpha=4),
+        )  # fmt: skip
+    assert trainer.args.effort_profile == "0731"
+    assert f"effort profile 0731 (read from {model_dir})" in caplog.text
+    tok = trainer.processing_class
+    text = tok.decode(trainer.train_dataset[0]["input_ids"])
+    assert T.REASONING_EFFORT_BEYOND_MAX_PREFIX in text
+    assert tok.apply_chat_template(rows[0]["messages"], tokenize=False, reasoning_effort="max") == text
+    given = DSV4SFTTrainer(
+        str(model_dir), args=_args(tmp_path / "out2", max_steps=1, effort_profile="0424"),
+        train_dataset=Dataset.from_list(rows), peft_config=dsv4_lora_config(r=2, alpha=4),
+    )  # fmt: skip
+    assert given.args.effort_profile == "0424"

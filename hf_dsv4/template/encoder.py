@@ -337,11 +337,26 @@ def _render_transition(i: int, messages: list[dict], thinking: bool, drop: bool,
     return ""
 
 
-def _check_options(thinking_mode: str, reasoning_effort: str | None) -> None:
+def effort_prefix(reasoning_effort: str | None, effort_profile: str = T.DEFAULT_EFFORT_PROFILE) -> str:
+    """The text a prompt in thinking mode starts with (after BOS) for `reasoning_effort` under `effort_profile`
+    ("0424": None, "high" or "max", only "max" adds text; "0731": None meaning "low", "high" or "max")."""
+    if effort_profile not in T.EFFORT_PROFILES:
+        raise ChatFormatError(f"effort_profile must be one of {tuple(T.EFFORT_PROFILES)}, got {effort_profile!r}")
+    table = T.EFFORT_PROFILES[effort_profile]
+    effort = T.DEFAULT_REASONING_EFFORT[effort_profile] if reasoning_effort is None else reasoning_effort
+    if effort not in table:
+        raise ChatFormatError(
+            f"reasoning_effort must be one of {tuple(table)} under the {effort_profile} effort profile, got "
+            f"{reasoning_effort!r}"
+        )
+    return table[effort]
+
+
+def _check_options(thinking_mode: str, reasoning_effort: str | None, effort_profile: str) -> str:
+    """Validate the options; returns the reasoning-effort text."""
     if thinking_mode not in T.THINKING_MODES:
         raise ChatFormatError(f"thinking_mode must be one of {T.THINKING_MODES}, got {thinking_mode!r}")
-    if reasoning_effort not in T.REASONING_EFFORTS:
-        raise ChatFormatError(f"reasoning_effort must be one of {T.REASONING_EFFORTS}, got {reasoning_effort!r}")
+    return effort_prefix(reasoning_effort, effort_profile)
 
 
 def render_segments(
@@ -351,10 +366,11 @@ def render_segments(
     reasoning_effort: str | None = None,
     add_default_bos_token: bool = True,
     context: Sequence[Mapping] | None = None,
+    effort_profile: str = T.DEFAULT_EFFORT_PROFILE,
 ) -> list[Segment]:
     """Like `encode_messages`, but returns the text as segments that tell prompt text from each assistant
     message's trainable span (its rendering: reasoning, `</think>`, content, DSML calls and EOS)."""
-    _check_options(thinking_mode, reasoning_effort)
+    effort_text = _check_options(thinking_mode, reasoning_effort, effort_profile)
     context = list(context or [])
     validate_messages(messages, context=context)
     merged_context = _merge_tool_messages(context, -len(context))
@@ -371,8 +387,8 @@ def render_segments(
     last_user = _last_user_index(full)
 
     segments = [Segment(T.BOS, None)] if add_default_bos_token and not context else []
-    if first == 0 and thinking and reasoning_effort == "max" and full:
-        segments.append(Segment(T.REASONING_EFFORT_MAX_PREFIX, None))
+    if first == 0 and thinking and effort_text and full:
+        segments.append(Segment(effort_text, None))
     for i in range(first, len(full)):
         is_assistant = full[i]["role"] == "assistant"
         source = full[i]["_index"] if is_assistant else None
@@ -390,6 +406,7 @@ def encode_messages(
     reasoning_effort: str | None = None,
     add_default_bos_token: bool = True,
     context: Sequence[Mapping] | None = None,
+    effort_profile: str = T.DEFAULT_EFFORT_PROFILE,
 ) -> str:
     """Render `messages` (OpenAI-style dicts) as DeepSeek-V4 prompt text.
 
@@ -397,10 +414,13 @@ def encode_messages(
         messages: dicts with `role` in system, user, assistant, tool, developer, latest_reminder.
         thinking_mode: "thinking" (the current turn opens with `<think>`) or "chat".
         drop_thinking: drop reasoning of turns before the last user message (ignored when tools are present).
-        reasoning_effort: None, "high" or "max" ("max" adds a prefix in thinking mode).
+        reasoning_effort: under the "0424" profile None, "high" or "max" (only "max" adds text, in thinking mode);
+            under "0731" "low" (also None), "high" or "max" ("high" and "max" add text).
         add_default_bos_token: start with BOS when there is no context.
         context: earlier messages that are already in the model's context; they shape the rendering of
             `messages` but are not rendered themselves.
+        effort_profile: the release whose reasoning-effort block to render: "0424" (DeepSeek-V4-Flash / -Pro as
+            first released, the default) or "0731" (DeepSeek-V4-Flash-0731); see `detect_effort_profile`.
 
     Raises:
         ChatFormatError: a `ValueError` naming the message index and the problem.
@@ -408,6 +428,6 @@ def encode_messages(
     return "".join(
         s.text
         for s in render_segments(
-            messages, thinking_mode, drop_thinking, reasoning_effort, add_default_bos_token, context
+            messages, thinking_mode, drop_thinking, reasoning_effort, add_default_bos_token, context, effort_profile
         )
     )

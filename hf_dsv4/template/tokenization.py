@@ -33,7 +33,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .encoder import attach_tools, render_segments
+from .encoder import _check_options, attach_tools, render_segments
+from .tokens import DEFAULT_EFFORT_PROFILE
 
 logger = logging.getLogger(__name__)
 
@@ -219,10 +220,12 @@ class ConversationTokenizer:
     max_length: int | None = None
     overlong: Literal["truncate", "drop", "raise"] = "truncate"
     prefix_cache_size: int = 64
+    effort_profile: str = DEFAULT_EFFORT_PROFILE
     stats: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         validate_policies(self.turns, self.overlong)
+        _check_options(self.thinking_mode, self.reasoning_effort, self.effort_profile)  # bad options fail here
         self._backend = getattr(self.tokenizer, "backend_tokenizer", None)
 
     def __call__(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None) -> list[dict]:
@@ -256,7 +259,10 @@ class ConversationTokenizer:
         else:
             first_trained = _trailing_assistants(attached) if turns == "last" else 0
         messages = attached
-        segments = render_segments(messages, self.thinking_mode, self.drop_thinking, self.reasoning_effort)
+        segments = render_segments(
+            messages, self.thinking_mode, self.drop_thinking, self.reasoning_effort,
+            effort_profile=self.effort_profile,
+        )  # fmt: skip
         spans, pos = [], 0
         for seg in segments:
             if seg.message_index is not None and seg.message_index >= first_trained:
@@ -344,6 +350,7 @@ def tokenize_conversation(
     turns: Literal["all", "last"] = "all",
     max_length: int | None = None,
     overlong: Literal["truncate", "drop", "raise"] = "truncate",
+    effort_profile: str = DEFAULT_EFFORT_PROFILE,
 ) -> dict | None:
     """Tokenize one conversation: `{"input_ids", "attention_mask", "labels"}` (labels -100 outside trainable
     assistant spans), or None when the sample is dropped (over-long with `overlong="drop"`, or nothing to train).
@@ -354,6 +361,7 @@ def tokenize_conversation(
     if turns == "per_turn":
         raise ValueError("turns='per_turn' gives several samples; use ConversationTokenizer(turns='per_turn')")
     samples = ConversationTokenizer(
-        tokenizer, thinking_mode, drop_thinking, reasoning_effort, turns, max_length, overlong
-    )(messages, tools)
+        tokenizer, thinking_mode, drop_thinking, reasoning_effort, turns, max_length, overlong,
+        effort_profile=effort_profile,
+    )(messages, tools)  # fmt: skip
     return samples[0] if samples else None

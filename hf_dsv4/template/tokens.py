@@ -44,6 +44,26 @@ REASONING_EFFORT_MAX_PREFIX = (
     "alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n"
 )
 
+# DeepSeek-V4-Flash-0731 (2026-07-31): three efforts, April's "max" text became "high", and "max" is a new text
+# (as in SGLang's, vLLM's and smg's 0731 encoders, which agree byte for byte).
+REASONING_EFFORT_BEYOND_MAX_PREFIX = (
+    "Reasoning Effort: Beyond maximum \u2014 exhaustive, relentless, and uncompromising.\n"
+    "You MUST reason with the utmost depth and rigor, leaving absolutely nothing to chance: exhaustively decompose "
+    "the problem into its most fundamental components, trace every causal chain to its root, and resolve the "
+    "underlying cause rather than any surface symptom.\n"
+    "Do not stop reasoning until you have independently verified the solution from multiple angles and are certain "
+    "that no assumption remains unchecked and no error remains undiscovered.\n\n"
+)
+
+# The reasoning-effort block per release ("effort profile"): effort -> the text after BOS (thinking mode only).
+# "0424": deepseek-ai/DeepSeek-V4-Flash / -Pro as first released; "0731": deepseek-ai/DeepSeek-V4-Flash-0731.
+EFFORT_PROFILES = {
+    "0424": {None: "", "high": "", "max": REASONING_EFFORT_MAX_PREFIX},
+    "0731": {"low": "", "high": REASONING_EFFORT_MAX_PREFIX, "max": REASONING_EFFORT_BEYOND_MAX_PREFIX},
+}
+DEFAULT_REASONING_EFFORT = {"0424": None, "0731": "low"}  # what reasoning_effort=None means
+DEFAULT_EFFORT_PROFILE = "0424"
+
 RESPONSE_FORMAT_HEADER = "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n"
 
 TOOLS_HEADER = f"""## Tools

@@ -104,7 +104,20 @@ class DSV4SFTConfig(SFTConfig):
         metadata={"help": "Drop the reasoning of earlier assistant turns, as DeepSeek-V4 does at inference."},
     )
     reasoning_effort: str | None = field(
-        default=None, metadata={"help": "Reasoning effort prefix ('max' or 'high'), or None."}
+        default=None,
+        metadata={
+            "help": "Reasoning effort of the rendered prompts (thinking mode): under effort profile 0424 None, 'high' "
+            "or 'max' (only 'max' adds text); under 0731 'low' (also None), 'high' or 'max'."
+        },
+    )
+    effort_profile: str = field(
+        default="auto",
+        metadata={
+            "help": "Which DeepSeek-V4 release's reasoning-effort block to render: '0424' (DeepSeek-V4-Flash / -Pro as "
+            "first released), '0731' (DeepSeek-V4-Flash-0731), or 'auto': read from the checkpoint's "
+            "encoding/encoding_dsv4.py (parsed, never run; 0424 when it ships none).",
+            "choices": ["auto", "0424", "0731"],
+        },
     )
     react: bool | None = field(
         default=None,

@@ -212,7 +212,8 @@ def model_card(trainer: Any, model_name: str | None = None, dataset_name: str | 
         + (f", {int(seen):,} input tokens seen" if seen is not None else "")
         + ".",
         f"- Chat format: thinking mode `{args.thinking_mode}`, turns `{args.turns}`, earlier reasoning "
-        f"{'dropped' if args.drop_thinking else 'kept'}, reasoning effort `{args.reasoning_effort}`, max length "
+        f"{'dropped' if args.drop_thinking else 'kept'}, reasoning effort `{args.reasoning_effort}` "
+        f"(effort profile `{getattr(args, 'effort_profile', '0424')}`), max length "
         f"{args.max_length}, over-long samples `{args.overlong}`, assistant-only loss `{args.assistant_only_loss}`.",
         f"- Optimisation: learning rate {args.learning_rate}, {_value(args.lr_scheduler_type)} schedule, warmup "
         f"{args.warmup_steps}, optimizer `{_value(args.optim)}`, weight decay {args.weight_decay}, "

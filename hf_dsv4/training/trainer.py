@@ -42,7 +42,7 @@ from ..distributed import all_gather_object, every_rank_raises, rank
 from ..loading import memory_efficient_init, resolve_dtype
 from ..sharding import save_pretrained_sharded
 from ..sharding.streamed import ADAPTER_SEED, draw_lora_factors
-from ..template import ConversationTokenizer, install_chat_template
+from ..template import ChatFormatError, ConversationTokenizer, detect_effort_profile, install_chat_template
 from .accelerate_plugin import DSV4FSDP2Plugin, dsv4_trainer_accelerator
 from .adapter import load_adapter, peft_model_of, save_adapter
 from .callback import DSV4Callback
@@ -114,6 +114,31 @@ def load_dsv4_model(model_id: str, args: SFTConfig):
         return AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **kwargs)
 
 
+def resolve_effort_profile(effort_profile: str, model_id: str) -> str:
+    """`effort_profile`, or with "auto" the one rank 0 reads from the checkpoint's encoder file
+    (`detect_effort_profile`; "0424" with a warning when it cannot be read, e.g. offline); logged either way. A file
+    of an unknown shape fails on every rank."""
+    if effort_profile != "auto":
+        logger.info("chat format: effort profile %s (given)", effort_profile)
+        return effort_profile
+    found = None
+    with every_rank_raises():
+        if rank() == 0:
+            try:
+                found = detect_effort_profile(model_id)
+            except ChatFormatError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a hub lookup that cannot be made: the April format, said so
+                logger.warning(
+                    "could not read %s's encoder file (%s: %s): rendering the 0424 effort profile; pass "
+                    "--effort_profile to choose", model_id, type(exc).__name__, exc,
+                )  # fmt: skip
+                found = "0424"
+    found = all_gather_object(found)[0]
+    logger.info("chat format: effort profile %s (read from %s)", found, model_id)
+    return found
+
+
 def streamable(model_id: str, subfolder: str = "") -> bool:
     """Whether a model can be streamed: a hub id (the Hub serves DeepSeek-V4 as safetensors) or a local folder with
     safetensors files; a local folder of `.bin` files is loaded whole on rank 0 instead (one log line says so)."""
@@ -172,7 +197,8 @@ class DSV4SFTTrainer(SFTTrainer):
             _refuse_unsharded_meta_model(model, args)
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model_id)
-        install_chat_template(processing_class)
+        args.effort_profile = resolve_effort_profile(args.effort_profile, model_id)
+        install_chat_template(processing_class, args.effort_profile)
         if train_dataset is not None and args.assistant_only_loss and len(train_dataset):
             if not is_conversational(train_dataset[0]):
                 logger.info(
@@ -218,6 +244,7 @@ class DSV4SFTTrainer(SFTTrainer):
             thinking_mode=args.thinking_mode,
             drop_thinking=args.drop_thinking,
             reasoning_effort=args.reasoning_effort,
+            effort_profile=args.effort_profile,
             turns=args.turns,
             max_length=args.max_length,
             overlong=args.overlong,
