@@ -241,6 +241,25 @@ def test_deepseeks_own_tokenizer_is_cut_at_its_special_tokens_its_empty_normaliz
     assert all(map(is_identity_normalizer, identity)) and not any(map(is_identity_normalizer, changing))
 
 
+def test_a_cut_is_where_a_safe_token_starts_or_a_safe_end_token_ends(tokenizer):
+    """`_Cutter.is_cut` (character tries) against the definition, at every position of the official fixtures."""
+    from hf_dsv4.template.tokenization import _cutter_for
+
+    cutter = _cutter_for(tokenizer)
+
+    def occurrences(text, token):
+        at = text.find(token)
+        while at != -1:
+            yield at
+            at = text.find(token, at + 1)
+
+    for case in (1, 2, 3, 4):
+        text = load_fixture(case)[2]
+        cuts = {0, len(text)} | {at for t in cutter.starts for at in occurrences(text, t)}
+        cuts |= {at + len(t) for t in cutter.ends for at in occurrences(text, t)}
+        assert [p for p in range(len(text) + 1) if cutter.is_cut(text, p)] == sorted(cuts), case
+
+
 def test_a_token_that_can_straddle_a_special_token_makes_it_unsafe_to_split_before():
     from tokenizers import AddedToken
 

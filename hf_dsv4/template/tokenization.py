@@ -157,6 +157,20 @@ def safe_split_tokens(backend: Any) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(starts), frozenset(ends)
 
 
+_END = ""  # marks a whole token in a `_trie` (no character is the empty string)
+
+
+def _trie(words: Iterable[str]) -> dict:
+    """Nested dicts, one level per character; `_END` in a node marks the end of a word."""
+    root: dict = {}
+    for word in words:
+        node = root
+        for char in word:
+            node = node.setdefault(char, {})
+        node[_END] = True
+    return root
+
+
 class _Cutter:
     """Encodes a text as independent pieces cut at provably safe positions (see `safe_split_tokens`), with the ids
     of repeated prompt prefixes (system prompt + tools block) cached. Built once per tokenizer vocabulary."""
@@ -165,8 +179,9 @@ class _Cutter:
         self.backend = backend
         self.key = _cutter_key(backend)
         self.starts, self.ends = safe_split_tokens(backend)
-        self.start_lengths = sorted({len(t) for t in self.starts})
-        self.end_lengths = sorted({len(t) for t in self.ends})
+        # character tries: the safe tokens forwards, and the safe end tokens backwards (DeepSeek-V4's tokenizer has
+        # ~1,300 added tokens of 21 lengths: a walk is ~6x faster than a set lookup per length)
+        self.start_trie, self.end_trie = _trie(self.starts), _trie(token[::-1] for token in self.ends)
         self.prefix_ids: dict[str, list[int]] = {}
         encode_fast = getattr(backend, "encode_batch_fast", None)  # ids without offsets (tokenizers >= 0.21)
         self.encode_batch = encode_fast or backend.encode_batch
@@ -174,9 +189,21 @@ class _Cutter:
     def is_cut(self, text: str, p: int) -> bool:
         if p <= 0 or p >= len(text):
             return True
-        return any(text[p : p + n] in self.starts for n in self.start_lengths) or any(
-            text[p - n : p] in self.ends for n in self.end_lengths if n <= p
-        )
+        node = self.start_trie  # does a safe token start at p?
+        for i in range(p, len(text)):
+            node = node.get(text[i])
+            if node is None:
+                break
+            if _END in node:
+                return True
+        node = self.end_trie  # does a safe end token end at p?
+        for i in range(p - 1, -1, -1):
+            node = node.get(text[i])
+            if node is None:
+                return False
+            if _END in node:
+                return True
+        return False
 
     def prefix_end(self, text: str, candidates: Iterable[int], min_chars: int = 256) -> int:
         """The first cut among `candidates` at or after `min_chars` (0 if none): the end of a cacheable prefix."""
