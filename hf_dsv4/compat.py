@@ -95,6 +95,11 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
         Internal("accelerate:Accelerator._prepare_one", ("obj", "first_pass"), why="called for optimizers"),
         Internal("accelerate:Accelerator.__init__", assigned="_models", why="sharded models are registered there"),
         Internal("accelerate:PartialState._shared_state", why="FSDP on CPU processes"),
+        Internal(
+            "accelerate.parallelism_config:ParallelismConfig._validate_accelerator",
+            ("accelerator",),
+            why="checked once CPU processes are switched to FSDP (accelerate checks before, and refuses MULTI_CPU)",
+        ),
     )),
     "trl": (">=1.16,<1.17", (
         Internal(
@@ -326,6 +331,25 @@ def set_process_distributed_type(value: Any) -> Callable[[], None]:
             shared["distributed_type"] = before
 
     return restore
+
+
+@contextlib.contextmanager
+def parallelism_check_deferred(checks: list) -> Iterator[None]:
+    """Scope under which `Accelerator.__init__` records its `ParallelismConfig` check instead of running it (in
+    `checks`, as callables): the caller runs them once it has set the accelerator up (restored on exit, also on
+    error)."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    original = ParallelismConfig.__dict__["_validate_accelerator"]
+
+    def record(self, accelerator):
+        checks.append(lambda: original(self, accelerator))
+
+    ParallelismConfig._validate_accelerator = record
+    try:
+        yield
+    finally:
+        ParallelismConfig._validate_accelerator = original
 
 
 # ------------------------------------------------------------------------------------------------------- peft

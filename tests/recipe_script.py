@@ -76,6 +76,18 @@ def record_saves() -> dict:
     return records
 
 
+def _mesh_of(model) -> dict | None:
+    """The device mesh and placements of the model's first sharded parameter (None when nothing is sharded)."""
+    from torch.distributed.tensor import DTensor
+
+    for param in model.parameters():
+        if isinstance(param, DTensor):
+            mesh = param.device_mesh
+            return {"shape": list(mesh.shape), "names": list(mesh.mesh_dim_names or ()),
+                    "placements": [str(p) for p in param.placements]}  # fmt: skip
+    return None
+
+
 class StopAt(TrainerCallback):
     def __init__(self, step: int):
         self.step = step
@@ -106,6 +118,7 @@ if __name__ == "__main__":
             "world_size": trainer.args.world_size,
             "is_fsdp_enabled": trainer.is_fsdp_enabled,
             "sharded": trainer.is_dsv4_sharded,
+            "mesh": _mesh_of(trainer.model),
         }
         (Path(training_args.output_dir) / "test_result.json").write_text(json.dumps(result))
     if records is not None:

@@ -154,3 +154,14 @@ def test_streamed_reads_convert_in_the_calling_thread_and_leave_the_setting_as_i
     with pytest.raises(RuntimeError, match="boom"):
         compat.convert_into(None, "fail", None)
     assert os.environ["HF_DEACTIVATE_ASYNC_LOAD"] == "0" and seen == ["1", "1"]
+
+
+def test_accelerates_parallelism_check_is_recorded_in_scope_and_restored_also_on_error():
+    from accelerate.parallelism_config import ParallelismConfig
+
+    original = ParallelismConfig.__dict__["_validate_accelerator"]
+    checks = []
+    with pytest.raises(RuntimeError, match="boom"), compat.parallelism_check_deferred(checks):
+        ParallelismConfig._validate_accelerator(ParallelismConfig(), "the accelerator")  # recorded, not run
+        raise RuntimeError("boom")
+    assert ParallelismConfig.__dict__["_validate_accelerator"] is original and len(checks) == 1

@@ -348,3 +348,72 @@ def test_full_fine_tuning_saves_a_complete_model_that_reloads(runs):
     # FULL_STATE_DICT: gathered on rank 0 and written by save_pretrained; the same model
     gathered = runs["dirs"]["full_gathered"]
     assert [p.name for p in gathered.glob("model*.safetensors")] == ["model.safetensors"]
+
+
+# ------------------------------------------------------------- many machines: 2 "machines" x 2 processes, one host
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_machines_config(out: Path) -> Path:
+    """accelerate_configs/fsdp2_multinode.yaml scaled to 2 machines x 2 CPU processes on 127.0.0.1 (the file's own
+    layout: dp_replicate = machines, dp_shard = processes per machine), fp32."""
+    config = yaml.safe_load((REPO / "accelerate_configs" / "fsdp2_multinode.yaml").read_text())
+    assert config["parallelism_config"]["parallelism_config_dp_replicate_size"] == config["num_machines"] == 2
+    config.update(num_processes=4, main_process_ip="127.0.0.1", main_process_port=_free_port(), use_cpu=True,
+                  mixed_precision="no")  # fmt: skip
+    config["parallelism_config"]["parallelism_config_dp_shard_size"] = 2
+    path = out / "two_machines.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+MULTINODE_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def two_machines(tiny_ckpt_fp32, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("multinode")
+    data = _short_rows(out / "short.jsonl", n=24)  # a whole number of global batches of 8 per epoch
+    args = ["--model_name_or_path", str(tiny_ckpt_fp32), "--dataset_name", str(data), "--dtype", "float32",
+            "--max_length", "256", "--max_steps", str(MULTINODE_STEPS), "--logging_steps", "1", "--save_steps", "3",
+            "--per_device_train_batch_size", "2", "--learning_rate", "0.005", "--lora_target_modules", "all",
+            "--report_to", "none", "--seed", "42"]  # fmt: skip
+    config = ["--config_file", str(_two_machines_config(out))]
+    machines = [
+        _start(f"machine{m}", [*config, "--machine_rank", str(m)], RECIPE, [*args, "--output_dir", str(out / "hsdp")],
+               out)
+        for m in (0, 1)
+    ]  # fmt: skip
+    single = _start("one_process", ONE_PROC, RECIPE,
+                    [*args, "--gradient_accumulation_steps", "4", "--output_dir", str(out / "single")], out)  # fmt: skip
+    results = {"hsdp": _wait(machines[0], out / "hsdp")}
+    if machines[1].wait(600) != 0:
+        raise machines[1].failure("machine 1 failed")
+    results["single"] = _wait(single, out / "single")
+    results["dirs"] = {"hsdp": out / "hsdp", "single": out / "single"}
+    results["model"] = tiny_ckpt_fp32
+    return results
+
+
+def test_two_machines_of_two_processes_train_like_one_process_and_save_a_peft_adapter(two_machines):
+    """The multi-node config (HSDP: replicated across machines, sharded within one), launched as 2 machines x 2
+    processes with --machine_rank 0|1 on one host: the mesh reaches shard_model (2 x 2: Replicate, Shard(0)), the
+    losses equal 1 process with the same global batch (fp32), and global rank 0 writes an adapter PEFT loads."""
+    hsdp, single = two_machines["hsdp"], two_machines["single"]
+    assert hsdp["world_size"] == 4 and hsdp["sharded"] and single["world_size"] == 1
+    assert hsdp["mesh"] == {"shape": [2, 2], "names": ["dp_replicate", "dp_shard_cp"],
+                            "placements": ["R", "S(0)"]}  # accelerate's FSDP dim names  # fmt: skip
+    a, b = _losses(hsdp), _losses(single)
+    assert sorted(a) == sorted(b) == list(range(1, MULTINODE_STEPS + 1))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-4 * abs(b[step]), (step, a[step], b[step])
+    folder = two_machines["dirs"]["hsdp"]
+    assert (folder / "checkpoint-3" / "optimizer_0").is_dir()  # every rank wrote its shards (a shared output_dir)
+    _assert_adapter_changes_model(two_machines["model"], folder)

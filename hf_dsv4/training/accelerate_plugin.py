@@ -127,9 +127,15 @@ class DSV4Accelerator(Accelerator):
         if _launched_without_accelerator() and not kwargs.get("cpu"):
             logger.info("no GPU-like accelerator: running the %s processes on CPU", os.environ["WORLD_SIZE"])
             kwargs["cpu"] = True
-        super().__init__(*args, fsdp_plugin=fsdp_plugin, **kwargs)
+        # accelerate checks a parallelism config (HSDP: dp_replicate x dp_shard) against the distributed type before
+        # CPU processes are switched to FSDP below, and refuses MULTI_CPU: the check runs after the switch instead
+        checks: list = []
+        with compat.parallelism_check_deferred(checks):
+            super().__init__(*args, fsdp_plugin=fsdp_plugin, **kwargs)
         if isinstance(fsdp_plugin, DSV4FSDP2Plugin):
             _use_fsdp_on_cpu(self, fsdp_plugin)
+        for check in checks:
+            check()
 
     def end_training(self) -> None:
         """accelerate's end of a run (trackers finished), then accelerate's process-wide state put back as it was
