@@ -385,17 +385,23 @@ def two_machines(tiny_ckpt_fp32, tmp_path_factory) -> dict:
             "--max_length", "256", "--max_steps", str(MULTINODE_STEPS), "--logging_steps", "1", "--save_steps", "3",
             "--per_device_train_batch_size", "2", "--learning_rate", "0.005", "--lora_target_modules", "all",
             "--report_to", "none", "--seed", "42"]  # fmt: skip
-    config = ["--config_file", str(_two_machines_config(out))]
-    machines = [
-        _start(f"machine{m}", [*config, "--machine_rank", str(m)], RECIPE, [*args, "--output_dir", str(out / "hsdp")],
-               out)
-        for m in (0, 1)
-    ]  # fmt: skip
+
+    def launch(name: str, extra: list[str]) -> dict:
+        config = ["--config_file", str(_two_machines_config(out))]  # a fresh port per launch
+        machines = [_start(f"{name}_machine{m}", [*config, "--machine_rank", str(m)], RECIPE,
+                           [*args, "--stream_readers", "all", "--output_dir", str(out / name), *extra], out)
+                    for m in (0, 1)]  # fmt: skip
+        result = _wait(machines[0], out / name)
+        if machines[1].wait(600) != 0:
+            raise machines[1].failure("machine 1 failed")
+        return result
+
     single = _start("one_process", ONE_PROC, RECIPE,
                     [*args, "--gradient_accumulation_steps", "4", "--output_dir", str(out / "single")], out)  # fmt: skip
-    results = {"hsdp": _wait(machines[0], out / "hsdp")}
-    if machines[1].wait(600) != 0:
-        raise machines[1].failure("machine 1 failed")
+    results = {"hsdp": launch("hsdp", [])}
+    # a checkpoint written across both machines, resumed by both (every rank reads the shards it needs)
+    shutil.copytree(out / "hsdp" / "checkpoint-3", out / "resumed" / "checkpoint-3")
+    results["resumed"] = launch("resumed", ["--resume_from_checkpoint", "true"])
     results["single"] = _wait(single, out / "single")
     results["dirs"] = {"hsdp": out / "hsdp", "single": out / "single"}
     results["model"] = tiny_ckpt_fp32
@@ -404,8 +410,9 @@ def two_machines(tiny_ckpt_fp32, tmp_path_factory) -> dict:
 
 def test_two_machines_of_two_processes_train_like_one_process_and_save_a_peft_adapter(two_machines):
     """The multi-node config (HSDP: replicated across machines, sharded within one), launched as 2 machines x 2
-    processes with --machine_rank 0|1 on one host: the mesh reaches shard_model (2 x 2: Replicate, Shard(0)), the
-    losses equal 1 process with the same global batch (fp32), and global rank 0 writes an adapter PEFT loads."""
+    processes with --machine_rank 0|1 on one host, every rank reading its rows of the checkpoint: the mesh reaches
+    shard_model (2 x 2: Replicate, Shard(0)), the losses equal 1 process with the same global batch (fp32), and
+    global rank 0 writes an adapter PEFT loads."""
     hsdp, single = two_machines["hsdp"], two_machines["single"]
     assert hsdp["world_size"] == 4 and hsdp["sharded"] and single["world_size"] == 1
     assert hsdp["mesh"] == {"shape": [2, 2], "names": ["dp_replicate", "dp_shard_cp"],
@@ -417,3 +424,10 @@ def test_two_machines_of_two_processes_train_like_one_process_and_save_a_peft_ad
     folder = two_machines["dirs"]["hsdp"]
     assert (folder / "checkpoint-3" / "optimizer_0").is_dir()  # every rank wrote its shards (a shared output_dir)
     _assert_adapter_changes_model(two_machines["model"], folder)
+
+
+def test_a_checkpoint_written_by_two_machines_resumes_on_both_to_the_same_losses(two_machines):
+    uninterrupted, resumed = _losses(two_machines["hsdp"]), _losses(two_machines["resumed"])
+    assert sorted(resumed) == list(range(1, MULTINODE_STEPS + 1))  # steps 1-3 come with the checkpoint's state
+    for step in range(4, MULTINODE_STEPS + 1):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6), step
