@@ -83,6 +83,13 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
             ("model", "state_dict"),
             why="a sharded export names its files' tensors as save_pretrained does",
         ),
+        Internal(
+            "transformers.conversion_mapping:get_checkpoint_conversion_mapping",
+            ("model_type",),
+            why="an exported adapter's modules take the checkpoint's names (the mapping's renamings, reversed)",
+        ),
+        Internal("transformers.core_model_loading:WeightTransform.reverse_transform", (), why="the same"),
+        Internal("transformers.core_model_loading:WeightTransform.rename_source_key", ("source_key",), why="the same"),
     )),
     "transformers.trainer": (">=5.23,<5.25", (
         Internal("transformers.trainer:Accelerator", why="swapped for DSV4Accelerator by dsv4_trainer_accelerator"),
@@ -213,6 +220,20 @@ def revert_weight_conversion(model: Any, state_dict: dict[str, Any]) -> dict[str
     from transformers.core_model_loading import revert_weight_conversion as revert
 
     return revert(model, state_dict)
+
+
+def checkpoint_module_name(model_type: str, name: str) -> str:
+    """The checkpoint's name for the model's tensor `name` (`model.layers.0.self_attn.q_a_proj.weight` ->
+    `layers.0.attn.wq_a.weight` for deepseek_v4): transformers' renamings for `model_type`, reversed and applied in
+    reverse order, without the `model.` prefix the loader adds. Fused tensors keep their fused name."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [m for m in get_checkpoint_conversion_mapping(model_type) or [] if isinstance(m, WeightRenaming)]
+    name = name.removeprefix("model.")
+    for renaming in reversed(renamings):
+        name, _ = renaming.reverse_transform().rename_source_key(name)
+    return name
 
 
 @contextlib.contextmanager

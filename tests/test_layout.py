@@ -23,6 +23,7 @@ ALLOWED = {
     "training": {"compat", "distributed", "template", "loading", "sharding"},
     "testing": {"template"},
     "demo": {"template", "testing"},
+    "export": {"training"},
 }
 # every name `from hf_dsv4 import ...` gave before the package was layered
 PUBLIC = [

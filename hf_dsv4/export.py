@@ -1,0 +1,11 @@
+"""`python -m hf_dsv4.export ADAPTER_DIR OUT_DIR [--format vllm]`: a trained DeepSeek-V4 LoRA adapter in the form
+vLLM serves (DeepSeek-native names, routed experts per expert); see `hf_dsv4.training.export_adapter`."""
+
+from __future__ import annotations
+
+from .training.export_adapter import export_adapter, main
+
+__all__ = ["export_adapter", "main"]
+
+if __name__ == "__main__":
+    main()

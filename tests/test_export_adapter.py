@@ -1,0 +1,101 @@
+"""`export_adapter(..., format="vllm")`: a trained adapter under DeepSeek-native names with the routed experts split
+per expert. Each exported pair's `B @ A * scaling` must equal, bit for bit, the slice of peft's own delta for the
+module the checkpoint name maps to — mapped back with transformers' forward loading rules, the direction the export
+does not use."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+from hf_dsv4.export import export_adapter
+from hf_dsv4.training.lora import dsv4_lora_config
+
+MAPPING = get_checkpoint_conversion_mapping("deepseek_v4")
+RENAMINGS = [m for m in MAPPING if isinstance(m, WeightRenaming)]
+CONVERTERS = [m for m in MAPPING if isinstance(m, WeightConverter)]
+
+
+def _adapter(ckpt, preset: str, folder):
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    peft_model = get_peft_model(model, dsv4_lora_config(r=2, alpha=6, targets=preset))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".lora_B." in name:  # B starts at zero: give every delta a value
+                param.copy_(torch.randn(param.shape, generator=generator))
+    peft_model.save_pretrained(folder)
+    return peft_model
+
+
+def _hf_delta(peft_model, hf_name: str) -> torch.Tensor:
+    """peft's own delta for the model tensor `hf_name` (a LoRA linear's weight, or a fused expert parameter)."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    module_name, _, leaf = hf_name.rpartition(".")
+    for name, module in peft_model.base_model.model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if name.replace(".base_layer", "") == module_name and getattr(module, "parameter_name", "weight") == leaf:
+            return module.get_delta_weight("default")
+    raise KeyError(hf_name)
+
+
+@pytest.mark.parametrize("preset", ["attention", "attention+shared", "all"])
+def test_every_exported_pair_is_the_slice_of_peft_delta_its_checkpoint_name_maps_to(tiny_ckpt_fp32, tmp_path, preset):
+    peft_model = _adapter(tiny_ckpt_fp32, preset, tmp_path / "adapter")
+    out = export_adapter(tmp_path / "adapter", tmp_path / "vllm")
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    state = peft_model.base_model.model.state_dict()  # the base model's names (peft's wrappers left out)
+    meta = {k.replace(".base_layer", ""): v for k, v in state.items() if ".lora_" not in k}
+    modules = sorted({key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for key in tensors})
+    seen_hf = set()
+    for native in modules:
+        a = tensors[f"base_model.model.{native}.lora_A.weight"]
+        b = tensors[f"base_model.model.{native}.lora_B.weight"]
+        hf_name, _ = rename_source_key(f"{native}.weight", RENAMINGS, CONVERTERS, "model", meta)
+        assert hf_name in meta, (native, hf_name)
+        delta = _hf_delta(peft_model, hf_name)
+        if native.split(".")[-2].isdigit():  # layers.N.ffn.experts.E.wK: a slice of the fused expert delta
+            e, which = int(native.split(".")[-2]), native.split(".")[-1]
+            half = delta.shape[1] // 2
+            expected = {"w1": delta[e][:half], "w3": delta[e][half:], "w2": delta[e]}[which]
+        else:
+            expected = delta
+        assert torch.equal(b @ a * scaling, expected), native
+        seen_hf.add(hf_name)
+    adapted = {n for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}  # one per adapted tensor
+    assert len(seen_hf) == len(adapted)  # every adapted module and fused expert parameter was exported
+    assert config["target_parameters"] is None
+    expected_leaves = {"attention": ["wkv", "wo_b", "wq_a", "wq_b"]}.get(preset)
+    if expected_leaves:
+        assert config["target_modules"] == expected_leaves
+    if preset == "all":
+        assert {"w1", "w2", "w3"} <= set(config["target_modules"])
+        layer0 = [m for m in modules if m.startswith("layers.0.ffn.experts.")]
+        assert len(layer0) == 3 * peft_model.base_model.model.config.n_routed_experts
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_command_line_exports_and_refuses_an_unknown_format(tiny_ckpt_fp32, tmp_path):
+    _adapter(tiny_ckpt_fp32, "attention", tmp_path / "adapter")
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_dsv4.export", str(tmp_path / "adapter"), str(tmp_path / "vllm")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert done.stdout.strip() == str(tmp_path / "vllm")
+    assert (tmp_path / "vllm" / "adapter_model.safetensors").is_file()
+    with pytest.raises(ValueError, match="format must be one of"):
+        export_adapter(tmp_path / "adapter", tmp_path / "x", format="vllm-3d")
