@@ -37,6 +37,7 @@ _EXPORTS = {
     "gather_adapter": "hf_dsv4.training",
     "load_adapter": "hf_dsv4.training",
     "save_adapter": "hf_dsv4.training",
+    "export_adapter": "hf_dsv4.training.export_adapter",
 }
 __all__ = [
     "ChatFormatError",
@@ -51,6 +52,7 @@ __all__ = [
     "dsv4_lora_config",
     "dsv4_trainer_accelerator",
     "encode_messages",
+    "export_adapter",
     "gather_adapter",
     "install_chat_template",
     "detect_effort_profile",
@@ -85,6 +87,7 @@ if TYPE_CHECKING:
         load_adapter,
         save_adapter,
     )
+    from .training.export_adapter import export_adapter
 
 
 def __getattr__(name: str) -> Any:

@@ -29,7 +29,7 @@ ALLOWED = {
 PUBLIC = [
     "LORA_TARGETS", "ChatFormatError", "CheckpointLoadError", "DSV4Accelerator", "DSV4Callback", "DSV4FSDP2Plugin",
     "DSV4SFTConfig", "DSV4SFTTrainer", "ShardingError", "detect_effort_profile", "dsv4_lora_config",
-    "dsv4_trainer_accelerator", "encode_messages", "gather_adapter", "install_chat_template", "load_adapter", "memory_efficient_init",
+    "dsv4_trainer_accelerator", "encode_messages", "export_adapter", "gather_adapter", "install_chat_template", "load_adapter", "memory_efficient_init",
     "save_adapter", "save_pretrained_sharded", "shard_model", "tokenize_conversation",
 ]  # fmt: skip
 
