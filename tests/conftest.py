@@ -9,6 +9,7 @@ reference model counts) and the suite's two rules for tests that start processes
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,18 @@ def pytest_runtest_protocol(item, nextitem):
         return (yield)
     finally:
         subprocess.Popen._execute_child = original
+
+
+def import_recipe(name: str):
+    """A script of recipes/ imported as a module (its functions and dataclasses, without running it)."""
+    import importlib
+
+    folder = str(Path(__file__).resolve().parents[1] / "recipes")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,11 @@ by base + adapter, the completion parsed (the text is noise; the pipeline and th
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import import_recipe
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -22,12 +22,7 @@ TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type":
 
 @pytest.fixture(scope="module")
 def recipe():
-    sys.path.insert(0, str(REPO / "recipes"))
-    try:
-        import generate_dsv4
-    finally:
-        sys.path.remove(str(REPO / "recipes"))
-    return generate_dsv4
+    return import_recipe("generate_dsv4")
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import import_recipe
 
 from hf_dsv4.training.trainer import latest_complete_checkpoint, resolve_resume_from_checkpoint
 
@@ -44,12 +44,7 @@ def test_resuming_latest_with_no_complete_checkpoint_says_where_it_looked(tmp_pa
 
 @pytest.fixture(scope="module")
 def recipe():
-    sys.path.insert(0, str(REPO / "recipes"))
-    try:
-        import sft_dsv4
-    finally:
-        sys.path.remove(str(REPO / "recipes"))
-    return sft_dsv4
+    return import_recipe("sft_dsv4")
 
 
 def test_a_local_dataset_needs_an_eval_file_when_evaluating(recipe):
