@@ -15,7 +15,6 @@ checkpoint that lacks a tensor of the model, or holds one the model does not kno
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from collections import defaultdict
@@ -50,6 +49,7 @@ class StreamedCheckpoint:
         meta_state = twin.state_dict()
         self._shapes = {name: tensor.shape for name, tensor in meta_state.items()}  # restored by `_release`
         self.targets: dict[str, str] = {}  # checkpoint key -> the model tensor it feeds
+        self.file_of: dict[str, Path] = {}  # checkpoint key -> its file
         self.prefixes = [prefix for prefix, _ in layer_units(twin)]
         self.groups: dict[str, dict[str, Path]] = {prefix: {} for prefix in self.prefixes}
         produced: set[str] = set()
@@ -64,8 +64,9 @@ class StreamedCheckpoint:
                         continue
                     raise ValueError(f"{file.name}: tensor '{key}' is not part of the model (as '{target}')")
                 produced.add(target)
-                self.targets[key] = target
-                self.groups[_unit_of(self.prefixes, target)][key] = file
+                self.targets[key], self.file_of[key] = target, file
+                unit = next(p for p in self.prefixes if target.startswith(p))  # "" (the rest) comes last
+                self.groups[unit][key] = file
         if fp8_block is not None:
             self._check_block_scales(fp8_block)
         missing = sorted(set(meta_state) - produced)
@@ -87,7 +88,7 @@ class StreamedCheckpoint:
         """Every quantized weight must be a whole number of its scale blocks: FP8 e4m3 weights `block` (128 x 128),
         FP4 e2m1 experts (two per int8 byte) 1 x 32. transformers infers the block size from the shapes, so a
         192-row weight with 2 row scales (DeepSeek: 128 + 64) would be dequantized silently wrong (96 + 96)."""
-        where = {key: file for group in self.groups.values() for key, file in group.items()}
+        where = self.file_of
         for key, file in where.items():
             if not key.endswith(".scale"):
                 continue
@@ -122,9 +123,9 @@ class StreamedCheckpoint:
         tensor names) reads just those tensors of the unit."""
         plan = self._row_plan(prefix, rows or {}, only)
         try:
-            with self._local_shapes(plan.shapes):
-                info = compat.convert_into(self.twin, plan.tensors, self.load_config)
-                unit = self._collect(prefix, plan)
+            self._set_local_shapes(plan.shapes)
+            info = compat.convert_into(self.twin, plan.tensors, self.load_config)
+            unit = self._collect(prefix, plan)
         except Exception as exc:
             files = ", ".join(sorted({file.name for file in self.groups[prefix].values()}))
             raise ValueError(
@@ -210,11 +211,11 @@ class StreamedCheckpoint:
         return plan
 
     def _slice(self, key: str) -> Any:
-        return self._open(self.groups[_unit_of(self.prefixes, self.targets[key])][key]).get_slice(key)
+        return self._open(self.file_of[key]).get_slice(key)
 
-    @contextlib.contextmanager
-    def _local_shapes(self, shapes: dict[str, tuple[int, ...]]):
-        """The twin's tensors `shapes` take those shapes (on meta) while a partial read loads into them."""
+    def _set_local_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """The twin's tensors `shapes` take those shapes (on meta) for a partial read to load into; `_release` gives
+        them their own shapes back."""
         for name, shape in shapes.items():
             owner_name, _, leaf = name.rpartition(".")
             owner = self.twin.get_submodule(owner_name) if owner_name else self.twin
@@ -224,7 +225,6 @@ class StreamedCheckpoint:
                 owner._parameters[leaf] = nn.Parameter(meta, requires_grad=old.requires_grad)
             else:
                 owner._buffers[leaf] = torch.empty(shape, dtype=owner._buffers[leaf].dtype, device="meta")
-        yield
 
     @torch.no_grad()
     def _release(self, prefix: str) -> None:
@@ -285,10 +285,6 @@ class _Rows:
 def _natural(key: str) -> list:
     """Sort key: numbers by value (expert 10 after expert 9), as transformers orders the tensors it fuses."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
-
-
-def _unit_of(prefixes: list[str], target: str) -> str:
-    return next(p for p in prefixes if target.startswith(p))  # "" (the rest) comes last
 
 
 def dequantizing_config(quantization_config: Any) -> Any:
