@@ -90,6 +90,11 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
         ),
         Internal("transformers.core_model_loading:WeightTransform.reverse_transform", (), why="the same"),
         Internal("transformers.core_model_loading:WeightTransform.rename_source_key", ("source_key",), why="the same"),
+        Internal(
+            "transformers.integrations.finegrained_fp8:Fp8Dequantize._dequantize_one",
+            ("quantized", "scales", "output_dtype"),
+            why="a quantized-resident base dequantizes each layer with the arithmetic a dequantizing load uses",
+        ),
     )),
     "transformers.trainer": (">=5.23,<5.25", (
         Internal("transformers.trainer:Accelerator", why="swapped for DSV4Accelerator by dsv4_trainer_accelerator"),
@@ -117,6 +122,13 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
     )),
     "peft": (">=0.21,<0.22", (
         Internal("peft.tuners.lora.layer:ParamWrapper.get_param", (), why="routed-expert adapter dtype alignment"),
+        Internal(
+            "peft.tuners.lora.layer:ParamWrapper._activate_lora",
+            ("active_adapters",),
+            why="over quantized experts the update is handed to the quantized module instead of a parametrization",
+        ),
+        Internal("peft.tuners.lora.layer:ParamWrapper.get_delta_factors", ("adapter_name",), why="the same"),
+        Internal("peft.tuners.lora.layer:ParamWrapper.get_delta_weight", ("adapter_name",), why="the same"),
     )),
 }  # fmt: skip
 
@@ -381,6 +393,64 @@ def param_wrapper_class() -> type:
     from peft.tuners.lora.layer import ParamWrapper
 
     return ParamWrapper
+
+
+_QUANTIZED_WRAPPERS: dict[type, type] = {}
+
+
+def quantized_param_wrapper_class(cls: type, updates: str) -> type:
+    """peft's `ParamWrapper` (class `cls`) for a parameter that a quantized module computes (`hf_dsv4.sharding.
+    quantized`): the parameter is a property there, not something `nn.utils.parametrize` can wrap, so
+    `_activate_lora` hands the update to the module (`module.__dict__[updates][name]`: peft's own factors
+    `("factors", lhs, rhs, scaling)` for one adapter over experts, which the module folds in as peft's
+    `_LoraFactorsProxy` does, else `("delta", sum of get_delta_weight)`) for the wrapped forward; `get_param` is a
+    stand-in of the parameter's shape, dtype and device (nothing is dequantized to read them)."""
+    require("peft")
+    if cls in _QUANTIZED_WRAPPERS:
+        return _QUANTIZED_WRAPPERS[cls]
+
+    @contextlib.contextmanager
+    def _activate_lora(self, active_adapters):
+        adapters = [a for a in active_adapters or () if a in self.lora_A]
+        if not adapters:
+            yield
+            return
+        if len(adapters) == 1 and self.num_experts > 1:
+            update = ("factors", *self.get_delta_factors(adapters[0]))
+        else:
+            update = ("delta", sum(self.get_delta_weight(a) for a in adapters))
+        base = self.get_base_layer()
+        active = base.__dict__.setdefault(updates, {})
+        active[self.parameter_name] = update
+        try:
+            yield
+        finally:
+            active.pop(self.parameter_name, None)
+
+    def get_param(self):
+        import torch
+
+        base = self.get_base_layer()
+        _, shape, dtype = base.__dict__["_hf_dsv4_quantized"][self.parameter_name]
+        device = base._parameters[self.parameter_name + "_q"].device
+        return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+    namespace = {"_activate_lora": _activate_lora, "get_param": get_param, "__module__": __name__}
+    _QUANTIZED_WRAPPERS[cls] = type(f"Quantized{cls.__name__}", (cls,), namespace)
+    return _QUANTIZED_WRAPPERS[cls]
+
+
+# ------------------------------------------------------------------------------------------------ quantization
+
+
+def dequantize_blocks(codes: Any, scales: Any, dtype: Any) -> Any:
+    """FP8 (e4m3 codes) or FP4 (e2m1 codes packed two per int8) weights times their ue8m0 block scales, in `dtype`:
+    transformers' `Fp8Dequantize` arithmetic, the one a dequantizing `from_pretrained` applies (block size from the
+    shapes; a leading experts dimension kept)."""
+    require("transformers")
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    return Fp8Dequantize(None)._dequantize_one(codes, scales, dtype)
 
 
 require("torch", "transformers")

@@ -738,6 +738,78 @@ def peft_export_error(ckpt: str, folder: Path) -> str | None:
     return None
 
 
+def _nonzero_lora_b(model: torch.nn.Module) -> None:
+    """Every sharded LoRA B of `model` set to the same random values whatever the run (seeded by its name)."""
+    import zlib
+
+    from hf_dsv4.sharding.fill import own_rows
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                values = torch.randn(param.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+                start, stop = own_rows(param) or (0, param.shape[0])
+                local = param.to_local() if isinstance(param, DTensor) else param
+                local.copy_(0.5 * values[start:stop])
+
+
+def quantized_lora(release_ckpt: str, dtype: torch.dtype, targets: str, keep: bool, **stream) -> torch.nn.Module:
+    """The release checkpoint streamed (quantized-resident with `keep`), a seeded LoRA adapter of `targets`
+    (B non-zero), sharded over every rank."""
+    from peft import get_peft_model
+
+    from hf_dsv4.sharding.streamed import ADAPTER_SEED
+    from hf_dsv4.training.lora import dsv4_lora_config
+
+    with memory_efficient_init(stream=True, keep_quantized=keep, **stream):
+        model = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=dtype)
+    model = get_peft_model(model, dsv4_lora_config(r=4, alpha=8, targets=targets))
+    model.__dict__[ADAPTER_SEED] = 3
+    shard_model(model)
+    _nonzero_lora_b(model)
+    return model
+
+
+def _local_bytes(model: torch.nn.Module) -> dict[str, int]:
+    local = [(n, p.to_local() if isinstance(p, DTensor) else p) for n, p in model.named_parameters()]
+    return {
+        "quantized": sum(t.numel() for _, t in local if t.dtype == torch.uint8),
+        "all": sum(t.numel() * t.element_size() for _, t in local),
+    }
+
+
+def quantized_step(model: torch.nn.Module, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and every LoRA gradient (whole) of one forward + backward on this rank's batch."""
+    model.train()
+    out = model(batch(seed + dist.get_rank()), labels=batch(seed + dist.get_rank()))
+    out.loss.backward()
+    grads = {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+def scenario_quantized(release_ckpt: str) -> dict:
+    """Quantized-resident base vs the dequantized one: logits and LoRA gradients, for every preset, fp32 and bf16."""
+    results = {}
+    for dtype_name, targets in [("float32", "all"), ("bfloat16", "all"), ("float32", "attention+shared")]:
+        dtype = DTYPES[dtype_name]
+        runs = {}
+        for keep in (True, False):
+            model = quantized_lora(release_ckpt, dtype, targets, keep)
+            runs[keep] = (*quantized_step(model, 20), _local_bytes(model))
+            del model
+        (q_logits, q_grads, q_bytes), (d_logits, d_grads, d_bytes) = runs[True], runs[False]
+        results[f"{dtype_name}/{targets}"] = {
+            "logits_equal": torch.equal(q_logits, d_logits),
+            "logits_max_diff": (q_logits.float() - d_logits.float()).abs().max().item(),
+            "same_grads": sorted(q_grads) == sorted(d_grads),
+            "grads": len(q_grads),
+            "grads_equal": sum(torch.equal(q_grads[n], d_grads[n]) for n in q_grads if n in d_grads),
+            "grads_max_diff": max((q_grads[n] - d_grads[n]).abs().max().item() for n in q_grads if n in d_grads),
+            "bytes": [q_bytes, d_bytes],
+        }
+    return results
+
+
 def main() -> None:
     scenario, out_dir, *args = sys.argv[1:]
     dist.init_process_group("gloo")

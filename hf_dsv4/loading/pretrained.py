@@ -156,7 +156,15 @@ def _plan_streamed(cls: type, path: Any, args: tuple, kwargs: dict[str, Any]) ->
 
 
 def _attach_reader(
-    model: Any, original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict, fp8_block: Any, readers: str
+    model: Any,
+    original: classmethod,
+    cls: type,
+    path: Any,
+    args: tuple,
+    kwargs: dict,
+    fp8_block: Any,
+    readers: str,
+    keep_quantized: bool = False,
 ) -> None:
     """Open the checkpoint (stock `from_pretrained` without reading weights) and attach its `StreamedCheckpoint` to
     `model`; its twin (what stock `from_pretrained` builds) must have the same tensors as the model built from the
@@ -164,6 +172,11 @@ def _attach_reader(
     with _threads_of_idle_ranks():
         stream = open_streamed(cls, original, path, args, kwargs, fp8_block)
     stream.readers = readers
+    stream.keep_quantized = keep_quantized
+    if keep_quantized and not stream.quantized:
+        raise ValueError(
+            f"keep_quantized: {path} holds no quantized (FP8 / FP4) weights; load it without keep_quantized"
+        )
     built, planned = tensor_table(model), tensor_table(stream.twin)
     if built != planned:
         differ = sorted(n for n in built.keys() | planned.keys() if built.get(n) != planned.get(n))
@@ -198,7 +211,14 @@ def _load(original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict
 
 
 def _load_streamed(
-    original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict, readers: str, read_budget: int | None
+    original: classmethod,
+    cls: type,
+    path: Any,
+    args: tuple,
+    kwargs: dict,
+    readers: str,
+    read_budget: int | None,
+    keep_quantized: bool = False,
 ) -> Any:
     """The meta model on every rank, carrying a reader of the checkpoint on the ranks that read it (rank 0, or every
     rank with `readers="all"`; True elsewhere). A collective: each step's failure is raised on every rank."""
@@ -207,7 +227,7 @@ def _load_streamed(
     for opens in _reader_turns(readers, path):
         with every_rank_raises(), _load_errors():
             if opens:
-                _attach_reader(model, original, cls, path, args, kwargs, fp8_block, readers)
+                _attach_reader(model, original, cls, path, args, kwargs, fp8_block, readers, keep_quantized)
     if getattr(model, STREAM_ATTRIBUTE, None) is None:
         setattr(model, STREAM_ATTRIBUTE, True)
     else:
@@ -225,18 +245,23 @@ def _config_as_on_source(model: Any) -> None:
 
 
 def _rank_aware_from_pretrained(
-    original: classmethod, stream: bool = False, readers: str = "rank0", read_budget: int | None = None
+    original: classmethod,
+    stream: bool = False,
+    readers: str = "rank0",
+    read_budget: int | None = None,
+    keep_quantized: bool = False,
 ) -> classmethod:
     """A `from_pretrained` classmethod body that loads on the source rank and builds on meta elsewhere (with
     `stream`: builds on meta everywhere, rank 0 keeping a reader of the checkpoint)."""
 
     def from_pretrained(cls, pretrained_model_name_or_path=None, *args, **kwargs):
-        if not is_distributed():
+        if not is_distributed() and not keep_quantized:
             return original.__get__(None, cls)(pretrained_model_name_or_path, *args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         if stream:  # a failure on any rank is raised on every rank, never left as a hang
             path = pretrained_model_name_or_path
-            model, info = _load_streamed(original, cls, path, args, kwargs, readers, read_budget), {}
+            model = _load_streamed(original, cls, path, args, kwargs, readers, read_budget, keep_quantized)
+            info = {}
             logger.info("rank %d built the model on meta; shard_model streams the weights in", rank())
         else:
             with every_rank_raises():
@@ -251,7 +276,7 @@ def _rank_aware_from_pretrained(
 
 @contextlib.contextmanager
 def memory_efficient_init(
-    stream: bool = False, readers: str = "rank0", read_budget: int | None = None
+    stream: bool = False, readers: str = "rank0", read_budget: int | None = None, keep_quantized: bool = False
 ) -> Iterator[None]:
     """Scope under which `from_pretrained` reads the checkpoint on the source rank (global rank 0) only.
 
@@ -269,6 +294,11 @@ def memory_efficient_init(
     to its rank, instead of reading whole units (with `readers="all"`: every rank reads its own rows in such pieces);
     see `shard_model`.
 
+    `keep_quantized` (with `stream=True`, a release checkpoint): the weights the checkpoint stores as FP8 / FP4 stay
+    so in the shards (uint8 codes + ue8m0 scales, dequantized per layer in forward and again in backward,
+    `hf_dsv4.sharding.quantized`), for LoRA over a frozen base; `shard_model` gives the model that form. Needs
+    torch.distributed (one process is fine: `shard_model` fills it) and refuses full fine-tuning.
+
     Inside the block, `AutoModelForCausalLM.from_pretrained(path, dtype=...)` (and the same method of any
     `PreTrainedModel` subclass) loads real weights on CPU on rank 0 and returns the same model built on the meta
     device elsewhere. Every rank must call it (it is a collective; a failure on any rank raises the same
@@ -280,13 +310,17 @@ def memory_efficient_init(
         raise ValueError(f"readers must be one of {READERS}, not {readers!r}")
     if (readers != "rank0" or read_budget is not None) and not stream:
         raise ValueError("readers and read_budget apply to a streamed checkpoint: pass stream=True")
+    if keep_quantized and not stream:
+        raise ValueError("keep_quantized applies to a streamed checkpoint: pass stream=True")
     if read_budget is not None and read_budget < 1:
         raise ValueError(f"read_budget is a positive number of bytes, not {read_budget!r}")
     original = PreTrainedModel.__dict__["from_pretrained"]
     if getattr(original.__func__, "__hf_dsv4_rank_aware__", False):
         yield  # already inside a memory_efficient_init block: one hook, one agreement per load
         return
-    PreTrainedModel.from_pretrained = _rank_aware_from_pretrained(original, stream, readers, read_budget)
+    PreTrainedModel.from_pretrained = _rank_aware_from_pretrained(
+        original, stream, readers, read_budget, keep_quantized
+    )
     try:
         yield
     finally:

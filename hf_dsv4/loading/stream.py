@@ -43,6 +43,7 @@ class StreamedCheckpoint:
         self.twin = twin
         self.readers = "rank0"  # or "all": every rank has a reader and reads its own rows
         self.read_budget: int | None = None  # bytes per read for `shard_model` (None: whole units)
+        self.keep_quantized = False  # quantized weights read as stored (`read_quantized`), not dequantized
         self.load_config = load_config
         self.files = [Path(f) for f in checkpoint_files]
         self._handles: dict[Path, Any] = {}
@@ -121,11 +122,22 @@ class StreamedCheckpoint:
         `rows` ({model tensor name: (start, stop)}) asks for only those rows (dim 0, the dimension FSDP2 shards) of
         those tensors: only the checkpoint rows they come from are read and converted (`_row_plan`). `only` (model
         tensor names) reads just those tensors of the unit."""
-        plan = self._row_plan(prefix, rows or {}, only)
+        rows, raw = dict(rows or {}), {}
+        if self.keep_quantized:
+            parts = self._quantized_parts(prefix)
+            asked = set(parts) if only is None else set(only) & set(parts)
+            only = {t for t in self._targets_of(prefix) if t not in self.quantized} if only is None else only - asked
+            try:
+                raw = {name[len(prefix) :]: self._read_raw(*parts[name], rows.pop(name, None)) for name in asked}
+            except Exception as exc:
+                raise ValueError(f"reading the quantized weights of '{prefix or 'the rest'}' failed: {exc}") from exc
+            if not only:
+                return raw
+        plan = self._row_plan(prefix, rows, only)
         try:
             self._set_local_shapes(plan.shapes)
             info = compat.convert_into(self.twin, plan.tensors, self.load_config)
-            unit = self._collect(prefix, plan)
+            unit = self._collect(prefix, plan) | raw
         except Exception as exc:
             files = ", ".join(sorted({file.name for file in self.groups[prefix].values()}))
             raise ValueError(
@@ -142,6 +154,89 @@ class StreamedCheckpoint:
         if problems:
             raise ValueError(f"converting the checkpoint tensors of '{prefix or 'the rest'}' failed: {problems}")
         return unit
+
+    # ------------------------------------------------------------------------ quantized weights, read as stored
+
+    @property
+    def quantized(self) -> dict[str, list[str]]:
+        """Model tensor -> its checkpoint keys, for the tensors fed by weights with a `.scale` (FP8 / FP4)."""
+        if not hasattr(self, "_quantized"):
+            keys: dict[str, list[str]] = defaultdict(list)
+            for key, target in self.targets.items():
+                keys[target].append(key)
+            self._quantized = {
+                t: sorted(k, key=_natural) for t, k in keys.items() if any(x.endswith(".scale") for x in k)
+            }
+        return self._quantized
+
+    def _targets_of(self, prefix: str) -> set[str]:
+        return {self.targets[key] for key in self.groups[prefix]}
+
+    def _quantized_parts(self, prefix: str) -> dict[str, tuple[str, bool]]:
+        """{part name: (model tensor, is the scale)} of the unit's quantized tensors: `<tensor>_q`, `<tensor>_scale`."""
+        parts = {}
+        for target in sorted(self._targets_of(prefix) & set(self.quantized)):
+            parts[target + "_q"], parts[target + "_scale"] = (target, False), (target, True)
+        return parts
+
+    def _families(self, target: str, scale: bool) -> list[list[str]]:
+        """The checkpoint keys of `target`'s codes (or scales): one list per family, in the order transformers
+        concatenates them (`w1` before `w3`: gate, then up), each in expert order; a 1:1 weight is one family of one."""
+        keys = [k for k in self.quantized[target] if k.endswith(".scale") == scale]
+        families: dict[str, list[str]] = defaultdict(list)
+        for key in keys:
+            families[re.sub(r"(^|\.)\d+(?=\.)", r"\1*", key)].append(key)
+        return [sorted(families[name], key=_natural) for name in sorted(families)]
+
+    def _read_raw(self, target: str, scale: bool, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """`target`'s codes (or scale) as stored, as uint8 bytes, rows [start, stop) of dim 0 or all: one checkpoint
+        tensor's rows, or for routed experts (one tensor per expert) those experts, gate and up concatenated."""
+        families = self._families(target, scale)
+        if len(self._shapes[target]) == 3:  # routed experts: [experts, rows of each family, columns]
+            count = {len(f) for f in families}
+            if len(count) != 1:
+                raise ValueError(f"'{target}': families of different lengths {[len(f) for f in families]}")
+            start, stop = rows or (0, count.pop())
+            if stop <= start:
+                shapes = [self._slice(f[0]).get_shape() for f in families]
+                return torch.empty((0, sum(s[0] for s in shapes), shapes[0][1]), dtype=torch.uint8)
+            experts = [
+                torch.cat([self._slice(f[e])[:].view(torch.uint8) for f in families]) for e in range(start, stop)
+            ]
+            return torch.stack(experts)
+        if len(families) != 1 or len(families[0]) != 1:
+            raise ValueError(
+                f"'{target}' is fed by {sum(map(len, families))} tensors; expected one weight and its scale"
+            )
+        source = self._slice(families[0][0])
+        start, stop = rows or (0, source.get_shape()[0])
+        return source[start:stop].contiguous().view(torch.uint8)
+
+    def quantized_plan(self) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
+        """{model tensor: (kind "fp8" | "fp4", shape of its codes' bytes, shape of its scale bytes)} for every
+        quantized weight of the checkpoint, as `read` returns them under `keep_quantized` (`<tensor>_q`,
+        `<tensor>_scale`); what `hf_dsv4.sharding.quantize_base` builds the model from."""
+        plan = {}
+        for target in self.quantized:
+            shapes = []
+            for scale in (False, True):
+                families = self._families(target, scale)
+                first = [self._slice(f[0]).get_shape() for f in families]
+                rows = sum(s[0] for s in first)
+                shapes.append(
+                    (len(families[0]), rows, first[0][1]) if len(self._shapes[target]) == 3 else tuple(first[0])
+                )
+            dtype = self._slice(self._families(target, False)[0][0]).get_dtype()
+            plan[target] = ("fp4" if dtype == "I8" else "fp8", *shapes)
+        return plan
+
+    def readable(self) -> set[str]:
+        """The names `read` can return: the twin's state dict (with `keep_quantized`: a quantized weight's parts
+        instead of the weight)."""
+        names = set(self.twin.state_dict(keep_vars=True))
+        if self.keep_quantized:
+            names = (names - set(self.quantized)) | {t + part for t in self.quantized for part in ("_q", "_scale")}
+        return names
 
     def _collect(self, prefix: str, plan: _RowPlan) -> dict[str, torch.Tensor]:
         other_units = [p for p in self.prefixes if p and p != prefix]

@@ -32,7 +32,8 @@ from .fill import (
     validate_against_source,
 )
 from .layout import ShardingError, apply_fsdp
-from .streamed import broadcast_initial_adapter, initial_adapter, stream_reader, streamed_buffers
+from .quantized import QuantizedPlan, quantize_base
+from .streamed import broadcast_initial_adapter, initial_adapter, reader_names, stream_reader, streamed_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -76,19 +77,24 @@ def _nothing(prefix: str) -> dict[str, torch.Tensor]:
     return {}
 
 
-def _streaming(stream: StreamedCheckpoint | bool | None, read_budget: int | None) -> tuple[str | None, int | None]:
+def _streaming(
+    stream: StreamedCheckpoint | bool | None, read_budget: int | None
+) -> tuple[str | None, int | None, QuantizedPlan | None]:
     """(who reads a streamed checkpoint: "rank0" or "all", None if not streamed; the read budget: `read_budget` or
-    the reader's), as rank 0 has them: every rank takes rank 0's path (a collective)."""
-    mine = stream.readers if isinstance(stream, StreamedCheckpoint) else ("rank0" if stream else None)
-    budget = stream.read_budget if read_budget is None and isinstance(stream, StreamedCheckpoint) else read_budget
-    gathered = all_gather_object((mine, budget))
-    seen = [readers for readers, _ in gathered]
+    the reader's; the quantized weights to keep so, or None), as rank 0 has them: every rank takes rank 0's path
+    (a collective)."""
+    reader = stream if isinstance(stream, StreamedCheckpoint) else None
+    mine = reader.readers if reader else ("rank0" if stream else None)
+    budget = reader.read_budget if read_budget is None and reader else read_budget
+    plan = reader.quantized_plan() if reader and reader.keep_quantized and dist.get_rank() == 0 else None
+    gathered = all_gather_object((mine, budget, plan))
+    seen = [readers for readers, _, _ in gathered]
     if len(set(seen)) > 1:
         raise ShardingError(
             f"the ranks loaded the model differently (readers per rank: {seen}); enter the same "
             "memory_efficient_init(stream=..., readers=...) on every rank"
         )
-    return seen[0], gathered[0][1]
+    return seen[0], gathered[0][1], gathered[0][2]
 
 
 def shard_model(
@@ -122,12 +128,16 @@ def shard_model(
         raise ShardingError("shard_model needs torch.distributed; start with torchrun or `accelerate launch`")
     device = local_device()
     mesh = mesh or init_device_mesh(device.type, (dist.get_world_size(),))
+    stream = streamed_checkpoint(model)  # rank 0: its reader; True elsewhere; None unless loaded streamed
+    readers, read_budget, quantized = _streaming(stream, read_budget)
+    if quantized:  # before validation: every rank gives the model the same quantized form
+        with every_rank_raises():
+            count = quantize_base(model, quantized, reader_names(model))
+        logger.info("%d weight(s) kept quantized (FP8 / FP4 as stored), dequantized per layer", count)
     cast = align_parameter_adapter_dtypes(model)  # before validation: every rank casts the same factors
     if cast:
         logger.info("%d routed-expert LoRA factor(s) kept in the experts' dtype", cast)
-    stream = streamed_checkpoint(model)  # rank 0: its reader; True elsewhere; None unless loaded streamed
     validate_against_source(model, streamed=stream is not None)
-    readers, read_budget = _streaming(stream, read_budget)
     every_rank_reads = readers == "all"
     read = None  # streamed: every rank takes part in each unit's read (rank 0 reads, a failure raises everywhere)
     if stream is None:

@@ -31,6 +31,12 @@ def checkpoint_name(model_key: str, outer: str) -> str:
     return ".".join(part for part in model_key[len(outer) :].split(".") if part != _WRAPPED)
 
 
+def reader_names(model: nn.Module) -> Callable[[str], str]:
+    """`checkpoint_name` for `model`: a name of `model` as the checkpoint reader knows it."""
+    outer = _outer_prefix(model)
+    return lambda name: checkpoint_name(name, outer)
+
+
 ADAPTER_SEED = "_hf_dsv4_adapter_seed"  # set on a PeftModel whose LoRA factors are drawn by `draw_lora_factors`
 
 
@@ -132,7 +138,7 @@ def stream_reader(
     # each unit's state-dict keys, taken now (sharding keeps the names): reads run in a background thread while the
     # shards are filled, so they never look at the model itself
     units = {prefix: list(module.state_dict(keep_vars=True)) for prefix, module in layer_units(model)}
-    readable = set(stream.twin.state_dict(keep_vars=True))
+    readable = stream.readable()
     unfilled = [k for k in units[""] if k not in initial and checkpoint_name(k, outer) not in readable]
     if unfilled:  # e.g. peft's modules_to_save copies: they would be left uninitialised
         raise ShardingError(

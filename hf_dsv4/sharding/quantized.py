@@ -1,0 +1,281 @@
+"""A quantized-resident frozen base: DeepSeek-V4's release encodings kept as loaded, dequantized per layer.
+
+`memory_efficient_init(stream=True, keep_quantized=True)` + `shard_model` keep every weight the release checkpoint
+quantizes as it is stored: FP8 e4m3 codes with ue8m0 128x128 block scales (attention, shared-expert and indexer
+projections), FP4 e2m1 codes packed two per byte with ue8m0 1x32 scales (routed experts). `quantize_base` turns the
+meta model into that shape before `fully_shard`:
+
+- a quantized weight `<leaf>` becomes two frozen uint8 parameters, `<leaf>_q` (the codes' bytes) and `<leaf>_scale`
+  (the scale bytes), and the module's class becomes a subclass of its own whose `<leaf>` is a property: the weight
+  dequantized into the model's dtype by transformers' own arithmetic (the one a dequantizing `from_pretrained` uses,
+  so the values are the same bits). The module's own forward (nn.Linear, DeepSeek-V4's grouped projection, the routed
+  experts under any experts implementation) runs unchanged on it;
+- FSDP2 shards and all-gathers the uint8 bytes (never bf16): they travel in the decoder layer's group, whatever its
+  dtype (FSDP2 never casts non-floating parameters);
+- within one forward of such a module each weight is dequantized once; a tensor that autograd saves for backward and
+  that shares the storage of a dequantized weight is saved as a recipe instead (`saved_tensors_hooks`) and dequantized
+  again in backward, so no layer's dequantized weights outlive its forward. With activation checkpointing (which
+  recomputes whole layers) this is switched off (`recompute_in_backward`);
+- peft's LoRA wraps these modules as it wraps the plain ones: a `lora.Linear` calls the quantized Linear; a routed-
+  expert adapter (`target_parameters`) is folded into the dequantized stack exactly as peft folds it into a bf16 one
+  (`torch.baddbmm(W, lhs, rhs, alpha=scaling)`, `compat.QuantizedParamWrapper`), so the adapter is peft's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import compat
+
+KINDS = ("fp8", "fp4")  # FP8 e4m3 + ue8m0 128x128 blocks; FP4 e2m1 (two per byte) + ue8m0 1x32 blocks
+DATA, SCALE = "_q", "_scale"  # the two uint8 parameters that replace a quantized weight `<leaf>`
+QUANTIZED = "_hf_dsv4_quantized"  # on a quantized module: {leaf: (kind, logical shape, dtype)}
+_SCOPE = "_hf_dsv4_forward_scope"
+LOGICAL_NUMEL = "_hf_dsv4_logical_numel"  # on a quantized weight's parameters, until sharded
+_UPDATES = "_hf_dsv4_lora_updates"  # routed-expert LoRA updates active in this forward: {leaf: update}
+
+# plan entry: model tensor name -> (kind, shape of the codes' bytes, shape of the scale bytes)
+QuantizedPlan = dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]
+
+
+class QuantizationError(RuntimeError):
+    """A model cannot keep its base quantized as asked."""
+
+
+def dequantize(data: torch.Tensor, scale: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """The weight that the uint8 `data` (FP8 e4m3 codes, or FP4 e2m1 codes two per byte) and `scale` (ue8m0 bytes)
+    encode, in `dtype`: transformers' own dequantization (`compat.dequantize_blocks`), exact in bf16 and fp32. The
+    block size follows from the shapes (128 x 128 for FP8, 1 x 32 for FP4); a leading experts dimension is kept."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown quantization kind {kind!r}: expected one of {KINDS}")
+    codes = data.view(torch.float8_e4m3fn if kind == "fp8" else torch.int8)
+    return compat.dequantize_blocks(codes, scale.view(torch.float8_e8m0fnu), dtype)
+
+
+# ------------------------------------------------------------------------------------- one forward of a module
+
+
+class _Recipe:
+    """How to make one dequantized weight again; the first `get` in backward makes it, later ones share it."""
+
+    def __init__(self, make: Callable[[], torch.Tensor]):
+        self.make, self.value = make, None
+
+    def get(self) -> torch.Tensor:
+        if self.value is None:
+            with torch.no_grad():
+                self.value = self.make()
+        return self.value
+
+
+class _Saved:
+    """What autograd keeps instead of a view of a dequantized weight: its recipe and the view's geometry."""
+
+    __slots__ = ("recipe", "size", "stride", "offset")
+
+    def __init__(self, recipe: _Recipe, tensor: torch.Tensor):
+        self.recipe, self.size, self.stride, self.offset = (
+            recipe,
+            tensor.size(),
+            tensor.stride(),
+            tensor.storage_offset(),
+        )
+
+    def tensor(self) -> torch.Tensor:
+        return self.recipe.get().as_strided(self.size, self.stride, self.offset)
+
+
+class _ForwardScope:
+    """The weights one forward of a quantized module dequantized (each once), by storage, with their recipes."""
+
+    def __init__(self):
+        self.values: dict[str, torch.Tensor] = {}
+        self.recipes: dict[int, _Recipe] = {}
+
+    def add(self, leaf: str, value: torch.Tensor, make: Callable[[], torch.Tensor]) -> None:
+        self.values[leaf] = value
+        if value.device.type != "meta":
+            self.recipes[value.untyped_storage().data_ptr()] = _Recipe(make)
+
+    def pack(self, tensor: torch.Tensor) -> Any:
+        if tensor.device.type == "meta" or not self.recipes:
+            return tensor
+        recipe = self.recipes.get(tensor.untyped_storage().data_ptr())
+        return tensor if recipe is None else _Saved(recipe, tensor)
+
+    @staticmethod
+    def unpack(saved: Any) -> torch.Tensor:
+        return saved.tensor() if isinstance(saved, _Saved) else saved
+
+
+class QuantizedModule:
+    """Mixin of the classes `quantize_base` gives quantized modules (see the module docstring)."""
+
+    recompute_in_backward = True  # per instance via `set_recompute_in_backward`
+
+    def _quantized_leaf(self, leaf: str) -> torch.Tensor:
+        scope = self.__dict__.get(_SCOPE)
+        if scope is not None and leaf in scope.values:
+            return scope.values[leaf]
+        kind, shape, dtype = self.__dict__[QUANTIZED][leaf]
+        data, scale = self._parameters[leaf + DATA], self._parameters[leaf + SCALE]
+        if data.is_meta:
+            return torch.empty(shape, dtype=dtype, device="meta")
+        if hasattr(data, "full_tensor"):  # outside forward, FSDP2 holds shards: the whole weight, for inspection
+            data, scale = data.full_tensor(), scale.full_tensor()
+        update = self.__dict__.get(_UPDATES, {}).get(leaf)
+
+        def make() -> torch.Tensor:
+            weight = dequantize(data, scale, kind, dtype)
+            return weight if update is None else _apply_update(weight, update)
+
+        value = make()
+        if scope is not None:
+            scope.add(leaf, value, lambda: make().detach())
+        return value
+
+    @contextlib.contextmanager
+    def _forward_scope(self) -> Iterator[None]:
+        if _SCOPE in self.__dict__:  # re-entered (a forward calling itself): one scope
+            yield
+            return
+        scope = _ForwardScope()
+        self.__dict__[_SCOPE] = scope
+        try:
+            if self.recompute_in_backward and torch.is_grad_enabled():
+                with torch.autograd.graph.saved_tensors_hooks(scope.pack, scope.unpack):
+                    yield
+            else:
+                yield
+        finally:
+            del self.__dict__[_SCOPE]
+
+
+def _apply_update(weight: torch.Tensor, update: tuple) -> torch.Tensor:
+    """A routed-expert LoRA update on the dequantized stack, as peft applies it to a bf16 one."""
+    if update[0] == "factors":
+        _, lhs, rhs, scaling = update
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            return torch.baddbmm(weight, lhs, rhs, alpha=scaling)
+    return weight + update[1]
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _quantized_class(cls: type, leaves: tuple[str, ...]) -> type:
+    """`cls` with each of `leaves` a property (the dequantized weight) and its forward inside a forward scope."""
+    key = (cls, leaves)
+    if key not in _CLASSES:
+
+        def forward(self, *args, **kwargs):
+            with self._forward_scope():
+                return cls.forward(self, *args, **kwargs)
+
+        namespace = {"forward": forward, "__module__": __name__}
+        for leaf in leaves:
+            namespace[leaf] = property(lambda self, leaf=leaf: self._quantized_leaf(leaf))
+        _CLASSES[key] = type(f"Quantized{cls.__name__}", (QuantizedModule, cls), namespace)
+    return _CLASSES[key]
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> module for every module `quantize_base` quantized."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedModule)}
+
+
+def quantized_leaf(module: nn.Module, name: str) -> str | None:
+    """The quantized weight whose bytes `module`'s direct parameter `name` holds (its codes or its scale), or None."""
+    leaves = module.__dict__.get(QUANTIZED, {})
+    return next((leaf for leaf in leaves if name in (leaf + DATA, leaf + SCALE)), None)
+
+
+def _owners(model: nn.Module, name_of: Callable[[str], str]) -> dict[str, tuple[nn.Module, str]]:
+    """{name as the checkpoint reader knows it: (module owning the tensor, leaf name)} for `model`'s parameters
+    (and the weights already quantized)."""
+    owners = {}
+    for name, module in model.named_modules():
+        for leaf in [*module._parameters, *module.__dict__.get(QUANTIZED, {})]:
+            owners[name_of(f"{name}.{leaf}" if name else leaf)] = (module, leaf)
+    return owners
+
+
+def quantize_base(model: nn.Module, plan: QuantizedPlan, name_of: Callable[[str], str] = lambda name: name) -> int:
+    """Give the quantized weights of `plan` ({name as the checkpoint reader knows it: (kind, bytes shape, scale shape)})
+    their quantized form in `model` (on meta), in place; `name_of` maps a name of `model` to the reader's (a PEFT
+    wrapper's names to the base model's). Idempotent. The base must be frozen: LoRA adapters train, nothing else.
+    Returns the number of weights quantized."""
+    done, owners = 0, _owners(model, name_of)
+    for target in sorted(plan):
+        kind, data_shape, scale_shape = plan[target]
+        if target not in owners:
+            raise QuantizationError(f"the model has no parameter '{target}' to keep quantized")
+        module, leaf = owners[target]
+        quantized = module.__dict__.setdefault(QUANTIZED, {})
+        if leaf in quantized:
+            continue
+        weight = module._parameters[leaf]
+        if not weight.is_meta:
+            raise QuantizationError(f"'{target}' holds weights already: keep_quantized needs a model streamed on meta")
+        if weight.requires_grad:
+            raise QuantizationError(
+                f"'{target}' is trainable, but keep_quantized keeps the base frozen and trains LoRA adapters only: "
+                "full fine-tuning needs the dequantized weights (load without keep_quantized), or add a LoRA adapter"
+            )
+        quantized[leaf] = (kind, tuple(weight.shape), weight.dtype)
+        del module._parameters[leaf]
+        for suffix, shape in ((DATA, data_shape), (SCALE, scale_shape)):
+            param = nn.Parameter(torch.empty(tuple(shape), dtype=torch.uint8, device="meta"), requires_grad=False)
+            setattr(param, LOGICAL_NUMEL, weight.numel() if suffix == DATA else 0)  # FSDP group sizes (layout)
+            module.register_parameter(leaf + suffix, param)
+        cls = type(module)
+        base = cls.__mro__[2] if issubclass(cls, QuantizedModule) else cls
+        module.__class__ = _quantized_class(base, tuple(sorted(quantized)))
+        done += 1
+    _wrap_expert_adapters(model)
+    _refuse_trainable_base(model)
+    return done
+
+
+def _wrap_expert_adapters(model: nn.Module) -> None:
+    """peft's routed-expert adapters over quantized experts apply their update through the quantized module."""
+    if not any(True for _ in quantized_modules(model)):
+        return
+    try:
+        param_wrapper = compat.param_wrapper_class()
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, param_wrapper):
+            base = module.get_base_layer()
+            if module.parameter_name in base.__dict__.get(QUANTIZED, {}):
+                module.__class__ = compat.quantized_param_wrapper_class(type(module), _UPDATES)
+
+
+def _refuse_trainable_base(model: nn.Module) -> None:
+    """keep_quantized trains adapters only: any other trainable parameter (full fine-tuning, modules_to_save) fails."""
+    if not quantized_modules(model):
+        return
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad and ".lora_" not in name]
+    if trainable:
+        shown = ", ".join(trainable[:4]) + (" ..." if len(trainable) > 4 else "")
+        raise QuantizationError(
+            f"keep_quantized keeps the base frozen and trains LoRA adapters only, but {len(trainable)} other "
+            f"parameter(s) are trainable ({shown}): full fine-tuning needs the dequantized weights (load without "
+            "keep_quantized)"
+        )
+
+
+def set_recompute_in_backward(model: nn.Module, recompute: bool) -> None:
+    """Whether the quantized modules of `model` save recipes instead of dequantized weights for backward (default);
+    off under activation checkpointing, which recomputes whole decoder layers anyway."""
+    for module in quantized_modules(model).values():
+        module.recompute_in_backward = recompute
