@@ -406,6 +406,8 @@ def quantized_param_wrapper_class(cls: type, updates: str) -> type:
     `_LoraFactorsProxy` does, else `("delta", sum of get_delta_weight)`) for the wrapped forward; `get_param` is a
     stand-in of the parameter's shape, dtype and device (nothing is dequantized to read them)."""
     require("peft")
+    if cls in _QUANTIZED_WRAPPERS.values():
+        return cls
     if cls in _QUANTIZED_WRAPPERS:
         return _QUANTIZED_WRAPPERS[cls]
 

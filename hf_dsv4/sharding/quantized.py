@@ -53,8 +53,14 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, kind: str, dtype: torch.
     block size follows from the shapes (128 x 128 for FP8, 1 x 32 for FP4); a leading experts dimension is kept."""
     if kind not in KINDS:
         raise ValueError(f"unknown quantization kind {kind!r}: expected one of {KINDS}")
-    codes = data.view(torch.float8_e4m3fn if kind == "fp8" else torch.int8)
-    return compat.dequantize_blocks(codes, scale.view(torch.float8_e8m0fnu), dtype)
+    codes, scale = data.view(torch.float8_e4m3fn if kind == "fp8" else torch.int8), scale.view(torch.float8_e8m0fnu)
+    if codes.dim() < 3 or codes.is_meta:
+        return compat.dequantize_blocks(codes, scale, dtype)
+    # one expert at a time into the stack: the float32 temporaries of the arithmetic stay one expert's
+    out = torch.empty((*codes.shape[:-1], codes.shape[-1] * (2 if kind == "fp4" else 1)), dtype=dtype, device=codes.device)
+    for expert in range(codes.shape[0]):
+        out[expert] = compat.dequantize_blocks(codes[expert], scale[expert], dtype)
+    return out
 
 
 # ------------------------------------------------------------------------------------- one forward of a module

@@ -32,7 +32,7 @@ from .fill import (
     validate_against_source,
 )
 from .layout import ShardingError, apply_fsdp
-from .quantized import QuantizedPlan, quantize_base
+from .quantized import QuantizedPlan, quantize_base, set_recompute_in_backward
 from .streamed import broadcast_initial_adapter, initial_adapter, reader_names, stream_reader, streamed_buffers
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,8 @@ def shard_model(
     if quantized:  # before validation: every rank gives the model the same quantized form
         with every_rank_raises():
             count = quantize_base(model, quantized, reader_names(model))
+        # activation checkpointing recomputes whole layers: the modules then need not save recipes themselves
+        set_recompute_in_backward(model, not any(getattr(m, "gradient_checkpointing", False) for m in model.modules()))
         logger.info("%d weight(s) kept quantized (FP8 / FP4 as stored), dequantized per layer", count)
     cast = align_parameter_adapter_dtypes(model)  # before validation: every rank casts the same factors
     if cast:

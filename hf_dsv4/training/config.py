@@ -83,6 +83,15 @@ class DSV4SFTConfig(SFTConfig):
             "rank reads its own rows in such pieces. 0: whole layers."
         },
     )
+    keep_quantized: bool = field(
+        default=False,
+        metadata={
+            "help": "LoRA over a quantized-resident base: the weights a release checkpoint stores as FP8 / FP4 stay so "
+            "in the FSDP2 shards (all-gathered as bytes, dequantized per layer in forward and again in backward), "
+            "~3.5x less memory for the frozen base than bf16. Needs stream_weights, an FSDP launch and a LoRA "
+            "adapter (peft_config); full fine-tuning is refused."
+        },
+    )
     turns: str = field(
         default="all",
         metadata={

@@ -110,7 +110,13 @@ def load_dsv4_model(model_id: str, args: SFTConfig):
     readers = getattr(args, "stream_readers", "rank0") if stream else "rank0"
     budget = getattr(args, "stream_read_budget_mb", 0) if stream else 0
     budget = int(budget * 2**20) or None
-    with memory_efficient_init(stream=stream, readers=readers, read_budget=budget):
+    keep_quantized = getattr(args, "keep_quantized", False)
+    if keep_quantized and not stream:
+        raise ValueError(
+            f"keep_quantized reads {model_id} streamed into FSDP2 shards: set stream_weights (the default) and give a "
+            "folder of safetensors files or a hub id"
+        )
+    with memory_efficient_init(stream=stream, readers=readers, read_budget=budget, keep_quantized=keep_quantized):
         return AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **kwargs)
 
 
@@ -188,6 +194,12 @@ class DSV4SFTTrainer(SFTTrainer):
             values = args.to_dict()
             values["hub_token"] = args.hub_token
             args = DSV4SFTConfig(**values)
+        by_path = isinstance(model, (str, os.PathLike))
+        if args.keep_quantized and kwargs.get("peft_config") is None and (by_path or peft_model_of(model) is None):
+            raise ValueError(
+                "keep_quantized keeps the base frozen and trains LoRA adapters only: pass a peft_config (the recipe: "
+                "--use_peft) or a PeftModel; full fine-tuning needs the dequantized weights (drop keep_quantized)"
+            )
         if isinstance(model, (str, os.PathLike)):
             model_id = str(model)
             model = load_dsv4_model(model_id, args)

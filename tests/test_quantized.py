@@ -1,0 +1,214 @@
+"""A quantized-resident frozen base (`memory_efficient_init(stream=True, keep_quantized=True)`): the release checkpoint's
+FP8 / FP4 weights read as stored, the model given their quantized form, each weight dequantized per module with
+transformers' arithmetic (and again in backward), LoRA on top; under FSDP2 on 2 gloo ranks logits and every LoRA
+gradient equal those over the dequantized base bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from dist_launch import run_ranks
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from hf_dsv4 import DSV4SFTConfig, DSV4SFTTrainer, memory_efficient_init
+from hf_dsv4.loading.stream import streamed_checkpoint
+from hf_dsv4.sharding import QuantizationError, dequantize, quantize_base, quantized_modules
+from hf_dsv4.sharding import quantized as quantized_module
+from hf_dsv4.testing import release
+from hf_dsv4.testing.model import hub_name
+from hf_dsv4.training.lora import dsv4_lora_config
+
+
+def _release_tensors(path: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    out = {}
+    for name, file in index.items():
+        with safe_open(str(path / file), framework="pt") as f:
+            out[name] = f.get_tensor(name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def streamed_quantized(release_ckpt):
+    """The release checkpoint opened in one process as keep_quantized does: the model on meta and its reader."""
+    with memory_efficient_init(stream=True, keep_quantized=True):
+        model = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=torch.bfloat16)
+    reader = streamed_checkpoint(model)
+    assert reader is not None and reader.keep_quantized
+    return model, reader
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_is_deepseeks_decode_for_fp8_and_fp4(release_ckpt, dtype):
+    tensors = _release_tensors(release_ckpt)
+    checked = {"fp8": 0, "fp4": 0}
+    for name, weight in tensors.items():
+        scale = tensors.get(name.removesuffix(".weight") + ".scale")
+        if scale is None or not name.endswith(".weight"):
+            continue
+        kind = "fp4" if weight.dtype == torch.int8 else "fp8"
+        reference = (release.dequantize_fp4 if kind == "fp4" else release.dequantize_fp8)(weight, scale)
+        got = dequantize(weight.view(torch.uint8), scale.view(torch.uint8), kind, dtype)
+        assert got.dtype == dtype and torch.equal(got.float(), reference), name
+        checked[kind] += 1
+    assert checked["fp8"] > 10 and checked["fp4"] > 10
+    # a stack of experts is dequantized expert by expert: the same as each expert alone
+    experts = [n for n in tensors if ".ffn.experts." in n and n.endswith(".w1.weight")][:3]
+    codes = torch.stack([tensors[n].view(torch.uint8) for n in experts])
+    scales = torch.stack([tensors[n.replace(".weight", ".scale")].view(torch.uint8) for n in experts])
+    stack = dequantize(codes, scales, "fp4", dtype)
+    assert all(torch.equal(stack[i], dequantize(codes[i], scales[i], "fp4", dtype)) for i in range(3))
+    with pytest.raises(ValueError, match="unknown quantization kind 'int4'"):
+        dequantize(codes, scales, "int4", dtype)
+
+
+def test_the_reader_reads_quantized_weights_as_stored(streamed_quantized, release_ckpt):
+    model, reader = streamed_quantized
+    plan = reader.quantized_plan()
+    reference = release.release_reference_state_dict(release_ckpt)
+    meta = model.state_dict()
+    fp8 = "model.layers.0.self_attn.q_a_proj.weight"
+    experts = "model.layers.1.mlp.experts.gate_up_proj"
+    config = model.config
+    assert plan[fp8] == ("fp8", (config.q_lora_rank, config.hidden_size), (1, 2))
+    n, inter, hidden = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+    assert plan[experts] == ("fp4", (n, 2 * inter, hidden // 2), (n, 2 * inter, hidden // 32))
+    assert {kind for kind, _, _ in plan.values()} == {"fp8", "fp4"}
+    assert all(".mtp" not in t and "embed" not in t and "norm" not in t for t in plan)
+    unit = reader.read("model.layers.1.")
+    for target in plan:
+        if not target.startswith("model.layers.1."):
+            continue
+        short = target[len("model.layers.1.") :]
+        assert short not in unit  # no dequantized copy
+        data, scale = unit[short + "_q"], unit[short + "_scale"]
+        assert data.dtype == scale.dtype == torch.uint8 and tuple(data.shape) == plan[target][1]
+        decoded = dequantize(data, scale, plan[target][0], torch.float32)
+        assert torch.equal(decoded, reference[target]), target
+    # the tensors the checkpoint keeps unquantized are converted as before (bf16 here)
+    assert torch.equal(unit["mlp.gate.weight"].float(), reference["model.layers.1.mlp.gate.weight"])
+    assert {k for k in unit if not k.endswith(("_q", "_scale"))} == {
+        k[len("model.layers.1.") :] for k in meta if k.startswith("model.layers.1.") and k not in plan
+    }
+    # rows (FSDP2's dim 0) of codes, scales and experts: exactly those rows of the whole read
+    rows = {f"{experts}_q": (1, 3), f"{experts}_scale": (2, 4), f"{fp8.replace('layers.0', 'layers.1')}_q": (5, 70)}
+    part = reader.read("model.layers.1.", rows, set(rows))
+    assert set(part) == {k[len("model.layers.1.") :] for k in rows}
+    for key, (start, stop) in rows.items():
+        short = key[len("model.layers.1.") :]
+        assert torch.equal(part[short], unit[short][start:stop]), key
+    assert reader.read("model.layers.1.", {f"{experts}_q": (2, 2)}, {f"{experts}_q"})["mlp.experts.gate_up_proj_q"].shape[0] == 0
+
+
+def _meta_peft_model(model, targets="all"):
+    from peft import get_peft_model
+
+    return get_peft_model(model, dsv4_lora_config(r=4, alpha=8, targets=targets))
+
+
+def test_quantize_base_gives_the_model_its_quantized_form(release_ckpt, streamed_quantized):
+    with memory_efficient_init(stream=True, keep_quantized=True):
+        model = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=torch.bfloat16)
+    plan = streamed_checkpoint(model).quantized_plan()
+    peft_model = _meta_peft_model(model)
+    from hf_dsv4.sharding.streamed import reader_names
+
+    before = {n: tuple(p.shape) for n, p in peft_model.named_parameters() if ".lora_" in n}
+    assert quantize_base(peft_model, plan, reader_names(peft_model)) == len(plan)
+    assert quantize_base(peft_model, plan, reader_names(peft_model)) == 0  # idempotent
+    assert {n: tuple(p.shape) for n, p in peft_model.named_parameters() if ".lora_" in n} == before
+    modules = quantized_modules(peft_model)
+    layer = "base_model.model.model.layers.1."
+    q_a = modules[layer + "self_attn.q_a_proj.base_layer"]
+    assert type(q_a).__name__ == "QuantizedLinear" and isinstance(q_a, nn.Linear)
+    assert type(modules[layer + "self_attn.o_a_proj"]).__name__ == "QuantizedDeepseekV4GroupedLinear"
+    assert "weight" not in q_a._parameters and q_a.weight_q.dtype == q_a.weight_scale.dtype == torch.uint8
+    assert q_a.weight.shape == (model.config.q_lora_rank, model.config.hidden_size)  # the weight it stands for
+    assert q_a.weight.dtype == torch.bfloat16 and q_a.weight.is_meta
+    experts = modules[layer + "mlp.experts.base_layer.base_layer"]
+    assert sorted(experts.__dict__[quantized_module.QUANTIZED]) == ["down_proj", "gate_up_proj"]
+    wrapper = peft_model.get_submodule(layer + "mlp.experts.base_layer")
+    assert type(wrapper).__name__ == "QuantizedParamWrapper" and wrapper.parameter_name == "gate_up_proj"
+    stand_in = wrapper.get_param()
+    assert stand_in.shape == experts.gate_up_proj.shape and stand_in.untyped_storage().nbytes() == 2
+    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if ".lora_" not in n)
+
+
+def test_keep_quantized_refuses_a_trainable_base_and_what_it_cannot_keep(release_ckpt, tiny_ckpt, tmp_path):
+    with memory_efficient_init(stream=True, keep_quantized=True):
+        model = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=torch.bfloat16)
+    plan = streamed_checkpoint(model).quantized_plan()
+    with pytest.raises(QuantizationError, match=r"'model.layers.0.[a-z_.]+' is trainable, but keep_quantized keeps"):
+        quantize_base(model, plan)  # full fine-tuning: every base parameter trainable
+    model.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(QuantizationError, match=r"1 other parameter\(s\) are trainable \(lm_head.weight\)"):
+        quantize_base(model, plan)
+    with pytest.raises(QuantizationError, match="no parameter 'model.layers.9.mlp.experts.down_proj'"):
+        quantize_base(model, {"model.layers.9.mlp.experts.down_proj": ("fp4", (1,), (1,))})
+    with pytest.raises(ValueError, match="keep_quantized applies to a streamed checkpoint"):
+        with memory_efficient_init(keep_quantized=True):
+            pass
+    with pytest.raises(Exception, match="holds no quantized \\(FP8 / FP4\\) weights"):
+        with memory_efficient_init(stream=True, keep_quantized=True):
+            AutoModelForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
+    args = DSV4SFTConfig(str(tmp_path / "out"), keep_quantized=True, use_cpu=True, bf16=False, report_to="none")
+    with pytest.raises(ValueError, match="keep_quantized keeps the base frozen and trains LoRA adapters only"):
+        DSV4SFTTrainer(str(release_ckpt), args=args)
+
+
+def _quantized_linear(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A module holding one quantized Linear (FP8 codes + scales from the release encoder), and its weight."""
+    gen = torch.Generator().manual_seed(seed)
+    codes, scale = release.encode_fp8("w", torch.Size([256, 256]), gen)
+    holder = nn.Module()
+    with torch.device("meta"):
+        holder.proj = nn.Linear(256, 256, bias=False)
+    holder.proj.weight.requires_grad_(False)
+    quantize_base(holder, {"proj.weight": ("fp8", (256, 256), (2, 2))})
+    holder.load_state_dict({"proj.weight_q": codes.view(torch.uint8), "proj.weight_scale": scale.view(torch.uint8)},
+                           assign=True)  # fmt: skip
+    return holder, release.dequantize_fp8(codes, scale)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_a_quantized_module_dequantizes_once_per_forward_and_again_in_backward(monkeypatch, recompute):
+    holder, weight = _quantized_linear()
+    holder.proj.recompute_in_backward = recompute
+    calls = []
+    real = quantized_module.dequantize
+    monkeypatch.setattr(quantized_module, "dequantize", lambda *a: calls.append(a[2]) or real(*a))
+    x = torch.randn(3, 5, 256, requires_grad=True)
+    y = holder.proj(x)
+    assert len(calls) == 1  # forward: once
+    (y * torch.arange(256.0)).sum().backward()
+    assert len(calls) == (2 if recompute else 1)  # backward: made again from the bytes instead of kept
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = nn.functional.linear(x_ref, weight)
+    (y_ref * torch.arange(256.0)).sum().backward()
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)
+    with torch.no_grad():  # outside a forward the property gives the weight it stands for
+        assert torch.equal(holder.proj.weight, weight)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_quantized_base_equals_the_dequantized_one_under_fsdp2(release_ckpt, tmp_path):
+    """2 gloo ranks, a streamed release checkpoint with a seeded LoRA adapter (B non-zero): quantized-resident vs
+    dequantized, logits and every LoRA gradient bit for bit, for fp32 and bf16 and the presets with and without routed
+    experts; the base's bytes per rank."""
+    results = run_ranks("quantized", tmp_path, str(release_ckpt), timeout=540)
+    for result in results:
+        for case, got in result.items():
+            assert got["logits_equal"], case
+            assert got["same_grads"] and got["grads_equal"] == got["grads"] > 20, (case, got)
+            quantized, dequantized = got["bytes"]
+            assert dequantized["quantized"] == 0 and quantized["quantized"] > 0, case
+    bf16 = results[0]["bfloat16/all"]["bytes"]
+    # the FP8 / FP4 bytes + scales of this rank's shards vs the same weights in bf16
+    assert bf16[0]["all"] < 0.6 * bf16[1]["all"]
