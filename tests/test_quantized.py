@@ -20,7 +20,6 @@ from hf_dsv4.loading.stream import streamed_checkpoint
 from hf_dsv4.sharding import QuantizationError, dequantize, quantize_base, quantized_modules
 from hf_dsv4.sharding import quantized as quantized_module
 from hf_dsv4.testing import release
-from hf_dsv4.testing.model import hub_name
 from hf_dsv4.training.lora import dsv4_lora_config
 
 
@@ -102,7 +101,12 @@ def test_the_reader_reads_quantized_weights_as_stored(streamed_quantized, releas
     for key, (start, stop) in rows.items():
         short = key[len("model.layers.1.") :]
         assert torch.equal(part[short], unit[short][start:stop]), key
-    assert reader.read("model.layers.1.", {f"{experts}_q": (2, 2)}, {f"{experts}_q"})["mlp.experts.gate_up_proj_q"].shape[0] == 0
+    assert (
+        reader.read("model.layers.1.", {f"{experts}_q": (2, 2)}, {f"{experts}_q"})["mlp.experts.gate_up_proj_q"].shape[
+            0
+        ]
+        == 0
+    )
 
 
 def _meta_peft_model(model, targets="all"):

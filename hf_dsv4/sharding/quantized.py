@@ -57,7 +57,9 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, kind: str, dtype: torch.
     if codes.dim() < 3 or codes.is_meta:
         return compat.dequantize_blocks(codes, scale, dtype)
     # one expert at a time into the stack: the float32 temporaries of the arithmetic stay one expert's
-    out = torch.empty((*codes.shape[:-1], codes.shape[-1] * (2 if kind == "fp4" else 1)), dtype=dtype, device=codes.device)
+    out = torch.empty(
+        (*codes.shape[:-1], codes.shape[-1] * (2 if kind == "fp4" else 1)), dtype=dtype, device=codes.device
+    )
     for expert in range(codes.shape[0]):
         out[expert] = compat.dequantize_blocks(codes[expert], scale[expert], dtype)
     return out
