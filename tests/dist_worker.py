@@ -753,16 +753,16 @@ def _nonzero_lora_b(model: torch.nn.Module) -> None:
                 local.copy_(0.5 * values[start:stop])
 
 
-def quantized_lora(release_ckpt: str, dtype: torch.dtype, targets: str, keep: bool, **stream) -> torch.nn.Module:
+def quantized_lora(release_ckpt: str, dtype: torch.dtype, targets: str, keep: bool | str, **kwargs) -> torch.nn.Module:
     """The release checkpoint streamed (quantized-resident with `keep`), a seeded LoRA adapter of `targets`
-    (B non-zero), sharded over every rank."""
+    (B non-zero), sharded over every rank; `kwargs` go to from_pretrained."""
     from peft import get_peft_model
 
     from hf_dsv4.sharding.streamed import ADAPTER_SEED
     from hf_dsv4.training.lora import dsv4_lora_config
 
-    with memory_efficient_init(stream=True, keep_quantized=keep, **stream):
-        model = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=dtype)
+    with memory_efficient_init(stream=True, keep_quantized=keep):
+        model = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=dtype, **kwargs)
     model = get_peft_model(model, dsv4_lora_config(r=4, alpha=8, targets=targets))
     model.__dict__[ADAPTER_SEED] = 3
     shard_model(model)
@@ -788,23 +788,34 @@ def quantized_step(model: torch.nn.Module, seed: int) -> tuple[torch.Tensor, dic
 
 
 def scenario_quantized(release_ckpt: str) -> dict:
-    """Quantized-resident base vs the dequantized one: logits and LoRA gradients, for every preset, fp32 and bf16."""
+    """Quantized-resident base vs the dequantized one: logits and LoRA gradients, fp32 and bf16, with and without
+    routed-expert adapters; experts computed per expert (vs transformers' eager experts over the dequantized base)
+    or as one stack (vs its default, grouped_mm)."""
     results = {}
-    for dtype_name, targets in [("float32", "all"), ("bfloat16", "all"), ("float32", "attention+shared")]:
+    cases = [("float32", "all", "per_expert"), ("bfloat16", "all", "per_expert"), ("bfloat16", "all", "stack"),
+             ("float32", "attention+shared", "per_expert")]  # fmt: skip
+    for dtype_name, targets, experts in cases:
         dtype = DTYPES[dtype_name]
         runs = {}
-        for keep in (True, False):
-            model = quantized_lora(release_ckpt, dtype, targets, keep)
-            runs[keep] = (*quantized_step(model, 20), _local_bytes(model))
+        for keep in (experts, False):
+            implementation = {"experts_implementation": "eager"} if experts == "per_expert" and not keep else {}
+            model = quantized_lora(release_ckpt, dtype, targets, keep, **implementation)
+            runs[bool(keep)] = (*quantized_step(model, 20), _local_bytes(model))
             del model
         (q_logits, q_grads, q_bytes), (d_logits, d_grads, d_bytes) = runs[True], runs[False]
-        results[f"{dtype_name}/{targets}"] = {
+        results[f"{dtype_name}/{targets}/{experts}"] = {
             "logits_equal": torch.equal(q_logits, d_logits),
             "logits_max_diff": (q_logits.float() - d_logits.float()).abs().max().item(),
             "same_grads": sorted(q_grads) == sorted(d_grads),
             "grads": len(q_grads),
             "grads_equal": sum(torch.equal(q_grads[n], d_grads[n]) for n in q_grads if n in d_grads),
             "grads_max_diff": max((q_grads[n] - d_grads[n]).abs().max().item() for n in q_grads if n in d_grads),
+            "grads_max_relative": max(
+                ((q_grads[n].float() - d_grads[n].float()).abs().max() / d_grads[n].float().abs().max()).item()
+                for n in q_grads
+                if n in d_grads
+            ),
+            "not_equal": sorted(n for n in q_grads if n in d_grads and not torch.equal(q_grads[n], d_grads[n])),
             "bytes": [q_bytes, d_bytes],
         }
     return results

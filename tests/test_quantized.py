@@ -200,20 +200,86 @@ def test_a_quantized_module_dequantizes_once_per_forward_and_again_in_backward(m
         assert torch.equal(holder.proj.weight, weight)
 
 
+def _quantized_experts(experts: str, implementation: str):
+    """Quantized routed experts of the tiny release config (FP4 from the release encoder) and the stock module over the
+    same weights dequantized, both with transformers' experts `implementation`."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Experts
+
+    config = release.release_dsv4_config()
+    config._experts_implementation = implementation
+    gen = torch.Generator().manual_seed(1)
+    n, inter, hidden = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+    parts = {"gate_up_proj": [release.encode_fp4("w", torch.Size([2 * inter, hidden]), gen) for _ in range(n)],
+             "down_proj": [release.encode_fp4("w", torch.Size([hidden, inter]), gen) for _ in range(n)]}  # fmt: skip
+    holder = nn.Module()
+    with torch.device("meta"):
+        holder.experts = DeepseekV4Experts(config)
+    holder.requires_grad_(False)
+    plan = {
+        f"experts.{leaf}": ("fp4", (n, *codes[0][0].shape), (n, *codes[0][1].shape)) for leaf, codes in parts.items()
+    }
+    quantize_base(holder, plan, experts=experts)
+    state, stock = {}, DeepseekV4Experts(config).requires_grad_(False)
+    for leaf, codes in parts.items():
+        state[f"experts.{leaf}_q"] = torch.stack([c.view(torch.uint8) for c, _ in codes])
+        state[f"experts.{leaf}_scale"] = torch.stack([s.view(torch.uint8) for _, s in codes])
+        getattr(stock, leaf).copy_(torch.stack([release.dequantize_fp4(c, s) for c, s in codes]))
+    holder.load_state_dict(state, assign=True)
+    return holder.experts, stock, config
+
+
+@pytest.mark.parametrize("experts,implementation", [("per_expert", "eager"), ("stack", "grouped_mm")])
+def test_quantized_experts_compute_as_the_stock_implementation_one_expert_or_one_stack_at_a_time(
+    monkeypatch, experts, implementation
+):
+    quantized, stock, config = _quantized_experts(experts, implementation)
+    calls = []
+    real = quantized_module.dequantize
+    monkeypatch.setattr(quantized_module, "dequantize", lambda *a: calls.append(a[0].dim()) or real(*a))
+    tokens = 12
+    x = torch.randn(tokens, config.hidden_size, requires_grad=True)
+    index = torch.randint(0, config.n_routed_experts, (tokens, config.num_experts_per_tok),
+                          generator=torch.Generator().manual_seed(2))  # fmt: skip
+    weights = torch.rand(tokens, config.num_experts_per_tok)
+    out = quantized(x, index, weights)
+    hit = len(index.unique())
+    # per expert: each hit expert's two weights, one at a time; stack: each weight of the layer once
+    assert calls == ([2] * 2 * hit if experts == "per_expert" else [3, 3])
+    forward = list(calls)
+    out.square().sum().backward()
+    assert calls == forward + forward  # backward made each weight again from the bytes
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = stock(x_ref, index, weights)
+    ref.square().sum().backward()
+    assert torch.equal(out, ref) and torch.equal(x.grad, x_ref.grad)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_quantized_base_equals_the_dequantized_one_under_fsdp2(release_ckpt, tmp_path):
     """2 gloo ranks, a streamed release checkpoint with a seeded LoRA adapter (B non-zero): quantized-resident vs
-    dequantized, logits and every LoRA gradient bit for bit, for fp32 and bf16 and the presets with and without routed
-    experts; the base's bytes per rank."""
+    dequantized, logits and every LoRA gradient, fp32 and bf16, with and without routed-expert adapters; experts per
+    expert (vs transformers' eager experts over the dequantized base) and as one stack (vs its default, grouped_mm).
+
+    Bit for bit, except the routed-expert factors' gradients computed per expert: peft folds the update into the
+    whole stack with one batched `baddbmm`, whose backward is one batched `bmm` over all experts; per expert it is one
+    `bmm` per expert, which rounds differently (measured: 2.7e-7 relative in fp32, 5.1e-4 in bf16, under one bf16
+    ulp). Logits stay bitwise (the forward folds are the same numbers)."""
     results = run_ranks("quantized", tmp_path, str(release_ckpt), timeout=540)
     for result in results:
+        assert sorted(result) == ["bfloat16/all/per_expert", "bfloat16/all/stack", "float32/all/per_expert",
+                                  "float32/attention+shared/per_expert"]  # fmt: skip
         for case, got in result.items():
             assert got["logits_equal"], case
-            assert got["same_grads"] and got["grads_equal"] == got["grads"] > 20, (case, got)
+            assert got["same_grads"] and got["grads"] > 20, (case, got)
+            assert all(".mlp.experts." in name for name in got["not_equal"]), case
+            if "per_expert" not in case or "/all/" not in case:
+                assert got["grads_equal"] == got["grads"], case
+            bound = 1e-6 if case.startswith("float32") else 2**-8
+            assert got["grads_max_relative"] <= bound, (case, got["grads_max_relative"])
             quantized, dequantized = got["bytes"]
             assert dequantized["quantized"] == 0 and quantized["quantized"] > 0, case
-    bf16 = results[0]["bfloat16/all"]["bytes"]
+    bf16 = results[0]["bfloat16/all/stack"]["bytes"]
     # the FP8 / FP4 bytes + scales of this rank's shards vs the same weights in bf16
     assert bf16[0]["all"] < 0.6 * bf16[1]["all"]
 

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from .. import compat
 from ..distributed import all_gather_object, every_rank_raises, is_distributed, rank
-from .stream import STREAM_ATTRIBUTE, dequantizing_config, fp8_block_size, open_streamed
+from .stream import EXPERTS_MODES, STREAM_ATTRIBUTE, dequantizing_config, fp8_block_size, open_streamed
 from .units import tensor_table
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def _attach_reader(
     kwargs: dict,
     fp8_block: Any,
     readers: str,
-    keep_quantized: bool = False,
+    keep_quantized: bool | str = False,
 ) -> None:
     """Open the checkpoint (stock `from_pretrained` without reading weights) and attach its `StreamedCheckpoint` to
     `model`; its twin (what stock `from_pretrained` builds) must have the same tensors as the model built from the
@@ -172,7 +172,9 @@ def _attach_reader(
     with _threads_of_idle_ranks():
         stream = open_streamed(cls, original, path, args, kwargs, fp8_block)
     stream.readers = readers
-    stream.keep_quantized = keep_quantized
+    stream.keep_quantized = bool(keep_quantized)
+    if keep_quantized:
+        stream.quantized_experts = keep_quantized if isinstance(keep_quantized, str) else "per_expert"
     if keep_quantized and not stream.quantized:
         raise ValueError(
             f"keep_quantized: {path} holds no quantized (FP8 / FP4) weights; load it without keep_quantized"
@@ -218,7 +220,7 @@ def _load_streamed(
     kwargs: dict,
     readers: str,
     read_budget: int | None,
-    keep_quantized: bool = False,
+    keep_quantized: bool | str = False,
 ) -> Any:
     """The meta model on every rank, carrying a reader of the checkpoint on the ranks that read it (rank 0, or every
     rank with `readers="all"`; True elsewhere). A collective: each step's failure is raised on every rank."""
@@ -249,7 +251,7 @@ def _rank_aware_from_pretrained(
     stream: bool = False,
     readers: str = "rank0",
     read_budget: int | None = None,
-    keep_quantized: bool = False,
+    keep_quantized: bool | str = False,
 ) -> classmethod:
     """A `from_pretrained` classmethod body that loads on the source rank and builds on meta elsewhere (with
     `stream`: builds on meta everywhere, rank 0 keeping a reader of the checkpoint)."""
@@ -276,7 +278,10 @@ def _rank_aware_from_pretrained(
 
 @contextlib.contextmanager
 def memory_efficient_init(
-    stream: bool = False, readers: str = "rank0", read_budget: int | None = None, keep_quantized: bool = False
+    stream: bool = False,
+    readers: str = "rank0",
+    read_budget: int | None = None,
+    keep_quantized: bool | str = False,
 ) -> Iterator[None]:
     """Scope under which `from_pretrained` reads the checkpoint on the source rank (global rank 0) only.
 
@@ -297,7 +302,10 @@ def memory_efficient_init(
     `keep_quantized` (with `stream=True`, a release checkpoint): the weights the checkpoint stores as FP8 / FP4 stay
     so in the shards (uint8 codes + ue8m0 scales, dequantized per layer in forward and again in backward,
     `hf_dsv4.sharding.quantized`), for LoRA over a frozen base; `shard_model` gives the model that form. Needs
-    torch.distributed (one process is fine: `shard_model` fills it) and refuses full fine-tuning.
+    torch.distributed (one process is fine: `shard_model` fills it) and refuses full fine-tuning. The routed experts
+    compute expert by expert (`True` or "per_expert": each expert's weight dequantized when its tokens reach it) or
+    as one dequantized stack per layer ("stack": the model's experts implementation, e.g. grouped_mm); see
+    `hf_dsv4.sharding.quantize_base`.
 
     Inside the block, `AutoModelForCausalLM.from_pretrained(path, dtype=...)` (and the same method of any
     `PreTrainedModel` subclass) loads real weights on CPU on rank 0 and returns the same model built on the meta
@@ -310,6 +318,8 @@ def memory_efficient_init(
         raise ValueError(f"readers must be one of {READERS}, not {readers!r}")
     if (readers != "rank0" or read_budget is not None) and not stream:
         raise ValueError("readers and read_budget apply to a streamed checkpoint: pass stream=True")
+    if keep_quantized not in (False, True, *EXPERTS_MODES):
+        raise ValueError(f"keep_quantized must be True, False or one of {EXPERTS_MODES}, not {keep_quantized!r}")
     if keep_quantized and not stream:
         raise ValueError("keep_quantized applies to a streamed checkpoint: pass stream=True")
     if read_budget is not None and read_budget < 1:

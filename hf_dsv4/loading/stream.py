@@ -31,6 +31,7 @@ from .units import layer_units, non_persistent_buffers, pretrained_models
 logger = logging.getLogger(__name__)
 
 STREAM_ATTRIBUTE = "_hf_dsv4_stream"
+EXPERTS_MODES = ("per_expert", "stack")  # how quantized routed experts compute (`hf_dsv4.sharding.quantize_base`)
 
 
 class StreamedCheckpoint:
@@ -44,6 +45,7 @@ class StreamedCheckpoint:
         self.readers = "rank0"  # or "all": every rank has a reader and reads its own rows
         self.read_budget: int | None = None  # bytes per read for `shard_model` (None: whole units)
         self.keep_quantized = False  # quantized weights read as stored (`read_quantized`), not dequantized
+        self.quantized_experts = "per_expert"  # how `shard_model` makes quantized routed experts compute
         self.load_config = load_config
         self.files = [Path(f) for f in checkpoint_files]
         self._handles: dict[Path, Any] = {}

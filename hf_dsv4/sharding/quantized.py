@@ -31,13 +31,15 @@ import torch
 from torch import nn
 
 from .. import compat
+from ..loading.stream import EXPERTS_MODES
 
 KINDS = ("fp8", "fp4")  # FP8 e4m3 + ue8m0 128x128 blocks; FP4 e2m1 (two per byte) + ue8m0 1x32 blocks
 DATA, SCALE = "_q", "_scale"  # the two uint8 parameters that replace a quantized weight `<leaf>`
 QUANTIZED = "_hf_dsv4_quantized"  # on a quantized module: {leaf: (kind, logical shape, dtype)}
 _SCOPE = "_hf_dsv4_forward_scope"
 LOGICAL_NUMEL = "_hf_dsv4_logical_numel"  # on a quantized weight's parameters, until sharded
-_UPDATES = "_hf_dsv4_lora_updates"  # routed-expert LoRA updates active in this forward: {leaf: update}
+_UPDATES = "_hf_dsv4_lora_updates"
+PER_EXPERT = "_hf_dsv4_per_expert"  # on quantized routed experts computed expert by expert (`EXPERTS_MODES`)  # routed-expert LoRA updates active in this forward: {leaf: update}
 
 # plan entry: model tensor name -> (kind, shape of the codes' bytes, shape of the scale bytes)
 QuantizedPlan = dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]
@@ -126,25 +128,33 @@ class QuantizedModule:
 
     recompute_in_backward = True  # per instance via `set_recompute_in_backward`
 
-    def _quantized_leaf(self, leaf: str) -> torch.Tensor:
+    def _quantized_leaf(self, leaf: str, expert: int | None = None) -> Any:
+        """The weight `leaf` dequantized (with the routed-expert LoRA update peft handed over, if any), made once per
+        forward; with `expert`, that expert's weight only. In a forward of experts computed per expert, the stack is
+        an `_Experts` view that makes each expert's weight when the loop indexes it."""
         scope = self.__dict__.get(_SCOPE)
-        if scope is not None and leaf in scope.values:
-            return scope.values[leaf]
+        key = leaf if expert is None else f"{leaf}[{expert}]"
+        if scope is not None and key in scope.values:
+            return scope.values[key]
         kind, shape, dtype = self.__dict__[QUANTIZED][leaf]
         data, scale = self._parameters[leaf + DATA], self._parameters[leaf + SCALE]
+        if expert is None and scope is not None and self.__dict__.get(PER_EXPERT) and len(shape) == 3:
+            return _Experts(self, leaf)
         if data.is_meta:
-            return torch.empty(shape, dtype=dtype, device="meta")
+            return torch.empty(shape if expert is None else shape[1:], dtype=dtype, device="meta")
         if hasattr(data, "full_tensor"):  # outside forward, FSDP2 holds shards: the whole weight, for inspection
             data, scale = data.full_tensor(), scale.full_tensor()
+        if expert is not None:
+            data, scale = data[expert], scale[expert]
         update = self.__dict__.get(_UPDATES, {}).get(leaf)
 
         def make() -> torch.Tensor:
             weight = dequantize(data, scale, kind, dtype)
-            return weight if update is None else _apply_update(weight, update)
+            return weight if update is None else _apply_update(weight, update, expert)
 
         value = make()
         if scope is not None:
-            scope.add(leaf, value, lambda: make().detach())
+            scope.add(key, value, lambda: make().detach())
         return value
 
     @contextlib.contextmanager
@@ -164,13 +174,27 @@ class QuantizedModule:
             del self.__dict__[_SCOPE]
 
 
-def _apply_update(weight: torch.Tensor, update: tuple) -> torch.Tensor:
-    """A routed-expert LoRA update on the dequantized stack, as peft applies it to a bf16 one."""
+def _apply_update(weight: torch.Tensor, update: tuple, expert: int | None = None) -> torch.Tensor:
+    """A routed-expert LoRA update on the dequantized stack (or on one `expert` of it), as peft applies it to a bf16
+    stack: `baddbmm(W, lhs, rhs, alpha=scaling)` (peft's `_LoraFactorsProxy`), else `W + delta`."""
     if update[0] == "factors":
         _, lhs, rhs, scaling = update
+        one = slice(None) if expert is None else slice(expert, expert + 1)
         with torch.autocast(device_type=weight.device.type, enabled=False):
-            return torch.baddbmm(weight, lhs, rhs, alpha=scaling)
-    return weight + update[1]
+            folded = torch.baddbmm(weight if expert is None else weight[None], lhs[one], rhs[one], alpha=scaling)
+        return folded if expert is None else folded[0]
+    return weight + (update[1] if expert is None else update[1][expert])
+
+
+class _Experts:
+    """A quantized expert stack seen by transformers' eager experts loop: `stack[e]` is expert e's weight, made when
+    the loop reaches it (so a forward holds one expert's dequantized weight at a time, not the layer's)."""
+
+    def __init__(self, module: QuantizedModule, leaf: str):
+        self.module, self.leaf = module, leaf
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self.module._quantized_leaf(self.leaf, int(index))
 
 
 _CLASSES: dict[type, type] = {}
@@ -180,9 +204,12 @@ def _quantized_class(cls: type, leaves: tuple[str, ...]) -> type:
     """`cls` with each of `leaves` a property (the dequantized weight) and its forward inside a forward scope."""
     key = (cls, leaves)
     if key not in _CLASSES:
+        eager = getattr(cls.forward, "__wrapped__", cls.forward)  # under transformers' experts dispatch: its loop
 
         def forward(self, *args, **kwargs):
             with self._forward_scope():
+                if self.__dict__.get(PER_EXPERT):
+                    return eager(self, *args, **kwargs)
                 return cls.forward(self, *args, **kwargs)
 
         namespace = {"forward": forward, "__module__": __name__}
@@ -216,11 +243,24 @@ def _owners(model: nn.Module, name_of: Callable[[str], str]) -> dict[str, tuple[
     return owners
 
 
-def quantize_base(model: nn.Module, plan: QuantizedPlan, name_of: Callable[[str], str] = lambda name: name) -> int:
+def quantize_base(
+    model: nn.Module,
+    plan: QuantizedPlan,
+    name_of: Callable[[str], str] = lambda name: name,
+    experts: str = "per_expert",
+) -> int:
     """Give the quantized weights of `plan` ({name as the checkpoint reader knows it: (kind, bytes shape, scale shape)})
     their quantized form in `model` (on meta), in place; `name_of` maps a name of `model` to the reader's (a PEFT
     wrapper's names to the base model's). Idempotent. The base must be frozen: LoRA adapters train, nothing else.
-    Returns the number of weights quantized."""
+    `experts`: how quantized routed experts compute. "per_expert" (default): transformers' eager experts loop, each
+    expert's weight dequantized when its tokens reach it (a forward holds one expert's weight, not the layer's: what
+    lets V4-Flash's 256-expert layers fit); the same arithmetic as the eager implementation over a dequantized base.
+    "stack": the layer's experts dequantized into one stack and computed by the model's configured experts
+    implementation (grouped_mm by default), exactly as over a dequantized base with that implementation, holding
+    the layer's experts in the compute dtype during its forward (V4-Flash: 12.9 GB in bf16, twice that with a
+    routed-expert adapter). Returns the number of weights quantized."""
+    if experts not in EXPERTS_MODES:
+        raise ValueError(f"experts must be one of {EXPERTS_MODES}, not {experts!r}")
     done, owners = 0, _owners(model, name_of)
     for target in sorted(plan):
         kind, data_shape, scale_shape = plan[target]
@@ -247,6 +287,8 @@ def quantize_base(model: nn.Module, plan: QuantizedPlan, name_of: Callable[[str]
         cls = type(module)
         base = cls.__mro__[2] if issubclass(cls, QuantizedModule) else cls
         module.__class__ = _quantized_class(base, tuple(sorted(quantized)))
+        if len(quantized[leaf][1]) == 3:
+            module.__dict__[PER_EXPERT] = experts == "per_expert"
         done += 1
     _wrap_expert_adapters(model)
     _refuse_trainable_base(model)

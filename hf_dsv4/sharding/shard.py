@@ -79,14 +79,16 @@ def _nothing(prefix: str) -> dict[str, torch.Tensor]:
 
 def _streaming(
     stream: StreamedCheckpoint | bool | None, read_budget: int | None
-) -> tuple[str | None, int | None, QuantizedPlan | None]:
+) -> tuple[str | None, int | None, tuple[QuantizedPlan, str] | None]:
     """(who reads a streamed checkpoint: "rank0" or "all", None if not streamed; the read budget: `read_budget` or
-    the reader's; the quantized weights to keep so, or None), as rank 0 has them: every rank takes rank 0's path
+    the reader's; the quantized weights to keep so and how experts compute, or None), as rank 0 has them: every rank takes rank 0's path
     (a collective)."""
     reader = stream if isinstance(stream, StreamedCheckpoint) else None
     mine = reader.readers if reader else ("rank0" if stream else None)
     budget = reader.read_budget if read_budget is None and reader else read_budget
-    plan = reader.quantized_plan() if reader and reader.keep_quantized and dist.get_rank() == 0 else None
+    plan = None
+    if reader and reader.keep_quantized and dist.get_rank() == 0:
+        plan = (reader.quantized_plan(), reader.quantized_experts)
     gathered = all_gather_object((mine, budget, plan))
     seen = [readers for readers, _, _ in gathered]
     if len(set(seen)) > 1:
@@ -132,10 +134,10 @@ def shard_model(
     readers, read_budget, quantized = _streaming(stream, read_budget)
     if quantized:  # before validation: every rank gives the model the same quantized form
         with every_rank_raises():
-            count = quantize_base(model, quantized, reader_names(model))
+            count = quantize_base(model, quantized[0], reader_names(model), experts=quantized[1])
         # activation checkpointing recomputes whole layers: the modules then need not save recipes themselves
         set_recompute_in_backward(model, not any(getattr(m, "gradient_checkpointing", False) for m in model.modules()))
-        logger.info("%d weight(s) kept quantized (FP8 / FP4 as stored), dequantized per layer", count)
+        logger.info("%d weight(s) kept quantized (FP8 / FP4 as stored), experts %s", count, quantized[1])
     cast = align_parameter_adapter_dtypes(model)  # before validation: every rank casts the same factors
     if cast:
         logger.info("%d routed-expert LoRA factor(s) kept in the experts' dtype", cast)

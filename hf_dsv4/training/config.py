@@ -92,6 +92,16 @@ class DSV4SFTConfig(SFTConfig):
             "adapter (peft_config); full fine-tuning is refused."
         },
     )
+    quantized_experts: str = field(
+        default="per_expert",
+        metadata={
+            "help": "With keep_quantized, how the routed experts compute: 'per_expert' dequantizes each expert's "
+            "weight when its tokens reach it (transformers' eager experts loop; a layer holds one expert's weight), "
+            "'stack' dequantizes the layer's experts into one stack for the model's experts implementation "
+            "(grouped_mm; V4-Flash: 12.9 GB per layer in bf16).",
+            "choices": ["per_expert", "stack"],
+        },
+    )
     turns: str = field(
         default="all",
         metadata={

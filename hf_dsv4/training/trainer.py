@@ -110,7 +110,7 @@ def load_dsv4_model(model_id: str, args: SFTConfig):
     readers = getattr(args, "stream_readers", "rank0") if stream else "rank0"
     budget = getattr(args, "stream_read_budget_mb", 0) if stream else 0
     budget = int(budget * 2**20) or None
-    keep_quantized = getattr(args, "keep_quantized", False)
+    keep_quantized = getattr(args, "keep_quantized", False) and getattr(args, "quantized_experts", "per_expert")
     if keep_quantized and not stream:
         raise ValueError(
             f"keep_quantized reads {model_id} streamed into FSDP2 shards: set stream_weights (the default) and give a "
