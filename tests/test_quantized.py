@@ -292,8 +292,9 @@ CPU_2PROC = ["--config_file", str(REPO / "accelerate_configs" / "fsdp2_cpu_2proc
 @pytest.mark.timeout(900)
 def test_the_recipe_trains_lora_over_the_quantized_base_like_over_the_dequantized_one(release_ckpt, tmp_path):
     """`accelerate launch recipes/sft_dsv4.py --keep_quantized true` on 2 CPU ranks (fp32, routed experts adapted) vs
-    the same run over the dequantized base: the same loss at every step and the same adapter files, bit for bit; the
-    adapter loads with `PeftModel.from_pretrained` on the dequantized base."""
+    the same run over the dequantized base: with `--quantized_experts stack` the same loss at every step and the same
+    adapter files, bit for bit; with the default (per expert) the same losses within rounding; the adapter loads with
+    `PeftModel.from_pretrained` on the dequantized base."""
     from dist_launch import AccelerateRun
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -302,28 +303,35 @@ def test_the_recipe_trains_lora_over_the_quantized_base_like_over_the_dequantize
             "--dtype", "float32", "--max_length", "192", "--max_steps", "3", "--logging_steps", "1",
             "--per_device_train_batch_size", "1", "--learning_rate", "0.01", "--lora_target_modules", "all",
             "--report_to", "none", "--seed", "7", "--save_strategy", "no"]  # fmt: skip
+    variants = {"stack": ["--keep_quantized", "true", "--quantized_experts", "stack"],
+                "per_expert": ["--keep_quantized", "true"], "dequantized": []}  # fmt: skip
     runs = {
-        keep: AccelerateRun(f"keep_{keep}", CPU_2PROC, str(REPO / "tests/recipe_script.py"),
-                            [*args, "--keep_quantized", keep, "--output_dir", str(tmp_path / keep)], tmp_path)
-        for keep in ("true", "false")
+        name: AccelerateRun(name, CPU_2PROC, str(REPO / "tests/recipe_script.py"),
+                            [*args, *extra, "--output_dir", str(tmp_path / name)], tmp_path)
+        for name, extra in variants.items()
     }  # fmt: skip
-    results = {}
-    for keep, run in runs.items():
-        if run.wait(800) != 0 or not (tmp_path / keep / "test_result.json").is_file():
+    losses = {}
+    for name, run in runs.items():
+        if run.wait(800) != 0 or not (tmp_path / name / "test_result.json").is_file():
             raise run.failure("no result")
-        history = json.loads((tmp_path / keep / "test_result.json").read_text())["log_history"]
-        results[keep] = [(e["step"], e["loss"]) for e in history if "loss" in e]
-    assert "weight(s) kept quantized" in (tmp_path / "keep_true.log").read_text()
-    assert len(results["true"]) == 3 and results["true"] == results["false"]
-    adapters = {k: load_file(tmp_path / k / "adapter_model.safetensors") for k in runs}
-    assert sorted(adapters["true"]) == sorted(adapters["false"]) and any("experts" in k for k in adapters["true"])
-    assert all(torch.equal(adapters["true"][k], adapters["false"][k]) for k in adapters["true"])
-    configs = {k: json.loads((tmp_path / k / "adapter_config.json").read_text()) for k in runs}
-    assert configs["true"] == configs["false"]
+        history = json.loads((tmp_path / name / "test_result.json").read_text())["log_history"]
+        losses[name] = [(e["step"], e["loss"]) for e in history if "loss" in e]
+    assert "weight(s) kept quantized (FP8 / FP4 as stored), experts stack" in (tmp_path / "stack.log").read_text()
+    assert "experts per_expert" in (tmp_path / "per_expert.log").read_text()
+    assert len(losses["stack"]) == 3 and losses["stack"] == losses["dequantized"]
+    assert [s for s, _ in losses["per_expert"]] == [1, 2, 3]
+    assert all(abs(a - b) <= 1e-4 * abs(b) for (_, a), (_, b) in zip(losses["per_expert"], losses["dequantized"]))
+    adapters = {name: load_file(tmp_path / name / "adapter_model.safetensors") for name in runs}
+    assert sorted(adapters["stack"]) == sorted(adapters["dequantized"]) and any(
+        "experts" in k for k in adapters["stack"]
+    )
+    assert all(torch.equal(adapters["stack"][k], adapters["dequantized"][k]) for k in adapters["stack"])
+    configs = {name: json.loads((tmp_path / name / "adapter_config.json").read_text()) for name in runs}
+    assert configs["stack"] == configs["per_expert"] == configs["dequantized"]
 
     base = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=torch.float32)  # dequantized by transformers
     ids = torch.randint(3, 500, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = base(ids).logits
-        tuned = PeftModel.from_pretrained(base, tmp_path / "true")(ids).logits
+        tuned = PeftModel.from_pretrained(base, tmp_path / "per_expert")(ids).logits
     assert not torch.equal(plain, tuned) and bool(torch.isfinite(tuned).all())
