@@ -37,6 +37,7 @@ KINDS = ("fp8", "fp4")  # FP8 e4m3 + ue8m0 128x128 blocks; FP4 e2m1 (two per byt
 DATA, SCALE = "_q", "_scale"  # the two uint8 parameters that replace a quantized weight `<leaf>`
 QUANTIZED = "_hf_dsv4_quantized"  # on a quantized module: {leaf: (kind, logical shape, dtype)}
 _SCOPE = "_hf_dsv4_forward_scope"
+_RECIPE = "_hf_dsv4_recipe"  # on a dequantized weight: how to make it again
 LOGICAL_NUMEL = "_hf_dsv4_logical_numel"  # on a quantized weight's parameters, until sharded
 _UPDATES = "_hf_dsv4_lora_updates"
 PER_EXPERT = "_hf_dsv4_per_expert"  # on quantized routed experts computed expert by expert (`EXPERTS_MODES`)  # routed-expert LoRA updates active in this forward: {leaf: update}
@@ -101,21 +102,29 @@ class _Saved:
 
 
 class _ForwardScope:
-    """The weights one forward of a quantized module dequantized (each once), by storage, with their recipes."""
+    """One forward of a quantized module: the weights it dequantized (kept for the forward unless `keep=False`), each
+    tagged with its recipe, so that what autograd saves of them (the weight or a view of it) is saved as the recipe."""
 
     def __init__(self):
         self.values: dict[str, torch.Tensor] = {}
-        self.recipes: dict[int, _Recipe] = {}
+        self.tagged = False
 
-    def add(self, leaf: str, value: torch.Tensor, make: Callable[[], torch.Tensor]) -> None:
-        self.values[leaf] = value
+    def add(self, key: str, value: torch.Tensor, make: Callable[[], torch.Tensor], keep: bool = True) -> None:
+        if keep:
+            self.values[key] = value
         if value.device.type != "meta":
-            self.recipes[value.untyped_storage().data_ptr()] = _Recipe(make)
+            recipe = _Recipe(make)
+            for tensor in (value, value._base):  # a view's saved views have the view's base as their `_base`
+                if tensor is not None:
+                    setattr(tensor, _RECIPE, recipe)
+            self.tagged = True
 
     def pack(self, tensor: torch.Tensor) -> Any:
-        if tensor.device.type == "meta" or not self.recipes:
+        if not self.tagged:
             return tensor
-        recipe = self.recipes.get(tensor.untyped_storage().data_ptr())
+        recipe = getattr(tensor, _RECIPE, None)
+        if recipe is None and tensor._base is not None:
+            recipe = getattr(tensor._base, _RECIPE, None)
         return tensor if recipe is None else _Saved(recipe, tensor)
 
     @staticmethod
@@ -153,8 +162,8 @@ class QuantizedModule:
             return weight if update is None else _apply_update(weight, update, expert)
 
         value = make()
-        if scope is not None:
-            scope.add(key, value, lambda: make().detach())
+        if scope is not None:  # one expert's weight is used once by the loop: not kept beyond that
+            scope.add(key, value, lambda: make().detach(), keep=expert is None)
         return value
 
     @contextlib.contextmanager

@@ -1,0 +1,304 @@
+"""LoRA over a quantized-resident base vs over the dequantized one: peak memory per rank and step time, in one run.
+
+    python benchmarks/bench_quantized.py                      # 2 CPU ranks, release-layout checkpoint (0.5 GB)
+    python benchmarks/bench_quantized.py --layout flash --ranks 1 --modes qd --seq-len 256   # a full-width Flash layer
+    python benchmarks/bench_quantized.py --projection         # Flash LoRA on 8 x 80 GB / 8 x 141 GB, computed
+    torchrun-free on GPUs: python benchmarks/bench_quantized.py --backend nccl --ranks 8 --layout flash
+
+Every mode loads the same release-layout checkpoint streamed into FSDP2 shards (`memory_efficient_init(stream=True)`
++ `shard_model`), adds the same LoRA adapter (`dsv4_lora_config(r=16, alpha=32, targets=--targets)`) and trains
+`--warmup` + `--steps` AdamW steps on random tokens (batch 1 x `--seq-len`):
+
+(q) keep_quantized, experts per expert (the default): FP8 / FP4 bytes + ue8m0 scales in the shards, each weight
+    dequantized in its module's forward and again in backward, routed experts one at a time;
+(s) keep_quantized, experts as one stack per layer (`quantized_experts="stack"`, the model's experts implementation);
+(d) the dequantized base (transformers dequantizes the checkpoint to `--dtype` while it streams): the stock weights;
+(e) as (d) with transformers' eager experts loop (what (q) computes), the like-for-like reference of (q).
+
+Per rank: the peak RSS rise (VmHWM, reset just before loading; on CUDA the peak allocated GPU memory) over loading and
+over the whole run, the bytes of the rank's shards, the load wall time and the median step time. `--layout release` is
+`bench_load.py`'s release checkpoint (8 layers, hidden 1024, 16 experts: 0.5 GB on disk, 1 GB in bf16);
+`--layout flash` the full-width DeepSeek-V4-Flash layer of `flash_release.py` (5.4 GB on disk, 15.3 GB in bf16). A
+mode that does not fit is reported with its error, not hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_load import _reset_peak, _status_kb, build_checkpoint, machine  # noqa: E402
+
+MODES = {"q": "keep_quantized, experts per expert", "s": "keep_quantized, experts as one stack",
+         "d": "dequantized base (stock weights)", "e": "(d) with transformers' eager experts loop"}  # fmt: skip
+KEEP = {"q": "per_expert", "s": "stack", "d": False, "e": False}
+
+
+# ---------------------------------------------------------------------------------------------- one rank
+
+
+def _peak_mb(device, baseline_kb: int) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return (_status_kb("VmHWM") - baseline_kb) / 1024
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+    from peft import get_peft_model
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    from hf_dsv4 import memory_efficient_init, shard_model
+    from hf_dsv4.distributed import local_device
+    from hf_dsv4.training.lora import dsv4_lora_config
+
+    dist.init_process_group(args.backend)
+    if args.backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    device = local_device()
+    dtype = getattr(torch, args.dtype)
+    budget = int(args.read_budget_mb * 2**20) or None
+    result: dict = {"rank": dist.get_rank(), "error": None}
+    dist.barrier()
+    baseline = _reset_peak()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    try:
+        with memory_efficient_init(stream=True, keep_quantized=KEEP[args.worker], read_budget=budget):
+            extra = {"experts_implementation": "eager"} if args.worker == "e" else {}
+            model = AutoModelForCausalLM.from_pretrained(args.ckpt, dtype=dtype, **extra)
+        model = get_peft_model(model, dsv4_lora_config(r=16, alpha=32, targets=args.targets))
+        shard_model(model)
+        dist.barrier()
+        result["load_s"] = time.perf_counter() - start
+        result["load_peak_mb"] = _peak_mb(device, baseline)
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+        result["shard_mb"] = sum(t.numel() * t.element_size() for t in local) / 2**20
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+        generator = torch.Generator().manual_seed(dist.get_rank())
+        model.train()
+        times = []
+        for step in range(args.warmup + args.steps):
+            ids = torch.randint(3, model.config.vocab_size, (1, args.seq_len), generator=generator).to(device)
+            tick = time.perf_counter()
+            model(ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= args.warmup:
+                times.append(time.perf_counter() - tick)
+        result["step_s"] = statistics.median(times) if times else None
+        result["peak_mb"] = _peak_mb(device, baseline)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        result["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+    Path(args.out, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    if result["error"] is None:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def run_mode(mode: str, args: argparse.Namespace, port: int) -> list[dict]:
+    out = args.out / mode
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("rank*.json"):
+        stale.unlink()
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(args.ranks),
+           "LOCAL_WORLD_SIZE": str(args.ranks), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
+    forwarded = ["--ckpt", str(args.ckpt), "--out", str(out), "--backend", args.backend, "--dtype", args.dtype,
+                 "--targets", args.targets, "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+                 "--warmup", str(args.warmup), "--read_budget_mb", str(args.read_budget_mb)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--worker", mode, *forwarded],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.DEVNULL,
+            stderr=open(out / f"rank{r}.log", "w"),  # noqa: SIM115
+        )
+        for r in range(args.ranks)
+    ]
+    deadline = time.monotonic() + args.timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    results = []
+    for r in range(args.ranks):
+        path = out / f"rank{r}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+        else:
+            tail = (out / f"rank{r}.log").read_text().strip().splitlines()[-1:] or ["no output"]
+            results.append({"rank": r, "error": f"exit {procs[r].returncode}: {tail[0][:160]}"})
+    return results
+
+
+def _cell(values: list, fmt: str) -> str:
+    return "/".join("—" if v is None else format(v, fmt) for v in values)
+
+
+def table(results: dict[str, list[dict]]) -> None:
+    print("| mode | load peak MB/rank | run peak MB/rank | shards MB/rank | load s | step s | run peak vs (d) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    reference = results.get("d")
+    for mode, ranks in results.items():
+        errors = [r["error"] for r in ranks if r.get("error")]
+        if errors:
+            print(f"| ({mode}) {MODES[mode]} | failed: {errors[0]} | | | | | |")
+            continue
+        ratio = "—"
+        if reference and not any(r.get("error") for r in reference):
+            ratio = f"{max(r['peak_mb'] for r in ranks) / max(r['peak_mb'] for r in reference):.2f}x"
+        print(f"| ({mode}) {MODES[mode]} | {_cell([r['load_peak_mb'] for r in ranks], ',.0f')} | "
+              f"{_cell([r['peak_mb'] for r in ranks], ',.0f')} | {_cell([r['shard_mb'] for r in ranks], ',.0f')} | "
+              f"{max(r['load_s'] for r in ranks):.2f} | {max(r['step_s'] for r in ranks):.2f} | {ratio} |")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- projection
+
+
+def projection(args: argparse.Namespace) -> None:
+    """DeepSeek-V4-Flash LoRA per GPU on one node of 8, from the real config on meta (nothing is allocated)."""
+    import torch
+    from bench_flash_slice import FLASH
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    from hf_dsv4.testing.release import _FP4, _FP8
+    from hf_dsv4.testing.model import hub_name
+    from hf_dsv4.training.lora import dsv4_lora_config
+
+    layers = 43
+    sliding, csa, hca = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+    types = [sliding, sliding] + [csa if i % 2 == 0 else hca for i in range(layers - 2)]
+    config = DeepseekV4Config(**FLASH, num_hidden_layers=layers, layer_types=types,
+                              mlp_layer_types=["hash_moe"] * 3 + ["moe"] * (layers - 3))  # fmt: skip
+    with torch.device("meta"):
+        model = DeepseekV4ForCausalLM(config).to(torch.bfloat16)
+    quantized = bf16 = 0
+    largest_layer_q = largest_layer_bf16 = largest_module = 0
+    per_layer: dict[int, list[int]] = {}
+    for name, param in model.named_parameters():
+        release = hub_name(name) if not name.endswith(("gate_up_proj", "down_proj")) or ".experts." not in name else ""
+        n = param.numel()
+        if ".experts." in name and name.endswith(("gate_up_proj", "down_proj")):
+            q = n // 2 + n // 32  # FP4 codes two per byte + one ue8m0 byte per 32
+        elif _FP8.search(release):
+            q = n + n // (128 * 128)
+            largest_module = max(largest_module, 2 * n)
+        else:
+            q = 2 * n if param.dtype == torch.bfloat16 else 4 * n
+        quantized += q
+        bf16 += 2 * n if param.dtype == torch.bfloat16 else 4 * n
+        if ".layers." in name:
+            index = int(name.split(".layers.")[1].split(".")[0])
+            per_layer.setdefault(index, [0, 0])
+            per_layer[index][0] += q
+            per_layer[index][1] += 2 * n if param.dtype == torch.bfloat16 else 4 * n
+    largest_layer_q = max(v[0] for v in per_layer.values())
+    largest_layer_bf16 = max(v[1] for v in per_layer.values())
+    experts = config.n_routed_experts * 3 * config.moe_intermediate_size * config.hidden_size  # one layer, elements
+    one_expert = 3 * config.moe_intermediate_size * config.hidden_size
+    adapter_cfg = dsv4_lora_config(r=16, alpha=32, targets=args.targets)
+    lora = 0
+    r = adapter_cfg.r
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear) and leaf in ("q_a_proj", "q_b_proj", "kv_proj", "o_b_proj") and ".self_attn." in name and ".compressor." not in name:  # noqa: E501
+            lora += r * (module.in_features + module.out_features)
+        elif isinstance(module, torch.nn.Linear) and ".shared_experts." in name and args.targets != "attention":
+            lora += r * (module.in_features + module.out_features)
+    if args.targets == "all":
+        e, i, h = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+        lora += layers * e * r * ((h + 2 * i) + (i + h))
+    gpus = 8
+    hc, seq = config.hc_mult, 4096
+    checkpoints = layers * seq * hc * config.hidden_size * 2  # activation checkpointing: each layer's input, bf16
+    adapter_state = lora * (4 + 4 + 8)  # fp32 weights, grads, AdamW moments
+    rows = [("frozen base, sharded (1/8)", quantized / gpus, bf16 / gpus),
+            ("all-gather buffers (2 layers: current + prefetch)", 2 * largest_layer_q, 2 * largest_layer_bf16),
+            ("dequantized in flight (largest module; per-expert experts)", largest_module + 2 * one_expert * 2, 0),
+            (f"LoRA '{args.targets}' r=16 + grads + AdamW, sharded", adapter_state / gpus, adapter_state / gpus),
+            (f"activation checkpoints, seq {seq} (each layer's input)", checkpoints, checkpoints)]  # fmt: skip
+    total_q, total_b = sum(q for _, q, _ in rows), sum(b for _, _, b in rows)
+    print(f"DeepSeek-V4-Flash ({layers} layers, {config.n_routed_experts} experts), LoRA on one node of {gpus} GPUs, "
+          f"per GPU (GB; computed from the config on meta, not measured):\n")  # fmt: skip
+    print("| part | keep_quantized | dequantized bf16 |")
+    print("| --- | ---: | ---: |")
+    for label, q, b in rows:
+        print(f"| {label} | {q / 1e9:,.1f} | {b / 1e9:,.1f} |")
+    print(f"| **subtotal before one layer's recompute** | **{total_q / 1e9:,.1f}** | **{total_b / 1e9:,.1f}** |")
+    print(f"| 'stack' experts instead: a layer's experts in bf16 in flight | +{2 * experts / 1e9:,.1f} | |")
+    for name, memory in (("8 x 80 GB (H100)", 80e9), ("8 x 141 GB (H200)", 141e9)):
+        left_q, left_b = memory - total_q, memory - total_b
+        print(f"| left on {name} for one layer's recompute (attention scores, MoE) | {left_q / 1e9:,.1f} | "
+              f"{left_b / 1e9:,.1f} |")  # fmt: skip
+    print(f"\nwhole base: {quantized / 1e9:,.0f} GB as released (FP8 + FP4 + scales) vs {bf16 / 1e9:,.0f} GB in bf16; "
+          "peers: NeMo AutoModel's Flash LoRA recipe 32 x H100; ms-swift 8 large-memory GPUs; axolotl 2 x B200 from "
+          "a re-quantized NVFP4 checkpoint (~140 GB/GPU)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layout", default="release", choices=["release", "flash"])
+    parser.add_argument("--ckpt", type=Path, default=None, help="default: /tmp/hf_dsv4_bench_<layout>")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--backend", default="gloo")
+    parser.add_argument("--modes", default="qsd")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--targets", default="all", help="LoRA preset: attention | attention+shared | all")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--read_budget_mb", type=float, default=0.0, help="streamed read budget (0: whole layers)")
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/hf_dsv4_bench_quantized"))
+    parser.add_argument("--projection", action="store_true", help="print the Flash projection table and exit")
+    parser.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.projection:
+        projection(args)
+        return
+    args.ckpt = args.ckpt or Path(f"/tmp/hf_dsv4_bench_{args.layout}")
+    if args.worker:
+        worker(args)
+        return
+    size = build_checkpoint(args.ckpt, args.layout)
+    print(f"machine: {machine()}\ncheckpoint: {args.ckpt} ({args.layout} layout, {size:,.0f} MB on disk), {args.ranks} "
+          f"{args.backend} ranks, {args.dtype}, LoRA r=16 '{args.targets}', batch 1 x {args.seq_len}, "
+          f"{args.warmup} + {args.steps} steps\n")  # fmt: skip
+    import socket
+
+    results = {}
+    for mode in args.modes:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        results[mode] = run_mode(mode, args, port)
+    table(results)
+
+
+if __name__ == "__main__":
+    main()
