@@ -20,6 +20,11 @@ over the whole run, the bytes of the rank's shards, the load wall time and the m
 `bench_load.py`'s release checkpoint (8 layers, hidden 1024, 16 experts: 0.5 GB on disk, 1 GB in bf16);
 `--layout flash` the full-width DeepSeek-V4-Flash layer of `flash_release.py` (5.4 GB on disk, 15.3 GB in bf16). A
 mode that does not fit is reported with its error, not hidden.
+
+On CPU the workers run with glibc's mmap threshold fixed at 128 KB (`MALLOC_MMAP_THRESHOLD_`, every mode alike;
+`--malloc-default` to keep glibc's own): by default glibc raises the threshold each time a large block is freed, so
+the per-module dequantization temporaries (freed at once) are afterwards carved from the heap and kept there, and the
+peak RSS of the quantized modes then counts freed memory (measured: 1.9 GB of live peak read as 3.4 GB).
 """
 
 from __future__ import annotations
@@ -124,6 +129,8 @@ def run_mode(mode: str, args: argparse.Namespace, port: int) -> list[dict]:
         stale.unlink()
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(args.ranks),
            "LOCAL_WORLD_SIZE": str(args.ranks), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
+    if not args.malloc_default:  # every mode alike: freed large blocks go back to the OS, so RSS is live memory
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     forwarded = ["--ckpt", str(args.ckpt), "--out", str(out), "--backend", args.backend, "--dtype", args.dtype,
                  "--targets", args.targets, "--seq-len", str(args.seq_len), "--steps", str(args.steps),
                  "--warmup", str(args.warmup), "--read_budget_mb", str(args.read_budget_mb)]  # fmt: skip
@@ -160,21 +167,24 @@ def _cell(values: list, fmt: str) -> str:
     return "/".join("—" if v is None else format(v, fmt) for v in values)
 
 
-def table(results: dict[str, list[dict]]) -> None:
-    print("| mode | load peak MB/rank | run peak MB/rank | shards MB/rank | load s | step s | run peak vs (d) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    reference = results.get("d")
+def table(results: dict[str, list[dict]], tokens: int) -> None:
+    print(
+        "| mode | load peak MB/rank | run peak MB/rank | shards MB/rank | load s | step s | tokens/s | run peak vs (d) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    reference = results.get("d") or results.get("e")
     for mode, ranks in results.items():
         errors = [r["error"] for r in ranks if r.get("error")]
         if errors:
-            print(f"| ({mode}) {MODES[mode]} | failed: {errors[0]} | | | | | |")
+            print(f"| ({mode}) {MODES[mode]} | failed: {errors[0]} | | | | | | |")
             continue
         ratio = "—"
         if reference and not any(r.get("error") for r in reference):
             ratio = f"{max(r['peak_mb'] for r in ranks) / max(r['peak_mb'] for r in reference):.2f}x"
         print(f"| ({mode}) {MODES[mode]} | {_cell([r['load_peak_mb'] for r in ranks], ',.0f')} | "
               f"{_cell([r['peak_mb'] for r in ranks], ',.0f')} | {_cell([r['shard_mb'] for r in ranks], ',.0f')} | "
-              f"{max(r['load_s'] for r in ranks):.2f} | {max(r['step_s'] for r in ranks):.2f} | {ratio} |")  # fmt: skip
+              f"{max(r['load_s'] for r in ranks):.2f} | {max(r['step_s'] for r in ranks):.2f} | "
+              f"{len(ranks) * tokens / max(r['step_s'] for r in ranks):,.0f} | {ratio} |")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- projection
@@ -186,8 +196,8 @@ def projection(args: argparse.Namespace) -> None:
     from bench_flash_slice import FLASH
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
-    from hf_dsv4.testing.release import _FP4, _FP8
     from hf_dsv4.testing.model import hub_name
+    from hf_dsv4.testing.release import _FP8
     from hf_dsv4.training.lora import dsv4_lora_config
 
     layers = 43
@@ -207,7 +217,7 @@ def projection(args: argparse.Namespace) -> None:
             q = n // 2 + n // 32  # FP4 codes two per byte + one ue8m0 byte per 32
         elif _FP8.search(release):
             q = n + n // (128 * 128)
-            largest_module = max(largest_module, 2 * n)
+            largest_module = max(largest_module, n)
         else:
             q = 2 * n if param.dtype == torch.bfloat16 else 4 * n
         quantized += q
@@ -226,7 +236,12 @@ def projection(args: argparse.Namespace) -> None:
     r = adapter_cfg.r
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, torch.nn.Linear) and leaf in ("q_a_proj", "q_b_proj", "kv_proj", "o_b_proj") and ".self_attn." in name and ".compressor." not in name:  # noqa: E501
+        if (
+            isinstance(module, torch.nn.Linear)
+            and leaf in ("q_a_proj", "q_b_proj", "kv_proj", "o_b_proj")
+            and ".self_attn." in name
+            and ".compressor." not in name
+        ):  # noqa: E501
             lora += r * (module.in_features + module.out_features)
         elif isinstance(module, torch.nn.Linear) and ".shared_experts." in name and args.targets != "attention":
             lora += r * (module.in_features + module.out_features)
@@ -239,9 +254,12 @@ def projection(args: argparse.Namespace) -> None:
     adapter_state = lora * (4 + 4 + 8)  # fp32 weights, grads, AdamW moments
     rows = [("frozen base, sharded (1/8)", quantized / gpus, bf16 / gpus),
             ("all-gather buffers (2 layers: current + prefetch)", 2 * largest_layer_q, 2 * largest_layer_bf16),
-            ("dequantized in flight (largest module; per-expert experts)", largest_module + 2 * one_expert * 2, 0),
+            # bf16 result + transformers' two fp32 temporaries, for the largest FP8 module and one expert
+            ("dequantized in flight (largest module, one expert)", 10 * (largest_module + one_expert), 0),
             (f"LoRA '{args.targets}' r=16 + grads + AdamW, sharded", adapter_state / gpus, adapter_state / gpus),
             (f"activation checkpoints, seq {seq} (each layer's input)", checkpoints, checkpoints)]  # fmt: skip
+    if args.targets == "all":  # peft folds the routed-expert update into the whole stack; per expert: one at a time
+        rows.insert(3, ("routed-expert LoRA folded into the weights, in flight", 2 * one_expert, 2 * experts))
     total_q, total_b = sum(q for _, q, _ in rows), sum(b for _, _, b in rows)
     print(f"DeepSeek-V4-Flash ({layers} layers, {config.n_routed_experts} experts), LoRA on one node of {gpus} GPUs, "
           f"per GPU (GB; computed from the config on meta, not measured):\n")  # fmt: skip
@@ -250,7 +268,8 @@ def projection(args: argparse.Namespace) -> None:
     for label, q, b in rows:
         print(f"| {label} | {q / 1e9:,.1f} | {b / 1e9:,.1f} |")
     print(f"| **subtotal before one layer's recompute** | **{total_q / 1e9:,.1f}** | **{total_b / 1e9:,.1f}** |")
-    print(f"| 'stack' experts instead: a layer's experts in bf16 in flight | +{2 * experts / 1e9:,.1f} | |")
+    stack = 2 * experts * (2 if args.targets == "all" else 1)  # the stack, and peft's fold of it with an expert LoRA
+    print(f"| 'stack' experts instead: a layer's experts in bf16 in flight | +{stack / 1e9:,.1f} | |")
     for name, memory in (("8 x 80 GB (H100)", 80e9), ("8 x 141 GB (H200)", 141e9)):
         left_q, left_b = memory - total_q, memory - total_b
         print(f"| left on {name} for one layer's recompute (attention scores, MoE) | {left_q / 1e9:,.1f} | "
@@ -276,6 +295,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--out", type=Path, default=Path("/tmp/hf_dsv4_bench_quantized"))
     parser.add_argument("--projection", action="store_true", help="print the Flash projection table and exit")
+    parser.add_argument(
+        "--malloc-default",
+        action="store_true",
+        help="keep glibc's dynamic mmap threshold (default: fixed at 128 KB for every mode)",
+    )
     parser.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.projection:
@@ -297,7 +321,7 @@ def main() -> None:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         results[mode] = run_mode(mode, args, port)
-    table(results)
+    table(results, args.seq_len)
 
 
 if __name__ == "__main__":

@@ -753,15 +753,18 @@ def _nonzero_lora_b(model: torch.nn.Module) -> None:
                 local.copy_(0.5 * values[start:stop])
 
 
-def quantized_lora(release_ckpt: str, dtype: torch.dtype, targets: str, keep: bool | str, **kwargs) -> torch.nn.Module:
-    """The release checkpoint streamed (quantized-resident with `keep`), a seeded LoRA adapter of `targets`
-    (B non-zero), sharded over every rank; `kwargs` go to from_pretrained."""
+def quantized_lora(
+    release_ckpt: str, dtype: torch.dtype, targets: str, keep: bool | str, stream: dict | None = None, **kwargs
+) -> torch.nn.Module:
+    """The release checkpoint streamed (quantized-resident with `keep`; `stream`: more memory_efficient_init
+    arguments), a seeded LoRA adapter of `targets` (B non-zero), sharded over every rank; `kwargs` go to
+    from_pretrained."""
     from peft import get_peft_model
 
     from hf_dsv4.sharding.streamed import ADAPTER_SEED
     from hf_dsv4.training.lora import dsv4_lora_config
 
-    with memory_efficient_init(stream=True, keep_quantized=keep):
+    with memory_efficient_init(stream=True, keep_quantized=keep, **(stream or {})):
         model = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=dtype, **kwargs)
     model = get_peft_model(model, dsv4_lora_config(r=4, alpha=8, targets=targets))
     model.__dict__[ADAPTER_SEED] = 3
@@ -802,6 +805,15 @@ def scenario_quantized(release_ckpt: str) -> dict:
             model = quantized_lora(release_ckpt, dtype, targets, keep, **implementation)
             runs[bool(keep)] = (*quantized_step(model, 20), _local_bytes(model))
             del model
+        if dtype_name == "float32" and targets == "all":  # every rank reading its own rows, in 64 KB pieces
+            model = quantized_lora(release_ckpt, dtype, targets, experts, {"readers": "all", "read_budget": 2**16})
+            logits, grads = quantized_step(model, 20)
+            del model
+            results["readers_all_in_pieces"] = {
+                "logits_equal": torch.equal(logits, runs[True][0]),
+                "grads_equal": sorted(grads) == sorted(runs[True][1])
+                and all(torch.equal(grads[n], runs[True][1][n]) for n in grads),
+            }
         (q_logits, q_grads, q_bytes), (d_logits, d_grads, d_bytes) = runs[True], runs[False]
         results[f"{dtype_name}/{targets}/{experts}"] = {
             "logits_equal": torch.equal(q_logits, d_logits),

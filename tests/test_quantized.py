@@ -66,6 +66,27 @@ def test_dequantize_is_deepseeks_decode_for_fp8_and_fp4(release_ckpt, dtype):
         dequantize(codes, scales, "int4", dtype)
 
 
+@pytest.mark.parametrize("kind", ["fp8", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_gives_transformers_bits_for_every_byte_and_every_scale(kind, dtype):
+    """Every code byte under every ue8m0 exponent (255 = NaN included): the same bits as transformers' arithmetic."""
+    exponents = torch.arange(256, dtype=torch.uint8)[:, None]
+    if kind == "fp8":  # one exponent per 128-row block, every byte in every row
+        data, scale = torch.arange(256, dtype=torch.uint8).repeat(256 * 128, 1), exponents.repeat(1, 2)
+    else:  # one exponent per row, 512 values (every byte once) per row
+        data, scale = torch.arange(256, dtype=torch.uint8).repeat(256, 1), exponents.repeat(1, 16)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    got, reference = (
+        dequantize(data, scale, kind, dtype),
+        quantized_module.dequantize_reference(data, scale, kind, dtype),
+    )
+    assert got.dtype == reference.dtype == dtype and torch.equal(got.view(bits), reference.view(bits))
+    block = 128 if kind == "fp8" else 1  # rows per scale row
+    experts = torch.stack([data[: 2 * block], data[2 * block : 4 * block]]), torch.stack([scale[:2], scale[2:4]])
+    stacked = dequantize(*experts, kind, dtype)  # a stack of two experts: each as on its own
+    assert torch.equal(stacked.flatten(0, 1).view(bits), reference[: 4 * block].view(bits))
+
+
 def test_the_reader_reads_quantized_weights_as_stored(streamed_quantized, release_ckpt):
     model, reader = streamed_quantized
     plan = reader.quantized_plan()
@@ -267,6 +288,8 @@ def test_quantized_base_equals_the_dequantized_one_under_fsdp2(release_ckpt, tmp
     ulp). Logits stay bitwise (the forward folds are the same numbers)."""
     results = run_ranks("quantized", tmp_path, str(release_ckpt), timeout=540)
     for result in results:
+        # every rank reading its own rows in 64 KB pieces: the same model as rank 0 reading whole layers
+        assert result.pop("readers_all_in_pieces") == {"logits_equal": True, "grads_equal": True}
         assert sorted(result) == ["bfloat16/all/per_expert", "bfloat16/all/stack", "float32/all/per_expert",
                                   "float32/attention+shared/per_expert"]  # fmt: skip
         for case, got in result.items():

@@ -109,5 +109,6 @@ def test_the_flash_recipe_config_streams_the_release_on_every_rank_within_a_budg
     assert model_args.model_name_or_path == "deepseek-ai/DeepSeek-V4-Flash"
     assert training_args.stream_weights and training_args.stream_readers == "all"
     assert training_args.stream_read_budget_mb == 2048
+    assert training_args.keep_quantized and training_args.quantized_experts == "per_expert"
     with pytest.raises(SystemExit):  # a reader that does not exist is refused by the parser
         recipe.parse_args(["--config", config, "--dataset_name", "x/y", "--stream_readers", "rank1"])

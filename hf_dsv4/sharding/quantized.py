@@ -51,21 +51,59 @@ class QuantizationError(RuntimeError):
 
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    """The weight that the uint8 `data` (FP8 e4m3 codes, or FP4 e2m1 codes two per byte) and `scale` (ue8m0 bytes)
-    encode, in `dtype`: transformers' own dequantization (`compat.dequantize_blocks`), exact in bf16 and fp32. The
-    block size follows from the shapes (128 x 128 for FP8, 1 x 32 for FP4); a leading experts dimension is kept."""
+    """The weight that the uint8 `data` (FP8 e4m3 codes, or FP4 e2m1 codes two per byte, low nibble first) and `scale`
+    (ue8m0 bytes: 2^(s-127) per 128 x 128 block for FP8, per 1 x 32 for FP4) encode, in `dtype`; a leading experts
+    dimension is kept (dequantized expert by expert). Every value is a code times a power of two, so the result is the
+    exact product rounded once to `dtype`: the same bits as transformers' `Fp8Dequantize` arithmetic
+    (`dequantize_reference`, what a dequantizing `from_pretrained` applies; tested equal for every byte), computed
+    here in `dtype` directly (no float32 copies) with a 256-entry table for FP4's byte pairs."""
     if kind not in KINDS:
         raise ValueError(f"unknown quantization kind {kind!r}: expected one of {KINDS}")
-    codes, scale = data.view(torch.float8_e4m3fn if kind == "fp8" else torch.int8), scale.view(torch.float8_e8m0fnu)
-    if codes.dim() < 3 or codes.is_meta:
-        return compat.dequantize_blocks(codes, scale, dtype)
-    # one expert at a time into the stack: the float32 temporaries of the arithmetic stay one expert's
-    out = torch.empty(
-        (*codes.shape[:-1], codes.shape[-1] * (2 if kind == "fp4" else 1)), dtype=dtype, device=codes.device
-    )
-    for expert in range(codes.shape[0]):
-        out[expert] = compat.dequantize_blocks(codes[expert], scale[expert], dtype)
+    width = data.shape[-1] * (2 if kind == "fp4" else 1)
+    if data.is_meta:
+        return torch.empty((*data.shape[:-1], width), dtype=dtype, device="meta")
+    if data.dim() == 2:
+        return _dequantize_matrix(data, scale, kind, dtype)
+    out = torch.empty((*data.shape[:-1], width), dtype=dtype, device=data.device)
+    for expert in range(data.shape[0]):
+        out[expert] = _dequantize_matrix(data[expert], scale[expert], kind, dtype)
     return out
+
+
+def _dequantize_matrix(data: torch.Tensor, scale: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    factors = scale.view(torch.float8_e8m0fnu).to(dtype)  # 2^(s-127), exact in bf16 and fp32
+    if kind == "fp8":
+        rows, cols = data.shape
+        grid_rows, grid_cols = factors.shape
+        codes = data.view(torch.float8_e4m3fn).to(dtype)  # e4m3 is exact in bf16 and fp32
+        blocks = codes.view(grid_rows, rows // grid_rows, grid_cols, cols // grid_cols)
+        return (blocks * factors[:, None, :, None]).view(rows, cols)
+    rows, half = data.shape
+    values = _fp4_pairs(dtype, data.device).index_select(0, data.reshape(-1).int()).view(rows, factors.shape[1], -1)
+    return (values * factors[:, :, None]).view(rows, 2 * half)
+
+
+_PAIRS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _fp4_pairs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """byte -> (e2m1 value of its low nibble, of its high nibble), in `dtype`: transformers' e2m1 table (code 8 is
+    -0.0, as it decodes it)."""
+    key = (dtype, torch.device(device))
+    if key not in _PAIRS:
+        table = torch.tensor(
+            [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=dtype
+        )
+        byte = torch.arange(256)
+        _PAIRS[key] = torch.stack([table[byte & 15], table[byte >> 4]], dim=-1).to(device)
+    return _PAIRS[key]
+
+
+def dequantize_reference(data: torch.Tensor, scale: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize` by transformers' own arithmetic (`compat.dequantize_blocks`: float32, then cast): the reference
+    `dequantize` is tested against."""
+    codes = data.view(torch.float8_e4m3fn if kind == "fp8" else torch.int8)
+    return compat.dequantize_blocks(codes, scale.view(torch.float8_e8m0fnu), dtype)
 
 
 # ------------------------------------------------------------------------------------- one forward of a module
