@@ -790,6 +790,26 @@ def quantized_step(model: torch.nn.Module, seed: int) -> tuple[torch.Tensor, dic
     return out.logits.detach(), grads
 
 
+def _adapter_on_dequantized_base(release_ckpt: str, dtype: torch.dtype, targets: str) -> dict:
+    """The adapter of a quantized-resident model (gathered) put on the dequantized base in one process (transformers
+    dequantizes it, peft adds the adapter): the same logits as the quantized model."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    from hf_dsv4.training.lora import dsv4_lora_config
+
+    model = quantized_lora(release_ckpt, dtype, targets, "per_expert")
+    with torch.no_grad():
+        logits = model(batch(5)).logits
+    adapter = {k: full(v).detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    del model
+    base = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=dtype, experts_implementation="eager")
+    reference = get_peft_model(base, dsv4_lora_config(r=4, alpha=8, targets=targets))
+    missing = set_peft_model_state_dict(reference, adapter).unexpected_keys
+    with torch.no_grad():
+        reference_logits = reference(batch(5)).logits
+    return {"logits_equal": torch.equal(logits, reference_logits), "unexpected": list(missing), "tensors": len(adapter)}
+
+
 def scenario_quantized(release_ckpt: str) -> dict:
     """Quantized-resident base vs the dequantized one: logits and LoRA gradients, fp32 and bf16, with and without
     routed-expert adapters; experts computed per expert (vs transformers' eager experts over the dequantized base)
@@ -805,6 +825,8 @@ def scenario_quantized(release_ckpt: str) -> dict:
             model = quantized_lora(release_ckpt, dtype, targets, keep, **implementation)
             runs[bool(keep)] = (*quantized_step(model, 20), _local_bytes(model))
             del model
+        if dtype_name == "float32" and targets == "all":
+            results["adapter_on_dequantized_base"] = _adapter_on_dequantized_base(release_ckpt, dtype, targets)
         if dtype_name == "float32" and targets == "all":  # every rank reading its own rows, in 64 KB pieces
             model = quantized_lora(release_ckpt, dtype, targets, experts, {"readers": "all", "read_budget": 2**16})
             logits, grads = quantized_step(model, 20)

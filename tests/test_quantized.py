@@ -290,6 +290,9 @@ def test_quantized_base_equals_the_dequantized_one_under_fsdp2(release_ckpt, tmp
     for result in results:
         # every rank reading its own rows in 64 KB pieces: the same model as rank 0 reading whole layers
         assert result.pop("readers_all_in_pieces") == {"logits_equal": True, "grads_equal": True}
+        # its adapter, gathered and put on the dequantized base by peft in one process: the same logits
+        on_dequantized = result.pop("adapter_on_dequantized_base")
+        assert on_dequantized["logits_equal"] and not on_dequantized["unexpected"] and on_dequantized["tensors"] > 20
         assert sorted(result) == ["bfloat16/all/per_expert", "bfloat16/all/stack", "float32/all/per_expert",
                                   "float32/attention+shared/per_expert"]  # fmt: skip
         for case, got in result.items():
