@@ -7,15 +7,16 @@ meta model into that shape before `fully_shard`:
 
 - a quantized weight `<leaf>` becomes two frozen uint8 parameters, `<leaf>_q` (the codes' bytes) and `<leaf>_scale`
   (the scale bytes), and the module's class becomes a subclass of its own whose `<leaf>` is a property: the weight
-  dequantized into the model's dtype by transformers' own arithmetic (the one a dequantizing `from_pretrained` uses,
-  so the values are the same bits). The module's own forward (nn.Linear, DeepSeek-V4's grouped projection, the routed
-  experts under any experts implementation) runs unchanged on it;
-- FSDP2 shards and all-gathers the uint8 bytes (never bf16): they travel in the decoder layer's group, whatever its
-  dtype (FSDP2 never casts non-floating parameters);
-- within one forward of such a module each weight is dequantized once; a tensor that autograd saves for backward and
-  that shares the storage of a dequantized weight is saved as a recipe instead (`saved_tensors_hooks`) and dequantized
-  again in backward, so no layer's dequantized weights outlive its forward. With activation checkpointing (which
-  recomputes whole layers) this is switched off (`recompute_in_backward`);
+  dequantized into the model's dtype, the same bits as transformers' arithmetic (the one a dequantizing
+  `from_pretrained` uses; `dequantize`). The module's own forward (nn.Linear, DeepSeek-V4's grouped projection, the
+  routed experts) runs unchanged on it; routed experts compute per expert (transformers' eager loop, each expert's
+  weight made when the loop reaches it) or as one stack (`experts="stack"`: the model's experts implementation);
+- FSDP2 shards and all-gathers the uint8 bytes (never bf16), in the group of the weight they stand for, so the groups
+  are the dequantized model's (FSDP2 never casts non-floating parameters);
+- within one forward of such a module each weight is dequantized once; what autograd saves of it (the weight or a
+  view: the weight carries its recipe) is saved as the recipe instead (`saved_tensors_hooks`) and made again in
+  backward, so no dequantized weight outlives its module's forward. With activation checkpointing (which recomputes
+  whole layers) this is switched off (`recompute_in_backward`);
 - peft's LoRA wraps these modules as it wraps the plain ones: a `lora.Linear` calls the quantized Linear; a routed-
   expert adapter (`target_parameters`) is folded into the dequantized stack exactly as peft folds it into a bf16 one
   (`torch.baddbmm(W, lhs, rhs, alpha=scaling)`, `compat.QuantizedParamWrapper`), so the adapter is peft's own.
@@ -39,8 +40,8 @@ QUANTIZED = "_hf_dsv4_quantized"  # on a quantized module: {leaf: (kind, logical
 _SCOPE = "_hf_dsv4_forward_scope"
 _RECIPE = "_hf_dsv4_recipe"  # on a dequantized weight: how to make it again
 LOGICAL_NUMEL = "_hf_dsv4_logical_numel"  # on a quantized weight's parameters, until sharded
-_UPDATES = "_hf_dsv4_lora_updates"
-PER_EXPERT = "_hf_dsv4_per_expert"  # on quantized routed experts computed expert by expert (`EXPERTS_MODES`)  # routed-expert LoRA updates active in this forward: {leaf: update}
+_UPDATES = "_hf_dsv4_lora_updates"  # routed-expert LoRA updates active in this forward: {leaf: update}
+PER_EXPERT = "_hf_dsv4_per_expert"  # on quantized routed experts computed expert by expert (`EXPERTS_MODES`)
 
 # plan entry: model tensor name -> (kind, shape of the codes' bytes, shape of the scale bytes)
 QuantizedPlan = dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]
