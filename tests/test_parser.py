@@ -398,6 +398,98 @@ def test_lenient_falls_back_to_react_when_there_is_no_dsml_block():
     assert lenient("Final Answer: 4") == {"role": "assistant", "content": "Final Answer: 4"}
 
 
+# Shapes real DeepSeek-V4 output takes outside the grammar (issue sgl-project/sglang#38924, SGLang's DeepSeekV4Detector)
+
+CALLS_BLOCK = block(invoke("get_weather", param("location", "Paris")))
+PARIS = call(0, "get_weather", '{"location": "Paris"}')
+JSON_BODY = f'<{D}invoke name="get_weather">\n{{"location": "Paris", "days": 3}}\n</{D}invoke>'
+
+
+def test_lenient_recovers_a_bare_invoke_without_the_tool_calls_wrapper():
+    bare = invoke("get_weather", param("location", "Paris"))
+    assert lenient("Let me check.\n\n" + bare + EOS) == {"role": "assistant", "content": "Let me check.",
+                                                         "tool_calls": [PARIS]}  # fmt: skip
+    two = bare + "\n" + invoke("get_weather", param("location", "Oslo"))
+    assert [c["function"]["arguments"] for c in lenient(two)["tool_calls"]] == ['{"location": "Paris"}',
+                                                                                '{"location": "Oslo"}']  # fmt: skip
+
+
+def test_lenient_recovers_several_tool_call_sections_with_ids_running_on():
+    second = block(invoke("get_weather", param("location", "Oslo")), invoke("get_weather", param("location", "Rome")))
+    message = lenient("c" + CALLS_BLOCK + second + "\n" + invoke("get_weather", param("location", "Bern")) + "\n")
+    assert message["content"] == "c"
+    assert [(c["id"], json.loads(c["function"]["arguments"])["location"]) for c in message["tool_calls"]] == [
+        ("call_0", "Paris"), ("call_1", "Oslo"), ("call_2", "Rome"), ("call_3", "Bern")]  # fmt: skip
+    # anything else between or after them: nothing is run, everything stays in the content
+    assert lenient("c" + CALLS_BLOCK + " and " + second) == {
+        "role": "assistant",
+        "content": "c" + CALLS_BLOCK + " and " + second,
+    }
+
+
+def test_lenient_recovers_an_invoke_whose_body_is_a_json_object():
+    text = f"c\n\n<{D}tool_calls>\n{JSON_BODY}\n</{D}tool_calls>"
+    assert lenient(text)["tool_calls"] == [call(0, "get_weather", '{"location": "Paris", "days": 3}')]
+    assert lenient(JSON_BODY.replace("}\n<", "}<"))["tool_calls"] == lenient(text)["tool_calls"]  # no newline
+    not_an_object = JSON_BODY.replace('{"location": "Paris", "days": 3}', "[1, 2]")
+    assert lenient("c" + not_an_object) == {"role": "assistant", "content": "c" + not_an_object}
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        param("arguments", '{"location": "Paris", "days": 3}', string=False),
+        param("arguments", '{"location": "Paris", "days": 3}'),  # the JSON as text
+        param("input", '{"location": "Paris", "days": 3}', string=False),
+    ],
+)
+def test_lenient_unwraps_a_spurious_arguments_or_input_parameter_when_the_schema_says_so(arguments):
+    text = block(invoke("get_weather", arguments))
+    unwrapped = [call(0, "get_weather", '{"location": "Paris", "days": 3}')]
+    assert lenient(text, tools=[WEATHER])["tool_calls"] == unwrapped
+    assert lenient(text)["tool_calls"] != unwrapped  # no schema: nothing says it is a wrapper
+    body = JSON_BODY.replace('{"location": "Paris", "days": 3}', '{"input": {"location": "Paris", "days": 3}}')
+    assert lenient(body, tools=[WEATHER])["tool_calls"] == unwrapped
+
+
+def test_a_tool_that_declares_an_arguments_parameter_keeps_it():
+    runner = {"type": "function", "function": {"name": "run", "parameters": {
+        "type": "object", "properties": {"arguments": {"type": "object"}}}}}  # fmt: skip
+    text = block(invoke("run", param("arguments", '{"location": "Paris"}', string=False)))
+    assert lenient(text, tools=[runner])["tool_calls"] == [call(0, "run", '{"arguments": {"location": "Paris"}}')]
+    undeclared = block(invoke("get_weather", param("arguments", '{"city": "Paris"}', string=False)))
+    assert lenient(undeclared, tools=[WEATHER])["tool_calls"] == [
+        call(0, "get_weather", '{"arguments": {"city": "Paris"}}')]  # fmt: skip
+
+
+def test_lenient_takes_a_preamble_followed_by_one_newline_or_none():
+    calls_block = CALLS_BLOCK.removeprefix("\n\n")
+    for glue, content in (("\n", "Checking."), ("", "Checking."), ("\n\n\n", "Checking.\n")):
+        assert lenient("Checking." + glue + calls_block) == {"role": "assistant", "content": content,
+                                                            "tool_calls": [PARIS]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "c\n\n" + invoke("get_weather", param("location", "Paris")),
+        "c" + CALLS_BLOCK + CALLS_BLOCK,
+        f"c\n\n<{D}tool_calls>\n{JSON_BODY}\n</{D}tool_calls>",
+        "c\n" + CALLS_BLOCK.removeprefix("\n\n"),
+    ],
+)
+def test_strict_keeps_the_exact_grammar_for_every_recovered_shape(text):
+    with pytest.raises(DSMLParseError):
+        parse_completion(text, "chat")
+    assert "tool_calls" in lenient(text)
+    wrapped = block(invoke("get_weather", param("arguments", '{"location": "Paris"}', string=False)))
+    with pytest.raises(DSMLParseError, match="unknown parameter 'arguments'"):
+        parse_completion(wrapped, "chat", tools=[WEATHER])
+    assert parse_completion(wrapped, "chat")["tool_calls"] == [
+        call(0, "get_weather", '{"arguments": {"location": "Paris"}}')
+    ]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Round trip with the encoder, and fuzzing
 # ----------------------------------------------------------------------------------------------------------

@@ -36,7 +36,15 @@ Decisions:
   * inside a well-formed block: an unknown tool or parameter is kept untyped, a duplicate parameter keeps
     its last value, a `string="false"` value that is not JSON is kept as its raw text;
   * without a DSML block, a ReAct action in the content (see `react.py`) is returned as tool calls, with the
-    content before the first action (right-stripped) as content.
+    content before the first action (right-stripped) as content;
+  * shapes real DeepSeek-V4 output takes outside the grammar, which the serving engines' parsers recover, are
+    recovered too: the calls may start with a bare `<｜DSML｜invoke ...>` (no `tool_calls` wrapper), come in several
+    `tool_calls` blocks (or bare invokes) separated by whitespace (ids continue across them), and follow the content
+    after one newline or none instead of a blank line (one trailing newline is dropped from the content); an invoke
+    whose body is a JSON object instead of parameter tags takes that object as its arguments; arguments wrapped in
+    a single spurious `arguments` or `input` key (a JSON object, or a parameter tag holding one) are unwrapped when
+    the tool's schema makes that unambiguous: the tool is known, does not declare that key, and declares every key
+    inside (a tool that really has an `arguments` parameter keeps it).
 """
 
 from __future__ import annotations
@@ -164,20 +172,25 @@ def _parse_lenient(text: str, thinking: bool, tools: dict | None, keywords: Agen
     else:
         reasoning, pos = None, 0
     content = text[pos:end]
-    start = text.find(T.TOOL_CALLS_START, pos, end)
-    if start < 0:
+    starts = [
+        found for found in (text.find(T.TOOL_CALLS_START, pos, end), text.find(_INVOKE_START, pos, end)) if found >= 0
+    ]
+    if not starts:
         calls = parse_react(content, keywords)
         if calls:
             content = content[: action_offset(content, keywords)].rstrip()
         return _message(content, reasoning, calls)
+    start = min(starts)
     parser = _BlockParser(text, end, tools, strict=False)
     try:
-        calls = parser.block(start)
+        calls = parser.calls(start)
     except DSMLParseError:
         return _message(content, reasoning, [])
     if text[parser.pos : end].strip():
         return _message(content, reasoning, [])
-    return _message(text[pos:start].removesuffix("\n\n"), reasoning, calls)
+    preamble = text[pos:start]
+    preamble = preamble[:-2] if preamble.endswith("\n\n") else preamble.removesuffix("\n")
+    return _message(preamble, reasoning, calls)
 
 
 class _BlockParser:
@@ -210,14 +223,35 @@ class _BlockParser:
                 return marker - len(opener)
         return marker
 
-    def block(self, start: int) -> list[dict]:
+    def block(self, start: int, first: int = 0) -> list[dict]:
+        """One `tool_calls` block at `start`; its calls are numbered from `first`."""
         self.pos = start
         self.expect(T.TOOL_CALLS_START + "\n")
-        calls = [self.invoke(0)]
+        calls = [self.invoke(first)]
         while self.at(_NEXT_INVOKE):
             self.pos += 1
-            calls.append(self.invoke(len(calls)))
+            calls.append(self.invoke(first + len(calls)))
         self.expect(_BLOCK_END, f"{_NEXT_INVOKE!r} or {_BLOCK_END!r}")
+        return calls
+
+    def calls(self, start: int) -> list[dict]:
+        """(lenient) `tool_calls` blocks and bare invokes from `start`, separated by whitespace, until anything
+        else; `pos` ends after the last one."""
+        calls: list[dict] = []
+        self.pos = start
+        while True:
+            if self.at(T.TOOL_CALLS_START):
+                calls += self.block(self.pos, len(calls))
+            elif self.at(_INVOKE_START):
+                calls.append(self.invoke(len(calls)))
+            else:
+                break
+            after = self.pos
+            while self.pos < self.end and self.text[self.pos].isspace():
+                self.pos += 1
+            if not (self.at(T.TOOL_CALLS_START) or self.at(_INVOKE_START)):
+                self.pos = after
+                break
         return calls
 
     def invoke(self, k: int) -> dict:
@@ -230,13 +264,30 @@ class _BlockParser:
         self.pos = close + 3
         schema = self.tool_schema(name, name_at)
         arguments: dict[str, Any] = {}
+        if not self.strict and not self.at(_PARAMETER_START) and not self.at(_INVOKE_CLOSE):
+            arguments = _unwrapped(self.json_body(), schema)
+            self.expect(T.INVOKE_END)
+            return openai_tool_call(k, name, arguments)
         if not self.at(_INVOKE_CLOSE):
             self.parameter(arguments, name, schema)
             while self.at(_NEXT_PARAMETER):
                 self.pos += 1
                 self.parameter(arguments, name, schema)
+        if not self.strict:
+            arguments = _unwrapped(arguments, schema)
         self.expect(_INVOKE_CLOSE, f"{_NEXT_PARAMETER!r} or {_INVOKE_CLOSE!r}")
         return openai_tool_call(k, name, arguments)
+
+    def json_body(self) -> dict[str, Any]:
+        """(lenient) An invoke body that is a JSON object instead of parameter tags, up to the invoke's close."""
+        close = self.next_markup() - len("</")
+        if close < self.pos or not self.text.startswith(T.INVOKE_END, close, self.end):
+            self.fail(f"expected parameter tags or a JSON object, then {T.INVOKE_END!r}")
+        ok, value, _ = _loads(self.text[self.pos : close])
+        if not ok or not isinstance(value, dict):
+            self.fail("expected parameter tags or a JSON object")
+        self.pos = close
+        return value
 
     def parameter(self, arguments: dict, tool: str, schema: Any) -> None:
         self.expect(_PARAMETER_START)
@@ -296,6 +347,26 @@ class _BlockParser:
         if self.strict:
             self.fail(f'expected JSON for the string="false" value of {key!r}', at + error_at)
         return raw
+
+
+_WRAPPERS = ("arguments", "input")
+
+
+def _unwrapped(arguments: dict[str, Any], schema: Any) -> dict[str, Any]:
+    """`arguments` without a spurious single wrapper key (`arguments` / `input`, holding an object or the JSON text
+    of one), when `schema` makes it unambiguous: it declares its properties, not the wrapper, and every inner key."""
+    if len(arguments) != 1 or not isinstance(schema, Mapping) or not isinstance(schema.get("properties"), Mapping):
+        return arguments
+    (key, inner), properties = next(iter(arguments.items())), schema["properties"]
+    if key not in _WRAPPERS or key in properties:
+        return arguments
+    if isinstance(inner, str):
+        ok, inner, _ = _loads(inner)
+        if not ok:
+            return arguments
+    if not isinstance(inner, dict) or not inner or any(k not in properties for k in inner):
+        return arguments
+    return inner
 
 
 def _loads(raw: str) -> tuple[bool, Any, int]:
