@@ -38,6 +38,7 @@ _EXPORTS = {
     "load_adapter": "hf_dsv4.training",
     "save_adapter": "hf_dsv4.training",
     "export_adapter": "hf_dsv4.training.export_adapter",
+    "merge_adapter": "hf_dsv4.training.merge",
 }
 __all__ = [
     "ChatFormatError",
@@ -55,6 +56,7 @@ __all__ = [
     "export_adapter",
     "gather_adapter",
     "install_chat_template",
+    "merge_adapter",
     "detect_effort_profile",
     "load_adapter",
     "memory_efficient_init",
