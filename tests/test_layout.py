@@ -24,13 +24,14 @@ ALLOWED = {
     "testing": {"template"},
     "demo": {"template", "testing"},
     "export": {"training"},
+    "merge": {"training"},
 }
 # every name `from hf_dsv4 import ...` gave before the package was layered
 PUBLIC = [
     "LORA_TARGETS", "ChatFormatError", "CheckpointLoadError", "DSV4Accelerator", "DSV4Callback", "DSV4FSDP2Plugin",
     "DSV4SFTConfig", "DSV4SFTTrainer", "ShardingError", "detect_effort_profile", "dsv4_lora_config",
     "dsv4_trainer_accelerator", "encode_messages", "export_adapter", "gather_adapter", "install_chat_template", "load_adapter", "memory_efficient_init",
-    "save_adapter", "save_pretrained_sharded", "shard_model", "tokenize_conversation",
+    "merge_adapter", "save_adapter", "save_pretrained_sharded", "shard_model", "tokenize_conversation",
 ]  # fmt: skip
 
 
