@@ -7,6 +7,9 @@
     accelerate launch --config_file accelerate_configs/fsdp2_1node_8gpu.yaml --num_processes 8 \\
         benchmarks/bench_flash_slice.py --fsdp
     python benchmarks/bench_flash_slice.py --tiny --device cpu --steps 2  # CPU check of the script itself
+    torchrun --nproc_per_node 8 benchmarks/bench_flash_slice.py --fsdp --keep-quantized /data/flash_slice_release
+        # LoRA over the FP8 / FP4 release encodings kept in the shards (a one-layer Flash slice, written there if
+        # missing by flash_release.py; with --tiny the tiny release-layout model)
     torchrun --nproc_per_node 2 benchmarks/bench_flash_slice.py --tiny --device cpu --fsdp --steps 2   # gloo
 
 The model is the real V4-Flash configuration (hidden 4096, 64 heads of head_dim 512, q_lora_rank 1024, grouped output
@@ -147,6 +150,30 @@ def randomize_hash_routes(model, seed: int) -> None:
             buffer.copy_(order[:, : buffer.shape[1]].to(buffer.device))
 
 
+def load_quantized(args: argparse.Namespace, dtype: torch.dtype):
+    """The release-layout checkpoint `args.keep_quantized` (written by rank 0 when missing) streamed with its FP8 / FP4
+    weights kept quantized (`memory_efficient_init(stream=True, keep_quantized=...)`): on meta until `shard_model`."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_dsv4 import memory_efficient_init
+
+    path = args.keep_quantized
+    if dist.get_rank() == 0 and not (path / "model.safetensors.index.json").exists():
+        log(f"writing a release-layout {'tiny model' if args.tiny else 'one-layer V4-Flash slice'} to {path} ...")
+        if args.tiny:
+            from hf_dsv4.testing import build_release_dsv4
+
+            build_release_dsv4(path)
+        else:
+            from flash_release import build_flash_release
+
+            build_flash_release(path)
+    dist.barrier()
+    kwargs = {} if args.experts_implementation is None else {"experts_implementation": args.experts_implementation}
+    with memory_efficient_init(stream=True, keep_quantized=args.quantized_experts):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+
+
 def add_lora(model, args: argparse.Namespace):
     from peft import get_peft_model
 
@@ -250,13 +277,25 @@ def train(args: argparse.Namespace, device: torch.device, result: dict) -> None:
     rank = dist.get_rank() if args.fsdp else 0
     world = dist.get_world_size() if args.fsdp else 1
     dtype = getattr(torch, args.dtype)
-    config = slice_config(args)
     start = time.perf_counter()
-    log(f"building the {'tiny' if args.tiny else 'V4-Flash'} slice on {device if rank == 0 else 'meta'} ...")
-    model = build_model(config, device if rank == 0 else "meta", dtype, args.seed, args.experts_implementation)
+    if args.keep_quantized:
+        model = load_quantized(args, dtype)
+        config = model.config
+        result["layer_types"], result["mlp_layer_types"] = (
+            ",".join(config.layer_types),
+            ",".join(config.mlp_layer_types),
+        )
+    else:
+        config = slice_config(args)
+        log(f"building the {'tiny' if args.tiny else 'V4-Flash'} slice on {device if rank == 0 else 'meta'} ...")
+        model = build_model(config, device if rank == 0 else "meta", dtype, args.seed, args.experts_implementation)
     model = add_lora(model, args)
     result["total_params"], result["trainable_params"] = parameter_counts(model)
     result["experts_implementation"] = model.config._experts_implementation
+    if args.keep_quantized:  # FP8 / FP4 kept in the shards: experts per quantized expert (eager loop) or one stack
+        result["mode"] += f" + keep_quantized ({args.quantized_experts})"
+        if args.quantized_experts == "per_expert":
+            result["experts_implementation"] = "eager, one quantized expert at a time"
     result["build_s"] = round(time.perf_counter() - start, 2)
     if device.type == "cuda":
         result["weights_gb"] = round(torch.cuda.memory_allocated(device) / 1e9, 3)
@@ -371,7 +410,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here (rank 0)")
+    parser.add_argument("--keep-quantized", type=Path, default=None, metavar="CKPT",
+                        help="LoRA over this release-layout checkpoint with its FP8 / FP4 weights kept quantized in "
+                        "the shards (written there when missing; needs --fsdp)")  # fmt: skip
+    parser.add_argument("--quantized-experts", default="per_expert", choices=["per_expert", "stack"])
     args = parser.parse_args()
+    if args.keep_quantized and not args.fsdp:
+        parser.error("--keep-quantized shards the model: run with --fsdp under torchrun (one process is fine)")
     args.seq_len = args.seq_len or (256 if args.tiny else 4096)
 
     if args.dry_run:
@@ -407,6 +452,7 @@ def main() -> None:
         "tiny": args.tiny,
         "layer_types": args.layer_types,
         "mlp_layer_types": args.mlp_layer_types,
+        "keep_quantized": None if args.keep_quantized is None else args.quantized_experts,
     }
     try:
         train(args, device, result)
