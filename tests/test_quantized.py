@@ -162,6 +162,8 @@ def test_quantize_base_gives_the_model_its_quantized_form(release_ckpt, streamed
     stand_in = wrapper.get_param()
     assert stand_in.shape == experts.gate_up_proj.shape and stand_in.untyped_storage().nbytes() == 2
     assert not any(p.requires_grad for n, p in peft_model.named_parameters() if ".lora_" not in n)
+    with pytest.raises(QuantizationError, match="cannot be merged into a quantized-resident base"):
+        peft_model.merge_and_unload()  # would add the update to a dequantized copy and lose it
 
 
 def test_keep_quantized_refuses_a_trainable_base_and_what_it_cannot_keep(release_ckpt, tiny_ckpt, tmp_path):

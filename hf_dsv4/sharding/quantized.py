@@ -190,7 +190,7 @@ class QuantizedModule:
             return _Experts(self, leaf)
         if data.is_meta:
             return torch.empty(shape if expert is None else shape[1:], dtype=dtype, device="meta")
-        if hasattr(data, "full_tensor"):  # outside forward, FSDP2 holds shards: the whole weight, for inspection
+        if hasattr(data, "full_tensor"):  # outside forward, FSDP2 holds shards: the whole weight (a collective)
             data, scale = data.full_tensor(), scale.full_tensor()
         if expert is not None:
             data, scale = data[expert], scale[expert]
@@ -339,6 +339,7 @@ def quantize_base(
             module.__dict__[PER_EXPERT] = experts == "per_expert"
         done += 1
     _wrap_expert_adapters(model)
+    _refuse_merges(model)
     _refuse_trainable_base(model)
     return done
 
@@ -356,6 +357,23 @@ def _wrap_expert_adapters(model: nn.Module) -> None:
             base = module.get_base_layer()
             if module.parameter_name in base.__dict__.get(QUANTIZED, {}):
                 module.__class__ = compat.quantized_param_wrapper_class(type(module), _UPDATES)
+
+
+def _cannot_merge(*args: Any, **kwargs: Any) -> None:
+    raise QuantizationError(
+        "a LoRA adapter cannot be merged into a quantized-resident base (its weights are computed from FP8 / FP4 "
+        "bytes, and re-quantizing would round the update away): save the adapter and merge it into the checkpoint "
+        "with hf_dsv4.merge_adapter (python -m hf_dsv4.merge), which writes a bf16 model"
+    )
+
+
+def _refuse_merges(model: nn.Module) -> None:
+    """peft's merge would add the update to a dequantized copy and lose it: LoRA layers over quantized modules refuse
+    it instead (`merge_and_unload` included)."""
+    for module in model.modules():
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") and hasattr(module, "lora_A") else None
+        if base is not None and base is not module and isinstance(base, QuantizedModule):
+            module.__dict__["merge"] = _cannot_merge
 
 
 def _refuse_trainable_base(model: nn.Module) -> None:
