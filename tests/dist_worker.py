@@ -754,7 +754,13 @@ def _nonzero_lora_b(model: torch.nn.Module) -> None:
 
 
 def quantized_lora(
-    release_ckpt: str, dtype: torch.dtype, targets: str, keep: bool | str, stream: dict | None = None, **kwargs
+    release_ckpt: str,
+    dtype: torch.dtype,
+    targets: str,
+    keep: bool | str,
+    stream: dict | None = None,
+    checkpointing: bool = False,
+    **kwargs,
 ) -> torch.nn.Module:
     """The release checkpoint streamed (quantized-resident with `keep`; `stream`: more memory_efficient_init
     arguments), a seeded LoRA adapter of `targets` (B non-zero), sharded over every rank; `kwargs` go to
@@ -766,6 +772,8 @@ def quantized_lora(
 
     with memory_efficient_init(stream=True, keep_quantized=keep, **(stream or {})):
         model = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=dtype, **kwargs)
+    if checkpointing:  # activation checkpointing per decoder layer, as the Trainer turns it on before sharding
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, dsv4_lora_config(r=4, alpha=8, targets=targets))
     model.__dict__[ADAPTER_SEED] = 3
     shard_model(model)
@@ -810,6 +818,26 @@ def _adapter_on_dequantized_base(release_ckpt: str, dtype: torch.dtype, targets:
     return {"logits_equal": torch.equal(logits, reference_logits), "unexpected": list(missing), "tensors": len(adapter)}
 
 
+def _with_activation_checkpointing(release_ckpt: str, dtype: torch.dtype, targets: str) -> dict:
+    """Decoder layers checkpointed (recomputed in backward): quantized (as one stack) vs dequantized, bit for bit;
+    the quantized modules then leave recomputing to the checkpoints."""
+    from hf_dsv4.sharding import quantized_modules
+
+    runs = {}
+    for keep in ("stack", False):
+        model = quantized_lora(release_ckpt, dtype, targets, keep, checkpointing=True)
+        flags = {module.recompute_in_backward for module in quantized_modules(model).values()}
+        runs[keep] = (*quantized_step(model, 30), flags)
+        del model
+    (logits, grads, flags), (reference, reference_grads, _) = runs["stack"], runs[False]
+    return {
+        "logits_equal": torch.equal(logits, reference),
+        "grads_equal": sorted(grads) == sorted(reference_grads)
+        and all(torch.equal(grads[n], reference_grads[n]) for n in grads),
+        "recompute_flags": sorted(flags),
+    }
+
+
 def scenario_quantized(release_ckpt: str) -> dict:
     """Quantized-resident base vs the dequantized one: logits and LoRA gradients, fp32 and bf16, with and without
     routed-expert adapters; experts computed per expert (vs transformers' eager experts over the dequantized base)
@@ -827,6 +855,7 @@ def scenario_quantized(release_ckpt: str) -> dict:
             del model
         if dtype_name == "float32" and targets == "all":
             results["adapter_on_dequantized_base"] = _adapter_on_dequantized_base(release_ckpt, dtype, targets)
+            results["activation_checkpointing"] = _with_activation_checkpointing(release_ckpt, dtype, targets)
         if dtype_name == "float32" and targets == "all":  # every rank reading its own rows, in 64 KB pieces
             model = quantized_lora(release_ckpt, dtype, targets, experts, {"readers": "all", "read_budget": 2**16})
             logits, grads = quantized_step(model, 20)

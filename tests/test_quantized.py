@@ -251,6 +251,18 @@ def _quantized_experts(experts: str, implementation: str):
     return holder.experts, stock, config
 
 
+@pytest.mark.parametrize("recompute", [True, False])
+def test_a_quantized_module_inside_an_activation_checkpoint_gives_the_same_gradients(recompute):
+    holder, weight = _quantized_linear(seed=3)
+    holder.proj.recompute_in_backward = recompute  # on: its recipes nest inside the checkpoint's own hooks
+    x = torch.randn(2, 7, 256, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(lambda t: holder.proj(t).sin(), x, use_reentrant=False)
+    y.sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    nn.functional.linear(x_ref, weight).sin().sum().backward()
+    assert torch.equal(y, nn.functional.linear(x_ref.detach(), weight).sin()) and torch.equal(x.grad, x_ref.grad)
+
+
 @pytest.mark.parametrize("experts,implementation", [("per_expert", "eager"), ("stack", "grouped_mm")])
 def test_quantized_experts_compute_as_the_stock_implementation_one_expert_or_one_stack_at_a_time(
     monkeypatch, experts, implementation
@@ -292,6 +304,9 @@ def test_quantized_base_equals_the_dequantized_one_under_fsdp2(release_ckpt, tmp
     for result in results:
         # every rank reading its own rows in 64 KB pieces: the same model as rank 0 reading whole layers
         assert result.pop("readers_all_in_pieces") == {"logits_equal": True, "grads_equal": True}
+        # activation checkpointing: the same numbers, and the quantized modules leave recomputing to it
+        assert result.pop("activation_checkpointing") == {"logits_equal": True, "grads_equal": True,
+                                                          "recompute_flags": [False]}  # fmt: skip
         # its adapter, gathered and put on the dequantized base by peft in one process: the same logits
         on_dequantized = result.pop("adapter_on_dequantized_base")
         assert on_dequantized["logits_equal"] and not on_dequantized["unexpected"] and on_dequantized["tensors"] > 20
