@@ -29,7 +29,7 @@ from .. import compat
 from ..loading.pretrained import _plan_streamed
 from ..loading.stream import open_streamed
 from ..loading.units import layer_units
-from ..sharding.streamed import checkpoint_name
+from ..sharding.streamed import reader_names
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def merge_adapter(
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / SAFE_WEIGHTS_INDEX_NAME]:
         stale.unlink(missing_ok=True)
-    outer = "base_model.model."
+    name_of = reader_names(peft_model)  # the reader's (the base model's) name of a name of the PeftModel
     units = layer_units(peft_model)
     weight_map: dict[str, str] = {}
     size = 0
@@ -103,19 +103,20 @@ def merge_adapter(
             for k, t in unit.state_dict(keep_vars=True).items()
             if prefix or not any(k.startswith(p) for p in inner)
         }
-        base_part = reader.read(checkpoint_name(prefix, outer) if prefix else "")
+        unit_prefix = name_of(prefix) if prefix else ""
+        base_part = reader.read(unit_prefix)
         values = {}
         for key in own:
             if ".lora_" in key:
                 values[key] = adapter_state[prefix + key].to(own[key].dtype)
             else:
-                values[key] = base_part.pop(checkpoint_name(prefix + key, outer)[len(checkpoint_name(prefix, outer)) :])
+                values[key] = base_part.pop(name_of(prefix + key)[len(unit_prefix) :])
         unit.load_state_dict(values, strict=False, assign=True)
         for module in unit.modules():
             if hasattr(module, "merge") and hasattr(module, "lora_A") and adapter in module.lora_A:
                 module.merge(adapter_names=[adapter])
         merged = {
-            checkpoint_name(prefix + key, outer): tensor.detach().contiguous()
+            name_of(prefix + key): tensor.detach().contiguous()
             for key, tensor in unit.state_dict().items()
             if ".lora_" not in key and (prefix or not any(key.startswith(p) for p in inner))
         }
