@@ -247,6 +247,12 @@ def run_mode(mode: str, ckpt: Path, ranks: int, backend: str, out: Path, port: i
         )
         for r in range(ranks)
     ]
+    return collect_ranks(procs, out, timeout, {"rise_mb": None, "wall_s": None})
+
+
+def collect_ranks(procs: list[subprocess.Popen], out: Path, timeout: float, missing: dict | None = None) -> list[dict]:
+    """Wait for the rank processes (killed after `timeout` seconds in all) and read each one's `out`/rank<r>.json; a
+    rank that wrote none gets `missing` and an error with its exit status and the last line of `out`/rank<r>.log."""
     deadline = time.monotonic() + timeout
     for proc in procs:
         try:
@@ -257,13 +263,13 @@ def run_mode(mode: str, ckpt: Path, ranks: int, backend: str, out: Path, port: i
         if proc.poll() is None:
             proc.kill()
     results = []
-    for r in range(ranks):
+    for r, proc in enumerate(procs):
         path = out / f"rank{r}.json"
         if path.exists():
             results.append(json.loads(path.read_text()))
         else:
             tail = (out / f"rank{r}.log").read_text().strip().splitlines()[-1:] or ["no output"]
-            results.append({"rank": r, "rise_mb": None, "wall_s": None, "error": f"exit {procs[r].returncode}: {tail[0][:160]}"})  # fmt: skip
+            results.append({"rank": r, **(missing or {}), "error": f"exit {proc.returncode}: {tail[0][:160]}"})
     return results
 
 

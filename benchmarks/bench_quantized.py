@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_load import _reset_peak, _status_kb, build_checkpoint, machine  # noqa: E402
+from bench_load import _reset_peak, _status_kb, build_checkpoint, collect_ranks, machine  # noqa: E402
 
 MODES = {"q": "keep_quantized, experts per expert", "s": "keep_quantized, experts as one stack",
          "d": "dequantized base (stock weights)", "e": "(d) with transformers' eager experts loop"}  # fmt: skip
@@ -143,24 +143,7 @@ def run_mode(mode: str, args: argparse.Namespace, port: int) -> list[dict]:
         )
         for r in range(args.ranks)
     ]
-    deadline = time.monotonic() + args.timeout
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            pass
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-    results = []
-    for r in range(args.ranks):
-        path = out / f"rank{r}.json"
-        if path.exists():
-            results.append(json.loads(path.read_text()))
-        else:
-            tail = (out / f"rank{r}.log").read_text().strip().splitlines()[-1:] or ["no output"]
-            results.append({"rank": r, "error": f"exit {procs[r].returncode}: {tail[0][:160]}"})
-    return results
+    return collect_ranks(procs, out, args.timeout)
 
 
 def _cell(values: list, fmt: str) -> str:

@@ -187,7 +187,7 @@ class StreamedCheckpoint:
         keys = [k for k in self.quantized[target] if k.endswith(".scale") == scale]
         families: dict[str, list[str]] = defaultdict(list)
         for key in keys:
-            families[re.sub(r"(^|\.)\d+(?=\.)", r"\1*", key)].append(key)
+            families[_family(key)].append(key)
         return [sorted(families[name], key=_natural) for name in sorted(families)]
 
     def _read_raw(self, target: str, scale: bool, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -283,7 +283,7 @@ class StreamedCheckpoint:
             if all(len(s) == len(shape) - 1 for s in shapes.values()):  # one checkpoint tensor per row
                 families: dict[str, list[str]] = defaultdict(list)
                 for key in keys:
-                    families[re.sub(r"(^|\.)\d+(?=\.)", r"\1*", key)].append(key)  # one list per w1 / w3 / scale
+                    families[_family(key)].append(key)  # one list per w1 / w3 / scale
                 for family, members in families.items():
                     if len(members) != shape[0]:
                         raise ValueError(f"'{target}' has {shape[0]} rows but {len(members)} tensors '{family}'")
@@ -377,6 +377,11 @@ class _Rows:
         if index is not Ellipsis:
             raise TypeError(f"only [...] reads rows of a checkpoint tensor, not {index!r}")
         return self.source[self.start : self.stop]
+
+
+def _family(key: str) -> str:
+    """The key with its numbers starred: the tensors one per expert of one weight (or scale) share it."""
+    return re.sub(r"(^|\.)\d+(?=\.)", r"\1*", key)
 
 
 def _natural(key: str) -> list:

@@ -31,7 +31,7 @@ from ..loading.units import layer_units, pretrained_models
 
 logger = logging.getLogger(__name__)
 
-_SHARD_FILE = "model-{index:05d}-of-{total:05d}.safetensors"
+SHARD_FILE = "model-{index:05d}-of-{total:05d}.safetensors"
 
 
 def _single_pretrained(model: nn.Module) -> PreTrainedModel:
@@ -115,7 +115,7 @@ def save_pretrained_sharded(model: nn.Module, save_directory: str | os.PathLike)
                 tensors[key] = full.to("cpu").contiguous()
             del full
         if writer and error is None:
-            name = SAFE_WEIGHTS_NAME if total == 1 else _SHARD_FILE.format(index=index + 1, total=total)
+            name = SAFE_WEIGHTS_NAME if total == 1 else SHARD_FILE.format(index=index + 1, total=total)
             try:
                 tensors = compat.revert_weight_conversion(pretrained, tensors)
                 save_file(tensors, folder / name, metadata={"format": "pt"})

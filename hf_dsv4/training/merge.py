@@ -26,15 +26,13 @@ from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoTokenizer,
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from .. import compat
-from ..loading.pretrained import _plan_streamed
+from ..loading.pretrained import _plan_streamed, resolve_dtype
 from ..loading.stream import open_streamed
 from ..loading.units import layer_units
+from ..sharding.export import SHARD_FILE
 from ..sharding.streamed import reader_names
 
 logger = logging.getLogger(__name__)
-
-_SHARD_FILE = "model-{index:05d}-of-{total:05d}.safetensors"
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def _adapter_state(adapter_dir: Path, peft_model, adapter: str) -> dict[str, torch.Tensor]:
@@ -121,7 +119,7 @@ def merge_adapter(
             if ".lora_" not in key and (prefix or not any(key.startswith(p) for p in inner))
         }
         tensors = compat.revert_weight_conversion(namer, merged)
-        name = _SHARD_FILE.format(index=index + 1, total=len(units))
+        name = SHARD_FILE.format(index=index + 1, total=len(units))
         save_file(tensors, out / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         size += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -148,9 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("base", help="the base model: a local folder or hub id, Hub or release (FP8 / FP4) layout")
     parser.add_argument("adapter_dir", help="a PEFT adapter saved by the recipe / DSV4SFTTrainer")
     parser.add_argument("out_dir", help="where to write the merged model")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES), help="the merged weights' dtype")
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="the merged weights' dtype"
+    )
     parser.add_argument("--effort_profile", default=None, choices=["0424", "0731"],
                         help="the chat template's effort profile (default: read from the base)")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    merge_adapter(args.base, args.adapter_dir, args.out_dir, _DTYPES[args.dtype], args.effort_profile)
+    merge_adapter(args.base, args.adapter_dir, args.out_dir, resolve_dtype(args.dtype), args.effort_profile)
