@@ -14,6 +14,7 @@ and the Trainer's checkpoint hooks) live in their subclasses; their upstream sig
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import inspect
 import logging
@@ -42,6 +43,7 @@ class Internal:
     params: tuple[str, ...] | None = None
     why: str = ""
     assigned: str | None = None
+    source: str | None = None  # sha256 prefix of the source hf_dsv4 reproduces or relies on line by line
 
 
 # fence name (a package, or "package.part") -> (the package's tested versions, the internals hf_dsv4 relies on)
@@ -94,6 +96,51 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
             "transformers.integrations.finegrained_fp8:Fp8Dequantize._dequantize_one",
             ("quantized", "scales", "output_dtype"),
             why="a quantized-resident base dequantizes each layer with the arithmetic a dequantizing load uses",
+        ),
+    )),
+    # DeepSeek-V4 attention (hf_dsv4.modeling.sparse_attention): what is replaced or mirrored is pinned by its source
+    "transformers.attention": (">=5.23,<5.25", (
+        Internal("transformers:AttentionInterface.register", why="the sparse attention is registered as an implementation"),
+        Internal("transformers.masking_utils:AttentionMaskInterface.register", why="and its mask, kept as a function"),
+        Internal(
+            "transformers.masking_utils:sdpa_mask",
+            ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "mask_function", "attention_mask"),
+            why="the sparse mask evaluates transformers' mask function one block of queries at a time",
+        ),
+        Internal(
+            "transformers.masking_utils:eager_mask",
+            ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "mask_function", "attention_mask", "dtype"),
+            why="the dense fallback (generation with a cache) builds the mask stock eager gets",
+        ),
+        Internal(
+            "transformers.models.deepseek_v4.modeling_deepseek_v4:DeepseekV4CSACompressor.forward",
+            source="3644b0ea966e20d2",
+            why="its cache-less compression is reproduced op for op (_overlap_compress), its dense block bias is not",
+        ),
+        Internal(
+            "transformers.models.deepseek_v4.modeling_deepseek_v4:DeepseekV4Indexer.forward",
+            source="428c5223ef907ac9",
+            why="reproduced with the scores computed in query chunks (_indexer_topk)",
+        ),
+        Internal(
+            "transformers.models.deepseek_v4.modeling_deepseek_v4:DeepseekV4HCACompressor.forward",
+            source="3fb94114cb4ed493",
+            why="called with one query position: it returns its compressed entries before building the block bias",
+        ),
+        Internal(
+            "transformers.models.deepseek_v4.modeling_deepseek_v4:DeepseekV4Attention.forward",
+            source="7e61a222ad0603b7",
+            why="calls the compressor then the registered attention; a non-tensor mask is passed through untouched",
+        ),
+        Internal(
+            "transformers.models.deepseek_v4.modeling_deepseek_v4:eager_attention_forward",
+            source="3cb759e14962bed1",
+            why="the sparse attention mirrors its arithmetic (dtypes, sinks, max subtraction) per block",
+        ),
+        Internal(
+            "transformers.models.deepseek_v4.modeling_deepseek_v4:apply_rotary_pos_emb",
+            ("x", "cos", "sin"),
+            why="the compressed entries' rope",
         ),
     )),
     "transformers.trainer": (">=5.23,<5.25", (
@@ -151,6 +198,10 @@ def _problem(internal: Internal) -> str | None:
         obj = _resolve(internal.where)
     except (ImportError, AttributeError):
         return f"{internal.where} is missing"
+    if internal.source is not None:
+        digest = hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
+        if not digest.startswith(internal.source):
+            return f"{internal.where} changed (source sha256 {digest[:16]}, hf_dsv4 follows {internal.source})"
     if internal.assigned is not None:
         if not re.search(rf"self\.{internal.assigned}\b|[\"']{internal.assigned}[\"']", inspect.getsource(obj)):
             return f"{internal.where} no longer sets {internal.assigned}"
@@ -440,6 +491,37 @@ def quantized_param_wrapper_class(cls: type, updates: str) -> type:
     namespace = {"_activate_lora": _activate_lora, "get_param": get_param, "__module__": __name__}
     _QUANTIZED_WRAPPERS[cls] = type(f"Quantized{cls.__name__}", (cls,), namespace)
     return _QUANTIZED_WRAPPERS[cls]
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def sdpa_mask(**kwargs: Any) -> Any:
+    """transformers' boolean mask builder (`masking_utils.sdpa_mask`)."""
+    from transformers.masking_utils import sdpa_mask as build
+
+    return build(**kwargs)
+
+
+def eager_mask(**kwargs: Any) -> Any:
+    """transformers' additive mask builder for eager attention (`masking_utils.eager_mask`)."""
+    from transformers.masking_utils import eager_mask as build
+
+    return build(**kwargs)
+
+
+def dsv4_apply_rotary_pos_emb(x: Any, cos: Any, sin: Any) -> Any:
+    """DeepSeek-V4's interleaved partial rope (`modeling_deepseek_v4.apply_rotary_pos_emb`)."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(x, cos, sin)
+
+
+def dsv4_eager_attention_forward(module: Any, query: Any, key: Any, value: Any, mask: Any, **kwargs: Any) -> Any:
+    """DeepSeek-V4's stock attention (`modeling_deepseek_v4.eager_attention_forward`)."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import eager_attention_forward
+
+    return eager_attention_forward(module, query, key, value, mask, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ quantization

@@ -1,0 +1,18 @@
+"""Model-facing parts: DeepSeek-V4 attention with memory linear in the sequence length (`enable_sparse_attention`).
+Needs transformers and torch only."""
+
+from .sparse_attention import (
+    IMPLEMENTATION,
+    SparseAttentionError,
+    SparseMask,
+    enable_sparse_attention,
+    sparse_attention_enabled,
+)
+
+__all__ = [
+    "IMPLEMENTATION",
+    "SparseAttentionError",
+    "SparseMask",
+    "enable_sparse_attention",
+    "sparse_attention_enabled",
+]

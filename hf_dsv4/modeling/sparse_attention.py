@@ -1,0 +1,462 @@
+"""DeepSeek-V4 attention whose memory grows linearly with the sequence: exactly what transformers computes, read
+sparsely.
+
+transformers' DeepSeek-V4 attention (`eager_attention_forward`, the only one it has) scores every query against
+every key: a sliding-window layer masks an `L x L` matrix to keep `sliding_window` keys per query, and CSA / HCA
+layers append the compressed entries with a dense `[B, 1, L, T]` block bias; the model builds an `L x L` mask once
+and the lightning indexer scores `[B, L, H_idx, T]` in fp32. What a query reads is small: `sliding_window` keys,
+the indexer's top `index_topk` compressed entries (CSA) or the `L / m` compressed entries before it (HCA), and the
+sink. `enable_sparse_attention(model)` makes every DeepSeek-V4 attention layer compute exactly that:
+
+- the mask: transformers' mask interface (`AttentionMaskInterface`, registered under `hf_dsv4_sparse`) returns a
+  `SparseMask` that keeps the mask *function* transformers composed (sliding window, causal, padding, packed
+  sequences) and evaluates it one block of queries at a time (never `L x L`);
+- the compressors (the one fenced replacement, `_SparseCSACompressor` / `_SparseHCACompressor`, checked against
+  the installed transformers by `hf_dsv4.compat.require("transformers.attention")`): the compressed entries are
+  computed as stock computes them, the indexer scores queries in chunks (no gradient flows through its top-k in
+  stock either), and instead of a dense block bias the layer keeps its selection (the top-k indices, or the
+  per-query count of visible HCA entries);
+- the attention (`AttentionInterface`, registered under `hf_dsv4_sparse`): queries in chunks of `chunk_size`; a
+  chunk reads the `chunk + window - 1` keys around it, its gathered compressed entries and the sinks, and softmaxes
+  them as stock does (same dtypes, same max subtraction); each chunk is recomputed in backward
+  (`torch.utils.checkpoint`), so what stays for backward is linear in L.
+
+With a cache (generation), a prebuilt 4-D mask or an offset query, the layer falls back to the dense stock
+computation. The module forwards of the attention itself (projections, rope, output projection) stay the stock
+ones, so LoRA, a quantized base and FSDP2 work unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .. import compat
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION = "hf_dsv4_sparse"
+DEFAULT_CHUNK_SIZE = 256
+_SELECTION = "_hf_dsv4_selection"  # where a compressor leaves its selection for the attention of the same layer
+
+
+class SparseAttentionError(ValueError):
+    """A model or input that sparse attention cannot serve."""
+
+
+@dataclass
+class SparseMask:
+    """What transformers' mask interface was asked to build, kept as a function of (batch, query, key) indices.
+
+    `block(q_start, q_stop, kv_start, kv_len)` is the boolean mask of a block of queries against `kv_len` keys from
+    `kv_start` (keys outside `[0, kv_length)` are masked), evaluated by transformers' own `sdpa_mask` with the same
+    mask function, padding mask and offsets; `dense(dtype)` is the `[B, 1, L, kv_length]` mask stock eager gets."""
+
+    batch_size: int
+    q_length: int
+    kv_length: int
+    q_offset: int
+    kv_offset: int
+    mask_function: Any
+    attention_mask: torch.Tensor | None
+    local_size: int | None
+    use_vmap: bool
+    device: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sparse_ok(self) -> bool:
+        """Whether the mask is the plain sliding window over a fresh sequence (what the blockwise path assumes)."""
+        return (
+            not self.use_vmap
+            and self.q_offset == 0
+            and self.kv_offset == 0
+            and self.q_length == self.kv_length
+            and self.local_size is not None
+        )
+
+    def block(self, q_start: int, q_stop: int, kv_start: int, kv_len: int) -> torch.Tensor:
+        lo, hi = max(kv_start, 0), min(kv_start + kv_len, self.kv_length)
+        out = torch.zeros(self.batch_size, 1, q_stop - q_start, kv_len, dtype=torch.bool, device=self.device)
+        if hi > lo:
+            out[..., lo - kv_start : hi - kv_start] = compat.sdpa_mask(
+                batch_size=self.batch_size,
+                q_length=q_stop - q_start,
+                kv_length=hi - lo,
+                q_offset=self.q_offset + q_start,
+                kv_offset=self.kv_offset + lo,
+                mask_function=self.mask_function,
+                attention_mask=self.attention_mask,
+                allow_is_causal_skip=False,
+                use_vmap=self.use_vmap,
+                device=self.device,
+            )
+        return out
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        return compat.eager_mask(
+            batch_size=self.batch_size,
+            q_length=self.q_length,
+            kv_length=self.kv_length,
+            q_offset=self.q_offset,
+            kv_offset=self.kv_offset,
+            mask_function=self.mask_function,
+            attention_mask=self.attention_mask,
+            dtype=dtype,
+            use_vmap=self.use_vmap,
+            device=self.device,
+            **self.extra,
+        )
+
+
+def _sparse_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    use_vmap: bool = False,
+    device: Any = "cpu",
+    **kwargs: Any,
+) -> SparseMask:
+    """The mask interface of `hf_dsv4_sparse`: nothing is materialized here."""
+    kwargs.pop("allow_is_causal_skip", None)
+    for unused in ("dtype", "config"):
+        kwargs.pop(unused, None)
+    return SparseMask(
+        batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, local_size, use_vmap,
+        device, kwargs,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ selections
+
+
+@dataclass
+class _TopK:
+    """CSA: the indexer's picks per query, `[B, L, k]`, -1 where a pick is not causal (stock's sentinel)."""
+
+    indices: torch.Tensor
+
+    def allowed(self, start: int, stop: int) -> torch.Tensor:
+        return self.indices[:, start:stop] >= 0
+
+    def dense_bias(self, compressed_len: int, dtype: torch.dtype) -> torch.Tensor:
+        batch, seq_len, _ = self.indices.shape
+        safe = torch.where(self.indices >= 0, self.indices, compressed_len)
+        bias = torch.full((batch, 1, seq_len, compressed_len + 1), float("-inf"), dtype=dtype, device=safe.device)
+        return bias.scatter_(-1, safe.unsqueeze(1), 0.0)[..., :compressed_len]
+
+
+@dataclass
+class _Causal:
+    """HCA: query `t` sees the compressed entries `w < threshold[t] = (position + 1) // m` (stock's block bias)."""
+
+    threshold: torch.Tensor  # [B, L]
+
+    def allowed(self, start: int, stop: int, compressed_len: int) -> torch.Tensor:
+        entries = torch.arange(compressed_len, device=self.threshold.device)
+        return entries.view(1, 1, -1) < self.threshold[:, start:stop, None]
+
+    def dense_bias(self, compressed_len: int, dtype: torch.dtype) -> torch.Tensor:
+        allowed = self.allowed(0, self.threshold.shape[1], compressed_len).unsqueeze(1)
+        return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
+@dataclass
+class _Dense:
+    """A compressor that ran the stock way (with a cache): its dense block bias."""
+
+    block_bias: torch.Tensor | None
+
+
+# ------------------------------------------------------------------------------------------------ compressors
+
+
+def _overlap_compress(module: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The CSA compressor's (and the indexer's) compressed entries without a cache: stock's arithmetic, op for op
+    (`DeepseekV4CSACompressor.forward` / `DeepseekV4Indexer.forward` with `cache=None`), `[B, T, head_dim]`."""
+    batch = hidden_states.shape[0]
+    kv = module.kv_proj(hidden_states)
+    gate = module.gate_proj(hidden_states)
+    ratio, head_dim = module.compress_rate, module.head_dim
+    usable = (kv.shape[1] // ratio) * ratio
+    chunk_kv, chunk_gate = kv[:, :usable], gate[:, :usable]
+    if usable == 0:
+        return chunk_kv.new_zeros((batch, 0, head_dim))
+    n_windows = usable // ratio
+    chunk_kv = chunk_kv.view(batch, n_windows, ratio, -1)
+    chunk_gate = chunk_gate.view(batch, n_windows, ratio, -1) + module.position_bias
+    new_kv = chunk_kv.new_zeros((batch, n_windows, 2 * ratio, head_dim))
+    new_gate = chunk_gate.new_full((batch, n_windows, 2 * ratio, head_dim), float("-inf"))
+    new_kv[:, :, ratio:] = chunk_kv[..., head_dim:]
+    new_gate[:, :, ratio:] = chunk_gate[..., head_dim:]
+    if n_windows > 1:
+        new_kv[:, 1:, :ratio] = chunk_kv[:, :-1, :, :head_dim]
+        new_gate[:, 1:, :ratio] = chunk_gate[:, :-1, :, :head_dim]
+    compressed = module.kv_norm((new_kv * new_gate.softmax(dim=2, dtype=torch.float32).to(new_kv.dtype)).sum(dim=2))
+    positions = (torch.arange(n_windows, device=compressed.device) * ratio).unsqueeze(0).expand(batch, -1)
+    cos, sin = module.rotary_emb(compressed, position_ids=positions, layer_type=module.rope_layer_type)
+    return compat.dsv4_apply_rotary_pos_emb(compressed.unsqueeze(1), cos, sin).squeeze(1)
+
+
+@torch.no_grad()
+def _indexer_topk(
+    indexer: Any, hidden_states: torch.Tensor, q_residual: torch.Tensor, position_ids: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """`DeepseekV4Indexer.forward` with `cache=None`, its scores computed `chunk` queries at a time: `[B, L, k]`.
+
+    Stock's top-k indices are not differentiable (the indexer gets no gradient from the loss), so nothing here is
+    recorded for backward."""
+    batch, seq_len, _ = hidden_states.shape
+    compressed = _overlap_compress(indexer, hidden_states)
+    cos_q, sin_q = indexer.rotary_emb(hidden_states, position_ids=position_ids, layer_type=indexer.rope_layer_type)
+    q = indexer.q_b_proj(q_residual).view(batch, seq_len, -1, indexer.head_dim).transpose(1, 2)
+    q = compat.dsv4_apply_rotary_pos_emb(q, cos_q, sin_q).transpose(1, 2)
+    compressed_len = compressed.shape[1]
+    top_k = min(indexer.index_topk, compressed_len)
+    threshold = ((position_ids + 1) // indexer.compress_rate).expand(batch, -1)
+    entries = torch.arange(compressed_len, device=hidden_states.device)
+    picks = []
+    for start in range(0, seq_len, chunk):
+        stop = min(start + chunk, seq_len)
+        scores = indexer.scorer(q[:, start:stop], compressed, hidden_states[:, start:stop])  # [B, C, T]
+        if compressed_len == 0:
+            picks.append(scores.topk(top_k, dim=-1).indices)
+            continue
+        limit = threshold[:, start:stop, None]
+        scores = scores.masked_fill(entries.view(1, 1, -1) >= limit, float("-inf"))
+        indices = scores.topk(top_k, dim=-1).indices
+        picks.append(torch.where(indices >= limit, torch.full_like(indices, -1), indices))
+    return torch.cat(picks, dim=1)
+
+
+class _SparseCSACompressor:
+    """Mixed into `DeepseekV4CSACompressor`: without a cache, the compressed entries and the indexer's picks, no
+    dense block bias (the attention reads the picks). With a cache, the stock forward."""
+
+    _hf_dsv4_chunk = DEFAULT_CHUNK_SIZE
+
+    def forward(self, hidden_states, q_residual, position_ids, cache=None, layer_idx=None):
+        if cache is not None:
+            compressed_kv, block_bias = super().forward(hidden_states, q_residual, position_ids, cache, layer_idx)
+            setattr(self, _SELECTION, _Dense(block_bias))
+            return compressed_kv, block_bias
+        compressed_kv = _overlap_compress(self, hidden_states).unsqueeze(1)
+        picks = _indexer_topk(self.indexer, hidden_states, q_residual, position_ids, self._hf_dsv4_chunk)
+        setattr(self, _SELECTION, _TopK(picks))
+        return compressed_kv, None
+
+
+class _SparseHCACompressor:
+    """Mixed into `DeepseekV4HCACompressor`: without a cache, the stock forward's compressed entries (asked for one
+    query position, which returns before the dense block bias is built) and the per-query visible count."""
+
+    _hf_dsv4_chunk = DEFAULT_CHUNK_SIZE
+
+    def forward(self, hidden_states, q_residual, position_ids, cache=None, layer_idx=None):
+        if cache is not None:
+            compressed_kv, block_bias = super().forward(hidden_states, q_residual, position_ids, cache, layer_idx)
+            setattr(self, _SELECTION, _Dense(block_bias))
+            return compressed_kv, block_bias
+        compressed_kv, _ = super().forward(hidden_states, q_residual, position_ids[:, :1], None, layer_idx)
+        threshold = ((position_ids + 1) // self.compress_rate).expand(hidden_states.shape[0], -1)
+        setattr(self, _SELECTION, _Causal(threshold))
+        return compressed_kv, None
+
+
+_MIXINS = {"DeepseekV4CSACompressor": _SparseCSACompressor, "DeepseekV4HCACompressor": _SparseHCACompressor}
+_SPARSE_CLASSES: dict[type, type] = {}
+
+
+def _sparse_class(cls: type) -> type:
+    if cls not in _SPARSE_CLASSES:
+        mixin = next(m for name, m in _MIXINS.items() if any(c.__name__ == name for c in cls.__mro__))
+        _SPARSE_CLASSES[cls] = type(f"Sparse{cls.__name__}", (mixin, cls), {})
+    return _SPARSE_CLASSES[cls]
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def _attend_chunk(
+    query: torch.Tensor,
+    window: torch.Tensor,
+    window_allowed: torch.Tensor,
+    compressed: torch.Tensor | None,
+    picks: torch.Tensor | None,
+    compressed_allowed: torch.Tensor | None,
+    sinks: torch.Tensor,
+    scaling: float,
+    dropout: float,
+) -> torch.Tensor:
+    """One block of queries `[B, H, C, D]` against its window keys `[B, 1, S, D]` (K = V), its compressed entries
+    (`[B, T, D]`, all of them (HCA) or the `picks` `[B, C, k]` of each query (CSA)) and the sinks: stock eager's
+    arithmetic (scores in the input dtype, scaled, promoted to fp32 beside the sinks, max subtracted, softmax, the
+    sink dropped, probabilities cast back) on the keys a query may read. Returns `[B, H, C, D]`."""
+    batch, heads, length, _ = query.shape
+    parts = [(torch.matmul(query, window.transpose(-1, -2)) * scaling).masked_fill(~window_allowed, float("-inf"))]
+    values = None
+    if compressed is not None and picks is None:  # HCA: every entry, causally masked
+        values = compressed.unsqueeze(1)  # [B, 1, T, D]
+        scores = torch.matmul(query, values.transpose(-1, -2)) * scaling
+        parts.append(scores.masked_fill(~compressed_allowed.unsqueeze(1), float("-inf")))
+    elif compressed is not None:  # CSA: each query's own picks
+        rows = torch.arange(batch, device=picks.device).view(-1, 1, 1)
+        values = compressed[rows, picks.clamp(min=0)]  # [B, C, k, D]
+        scores = torch.matmul(query.transpose(1, 2), values.transpose(-1, -2)).transpose(1, 2) * scaling
+        parts.append(scores.masked_fill(~compressed_allowed.unsqueeze(1), float("-inf")))
+    sink = sinks.reshape(1, -1, 1, 1).expand(batch, -1, length, -1)
+    logits = torch.cat([*parts, sink], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
+    probs = F.dropout(probs, p=dropout, training=dropout > 0).to(window.dtype)
+    work = torch.float32 if window.dtype in (torch.bfloat16, torch.float16) else window.dtype
+    span = window.shape[-2]
+    out = torch.matmul(probs[..., :span].to(work), window.to(work))
+    if values is not None and picks is None:
+        out = out + torch.matmul(probs[..., span:].to(work), values.to(work))
+    elif values is not None:
+        mixed = torch.matmul(probs[..., span:].transpose(1, 2).to(work), values.to(work))  # [B, C, H, D]
+        out = out + mixed.transpose(1, 2)
+    return out.to(window.dtype)
+
+
+def sparse_attention_forward(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The attention interface of `hf_dsv4_sparse` (called by the stock `DeepseekV4Attention.forward`)."""
+    compressor = getattr(module, "compressor", None)
+    selection = compressor.__dict__.pop(_SELECTION, None) if compressor is not None else None
+    sparse = (
+        isinstance(attention_mask, SparseMask)
+        and attention_mask.sparse_ok
+        and key is value
+        and sliding_window is not None
+        and attention_mask.local_size == sliding_window
+        and (compressor is None) == (selection is None)
+        and not isinstance(selection, _Dense)
+    )
+    if not sparse:
+        return _dense_fallback(module, query, key, value, attention_mask, selection, scaling, dropout, **kwargs)
+
+    batch, heads, seq_len, dim = query.shape
+    chunk = getattr(compressor, "_hf_dsv4_chunk", None) or getattr(module, "_hf_dsv4_chunk", DEFAULT_CHUNK_SIZE)
+    window_len = chunk + sliding_window - 1
+    n_chunks = -(-seq_len // chunk)
+    # every chunk's window of keys, as views of one padded copy (backward: one unfold, no per-chunk full-size grads)
+    padded = F.pad(key[:, :, :seq_len], (0, 0, sliding_window - 1, n_chunks * chunk - seq_len))
+    windows = padded.unfold(2, window_len, chunk).transpose(-1, -2).unbind(2)  # n x [B, 1, S, D]
+    queries = query.split(chunk, dim=2)
+    compressed = key[:, 0, seq_len:] if selection is not None else None  # [B, T, D]
+    compressed_len = compressed.shape[1] if compressed is not None else 0
+    picks = selection.indices if isinstance(selection, _TopK) else None
+    if compressed_len == 0 or (picks is not None and picks.shape[-1] == 0):
+        compressed = picks = None
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, module.sinks))
+    outputs = []
+    for index, (q_chunk, window) in enumerate(zip(queries, windows, strict=False)):
+        start, stop = index * chunk, index * chunk + q_chunk.shape[2]
+        window_allowed = attention_mask.block(start, stop, start - sliding_window + 1, window_len)
+        chunk_picks = comp_allowed = None
+        if compressed is not None and picks is not None:
+            chunk_picks = picks[:, start:stop]
+            comp_allowed = selection.allowed(start, stop)
+        elif compressed is not None:
+            comp_allowed = selection.allowed(start, stop, compressed_len)
+        args = (q_chunk, window, window_allowed, compressed, chunk_picks, comp_allowed, module.sinks, scaling, dropout)
+        if recompute:
+            outputs.append(checkpoint(_attend_chunk, *args, use_reentrant=False, preserve_rng_state=dropout > 0))
+        else:
+            outputs.append(_attend_chunk(*args))
+    attn_output = torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+    return attn_output, None
+
+
+def _dense_fallback(module, query, key, value, attention_mask, selection, scaling, dropout, **kwargs):
+    """Stock eager attention, with the mask stock would have built."""
+    seq_len = query.shape[2]
+    if isinstance(attention_mask, SparseMask):
+        attention_mask = attention_mask.dense(query.dtype)
+        if isinstance(selection, _Dense) and selection.block_bias is not None:
+            attention_mask = torch.cat([attention_mask, selection.block_bias.to(attention_mask.dtype)], dim=-1)
+    if isinstance(selection, (_TopK, _Causal)) and attention_mask is not None:
+        compressed_len = key.shape[2] - seq_len
+        bias = selection.dense_bias(compressed_len, attention_mask.dtype)
+        attention_mask = torch.cat([attention_mask[..., : key.shape[2] - compressed_len], bias], dim=-1)
+    kwargs.pop("s_aux", None)
+    return compat.dsv4_eager_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+
+
+# ------------------------------------------------------------------------------------------------ switch
+
+
+def _registered() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION, sparse_attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, _sparse_mask)
+
+
+def _deepseek_v4_modules(model: Any):
+    for module in model.modules():
+        if type(module).__name__ == "DeepseekV4Attention" or any(
+            c.__name__ == "DeepseekV4Attention" for c in type(module).__mro__
+        ):
+            yield module
+
+
+def enable_sparse_attention(model: Any, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Any:
+    """Make every DeepSeek-V4 attention layer of `model` (a transformers model, a `PeftModel`, FSDP2-sharded or not)
+    compute stock's attention with memory linear in the sequence length. In place and idempotent (a second call
+    only changes `chunk_size`); returns `model`.
+
+    `chunk_size`: queries per block (each block reads `chunk_size + sliding_window - 1` window keys). Larger blocks
+    are faster and take more transient memory. Raises `SparseAttentionError` for a model without DeepSeek-V4
+    attention, and `hf_dsv4.compat.UpstreamCompatError` if the installed transformers changed what is replaced."""
+    if chunk_size < 1:
+        raise SparseAttentionError(f"chunk_size must be positive, got {chunk_size}")
+    compat.require("transformers.attention")
+    attentions = list(_deepseek_v4_modules(model))
+    if not attentions:
+        raise SparseAttentionError(f"{type(model).__name__} has no DeepSeek-V4 attention layer (DeepseekV4Attention)")
+    _registered()
+    for attention in attentions:
+        attention._hf_dsv4_chunk = chunk_size
+        attention.config._attn_implementation = IMPLEMENTATION
+        compressor = attention.compressor
+        if compressor is not None:
+            if type(compressor) not in _SPARSE_CLASSES.values():
+                compressor.__class__ = _sparse_class(type(compressor))
+            compressor._hf_dsv4_chunk = chunk_size
+    for config in {id(a.config): a.config for a in attentions}.values():
+        config._attn_implementation = IMPLEMENTATION
+    logger.info(
+        "sparse attention on %d DeepSeek-V4 attention layers (chunks of %d queries)", len(attentions), chunk_size
+    )
+    return model
+
+
+def sparse_attention_enabled(model: Any) -> bool:
+    """Whether `enable_sparse_attention` was applied to every DeepSeek-V4 attention layer of `model`."""
+    attentions = list(_deepseek_v4_modules(model))
+    return bool(attentions) and all(a.config._attn_implementation == IMPLEMENTATION for a in attentions)
