@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 IMPLEMENTATION = "hf_dsv4_sparse"
 DEFAULT_CHUNK_SIZE = 256
 _SELECTION = "_hf_dsv4_selection"  # where a compressor leaves its selection for the attention of the same layer
+_CACHED = "_hf_dsv4_cached"  # set on an attention module called with a cache (generation): the stock path
+_HOOKED = "_hf_dsv4_hooked"
 
 
 class SparseAttentionError(ValueError):
@@ -344,8 +346,10 @@ def sparse_attention_forward(
     """The attention interface of `hf_dsv4_sparse` (called by the stock `DeepseekV4Attention.forward`)."""
     compressor = getattr(module, "compressor", None)
     selection = compressor.__dict__.pop(_SELECTION, None) if compressor is not None else None
+    cached = module.__dict__.pop(_CACHED, False)
     sparse = (
-        isinstance(attention_mask, SparseMask)
+        not cached
+        and isinstance(attention_mask, SparseMask)
         and attention_mask.sparse_ok
         and key is value
         and sliding_window is not None
@@ -390,14 +394,19 @@ def sparse_attention_forward(
 
 
 def _dense_fallback(module, query, key, value, attention_mask, selection, scaling, dropout, **kwargs):
-    """Stock eager attention, with the mask stock would have built."""
-    seq_len = query.shape[2]
+    """Stock eager attention, with the mask stock would have built: the dense mask, extended over the compressed
+    entries as `DeepseekV4Attention.forward` extends a tensor mask (the compressor's block bias, or zeros)."""
     if isinstance(attention_mask, SparseMask):
         attention_mask = attention_mask.dense(query.dtype)
-        if isinstance(selection, _Dense) and selection.block_bias is not None:
-            attention_mask = torch.cat([attention_mask, selection.block_bias.to(attention_mask.dtype)], dim=-1)
+        if attention_mask is not None and key.shape[2] > attention_mask.shape[-1]:
+            bias = selection.block_bias if isinstance(selection, _Dense) else None
+            if bias is not None:
+                attention_mask = torch.cat([attention_mask, bias.to(attention_mask.dtype)], dim=-1)
+            else:
+                attention_mask = F.pad(attention_mask, (0, key.shape[2] - attention_mask.shape[-1]), value=0.0)
     if isinstance(selection, (_TopK, _Causal)) and attention_mask is not None:
-        compressed_len = key.shape[2] - seq_len
+        # a tensor mask (passed in 4-D) that the stock forward extended with zeros: the selection's bias instead
+        compressed_len = key.shape[2] - query.shape[2]
         bias = selection.dense_bias(compressed_len, attention_mask.dtype)
         attention_mask = torch.cat([attention_mask[..., : key.shape[2] - compressed_len], bias], dim=-1)
     kwargs.pop("s_aux", None)
@@ -417,12 +426,25 @@ def _registered() -> None:
     AttentionMaskInterface.register(IMPLEMENTATION, _sparse_mask)
 
 
-def _deepseek_v4_modules(model: Any):
+def _modules_of(model: Any, class_name: str):
     for module in model.modules():
-        if type(module).__name__ == "DeepseekV4Attention" or any(
-            c.__name__ == "DeepseekV4Attention" for c in type(module).__mro__
-        ):
+        if any(c.__name__ == class_name for c in type(module).__mro__):
             yield module
+
+
+def _note_cache(module: Any, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of an attention module: with a cache (generation) the layer runs the stock way."""
+    module.__dict__[_CACHED] = kwargs.get("cache", kwargs.get("past_key_values")) is not None
+
+
+def _no_implicit_cache(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of `DeepseekV4Model`: a forward that asks for no cache (`use_cache` unset, no cache passed:
+    training, evaluation) builds none. Stock builds one from `config.use_cache` even in training, and a layer with a
+    cache must keep its compressor states: the dense path. `generate` and callers who want a cache pass
+    `use_cache=True` (or a cache) and get the stock computation."""
+    if kwargs.get("use_cache") is None and kwargs.get("cache", kwargs.get("past_key_values")) is None and len(args) < 4:
+        kwargs["use_cache"] = False
+    return args, kwargs
 
 
 def enable_sparse_attention(model: Any, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Any:
@@ -436,10 +458,15 @@ def enable_sparse_attention(model: Any, chunk_size: int = DEFAULT_CHUNK_SIZE) ->
     if chunk_size < 1:
         raise SparseAttentionError(f"chunk_size must be positive, got {chunk_size}")
     compat.require("transformers.attention")
-    attentions = list(_deepseek_v4_modules(model))
+    attentions = list(_modules_of(model, "DeepseekV4Attention"))
     if not attentions:
         raise SparseAttentionError(f"{type(model).__name__} has no DeepSeek-V4 attention layer (DeepseekV4Attention)")
     _registered()
+    for module in [*attentions, *_modules_of(model, "DeepseekV4Model")]:
+        if not module.__dict__.get(_HOOKED):
+            hook = _note_cache if module in attentions else _no_implicit_cache
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+            module.__dict__[_HOOKED] = True
     for attention in attentions:
         attention._hf_dsv4_chunk = chunk_size
         attention.config._attn_implementation = IMPLEMENTATION
@@ -458,5 +485,5 @@ def enable_sparse_attention(model: Any, chunk_size: int = DEFAULT_CHUNK_SIZE) ->
 
 def sparse_attention_enabled(model: Any) -> bool:
     """Whether `enable_sparse_attention` was applied to every DeepSeek-V4 attention layer of `model`."""
-    attentions = list(_deepseek_v4_modules(model))
+    attentions = list(_modules_of(model, "DeepseekV4Attention"))
     return bool(attentions) and all(a.config._attn_implementation == IMPLEMENTATION for a in attentions)
