@@ -1,8 +1,9 @@
 """hf_dsv4: fine-tune DeepSeek-V4 with the Hugging Face stack (an add-on to transformers, accelerate, peft, trl).
 
 The layers, in the direction the data flows and imports run (each imports only the ones before it):
-`template` (chat format; needs no trl/accelerate/peft) <- `loading` (rank-aware from_pretrained) <- `sharding`
-(FSDP2 layout and fill) <- `training` (trainer, config, callback, accelerate plugin, data, LoRA, adapters).
+`template` (chat format; needs no trl/accelerate/peft) <- `modeling` (sparse attention; transformers only) <-
+`loading` (rank-aware from_pretrained) <- `sharding` (FSDP2 layout and fill) <- `training` (trainer, config,
+callback, accelerate plugin, data, LoRA, adapters).
 `distributed` and `compat` are shared by all but `template`. The names below are exported lazily: importing
 `hf_dsv4` (or `hf_dsv4.template`) imports none of trl, accelerate or peft until one of their names is used.
 """
@@ -23,6 +24,7 @@ _EXPORTS = {
     "tokenize_conversation": "hf_dsv4.template",
     "CheckpointLoadError": "hf_dsv4.loading",
     "memory_efficient_init": "hf_dsv4.loading",
+    "enable_sparse_attention": "hf_dsv4.modeling",
     "ShardingError": "hf_dsv4.sharding",
     "save_pretrained_sharded": "hf_dsv4.sharding",
     "shard_model": "hf_dsv4.sharding",
@@ -52,6 +54,7 @@ __all__ = [
     "ShardingError",
     "dsv4_lora_config",
     "dsv4_trainer_accelerator",
+    "enable_sparse_attention",
     "encode_messages",
     "export_adapter",
     "gather_adapter",
@@ -68,6 +71,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .loading import CheckpointLoadError, memory_efficient_init
+    from .modeling import enable_sparse_attention
     from .sharding import ShardingError, save_pretrained_sharded, shard_model
     from .template import (
         ChatFormatError,

@@ -1,4 +1,4 @@
-"""The package's shape: imports run one way (template <- loading <- sharding <- training), the chat format imports
+"""The package's shape: imports run one way (template <- modeling <- loading <- sharding <- training), the chat format imports
 none of trl/accelerate/peft, and every public name of `hf_dsv4` still imports from the top."""
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ ALLOWED = {
     "template": set(),
     "distributed": set(),
     "compat": set(),
+    "modeling": {"compat"},
     "loading": {"compat", "distributed", "template"},
     "sharding": {"compat", "distributed", "template", "loading"},
-    "training": {"compat", "distributed", "template", "loading", "sharding"},
+    "training": {"compat", "distributed", "template", "modeling", "loading", "sharding"},
     "testing": {"template"},
     "demo": {"template", "testing"},
     "export": {"training"},
@@ -30,7 +31,7 @@ ALLOWED = {
 PUBLIC = [
     "LORA_TARGETS", "ChatFormatError", "CheckpointLoadError", "DSV4Accelerator", "DSV4Callback", "DSV4FSDP2Plugin",
     "DSV4SFTConfig", "DSV4SFTTrainer", "ShardingError", "detect_effort_profile", "dsv4_lora_config",
-    "dsv4_trainer_accelerator", "encode_messages", "export_adapter", "gather_adapter", "install_chat_template", "load_adapter", "memory_efficient_init",
+    "dsv4_trainer_accelerator", "enable_sparse_attention", "encode_messages", "export_adapter", "gather_adapter", "install_chat_template", "load_adapter", "memory_efficient_init",
     "merge_adapter", "save_adapter", "save_pretrained_sharded", "shard_model", "tokenize_conversation",
 ]  # fmt: skip
 

@@ -102,6 +102,21 @@ class DSV4SFTConfig(SFTConfig):
             "choices": ["per_expert", "stack"],
         },
     )
+    sparse_attention: bool = field(
+        default=True,
+        metadata={
+            "help": "DeepSeek-V4 attention with memory linear in the sequence length (hf_dsv4.enable_sparse_attention): "
+            "the sliding window read blockwise, the indexer's top-k compressed entries gathered per query, the indexer "
+            "scored in query chunks; the same numbers as transformers' dense attention (to float rounding). false: "
+            "transformers' attention, whose memory grows with the square of the sequence."
+        },
+    )
+    sparse_attention_chunk: int = field(
+        default=256,
+        metadata={
+            "help": "With sparse_attention, queries per block: larger is faster and takes more transient memory."
+        },
+    )
     turns: str = field(
         default="all",
         metadata={

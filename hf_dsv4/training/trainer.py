@@ -40,6 +40,7 @@ from trl.data_utils import is_conversational
 
 from ..distributed import all_gather_object, every_rank_raises, rank
 from ..loading import memory_efficient_init, resolve_dtype
+from ..modeling import enable_sparse_attention
 from ..sharding import save_pretrained_sharded
 from ..sharding.streamed import ADAPTER_SEED, draw_lora_factors
 from ..template import ChatFormatError, ConversationTokenizer, detect_effort_profile, install_chat_template
@@ -207,6 +208,8 @@ class DSV4SFTTrainer(SFTTrainer):
             model_id = model.config.name_or_path
         with every_rank_raises():
             _refuse_unsharded_meta_model(model, args)
+        if args.sparse_attention:
+            enable_sparse_attention(model, chunk_size=args.sparse_attention_chunk)
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model_id)
         args.effort_profile = resolve_effort_profile(args.effort_profile, model_id)
