@@ -107,6 +107,13 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
             ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "mask_function", "attention_mask"),
             why="the sparse mask evaluates transformers' mask function one block of queries at a time",
         ),
+        Internal("transformers.masking_utils:and_masks", why="flex kernel: the mask function with its padding"),
+        Internal("transformers.masking_utils:padding_mask_function", ("padding_mask",), why="the same"),
+        Internal(
+            "transformers.masking_utils:prepare_padding_mask",
+            ("attention_mask", "kv_length", "kv_offset"),
+            why="the same",
+        ),
         Internal(
             "transformers.masking_utils:eager_mask",
             ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "mask_function", "attention_mask", "dtype"),
@@ -501,6 +508,14 @@ def sdpa_mask(**kwargs: Any) -> Any:
     from transformers.masking_utils import sdpa_mask as build
 
     return build(**kwargs)
+
+
+def mask_function_with_padding(mask: Any) -> Any:
+    """A `SparseMask`'s mask function with its padding mask folded in, as `sdpa_mask` folds it."""
+    from transformers.masking_utils import and_masks, padding_mask_function, prepare_padding_mask
+
+    padding = prepare_padding_mask(mask.attention_mask, mask.kv_length, mask.kv_offset)
+    return mask.mask_function if padding is None else and_masks(mask.mask_function, padding_mask_function(padding))
 
 
 def eager_mask(**kwargs: Any) -> Any:

@@ -83,7 +83,10 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
     fp32 = ["--model_name_or_path", str(model), "--dataset_name", str(data), "--dtype", "float32",
             "--max_length", "256", "--max_steps", str(STEPS), "--save_steps", str(SAVE_AT), "--logging_steps", "1",
             "--per_device_train_batch_size", "2", "--learning_rate", "0.005", "--lora_target_modules", "all",
-            "--report_to", "none", "--seed", "42"]  # fmt: skip
+            "--report_to", "none", "--seed", "42",
+            # transformers' attention: with sparse attention 2 ranks and 1 process drift apart faster over the steps
+            # (2.5e-4 relative by step 20 vs 1e-7; one step agrees within 1e-5, tests/test_sparse_attention.py)
+            "--sparse_attention", "false"]  # fmt: skip
     full = [*fp32, "--use_peft", "false", "--max_steps", str(FULL_STEPS), "--save_steps", str(FULL_SAVE_AT)]
     stop, full_stop = {"HF_DSV4_STOP_AT": str(SAVE_AT)}, {"HF_DSV4_STOP_AT": str(FULL_SAVE_AT)}
     no_stream = ["--stream_weights", "false"]  # rank 0 loads the whole model, then sends it

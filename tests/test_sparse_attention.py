@@ -228,3 +228,52 @@ def test_sparse_mask_blocks_are_the_dense_mask():
         lo = max(k0, 0)
         padded[..., lo - k0 : min(k0 + n, 30) - k0] = dense[..., lo : min(k0 + n, 30)]
         assert torch.equal(block, padded[:, :, q0:q1, :n]), (q0, q1, k0, n)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_under_fsdp2_with_lora_the_logits_and_gradients_are_stocks(tiny_ckpt, tmp_path):
+    """2 gloo ranks, FSDP2, fp32, LoRA on every target: each rank's padded batch of 45 tokens; logits and every LoRA
+    gradient (reduced over ranks) within 1e-5 of transformers' attention; with activation checkpointing (decoder
+    layers recomputed, attention chunks recomputed inside them) the same numbers bit for bit."""
+    from dist_launch import run_ranks
+
+    for result in run_ranks("sparse_attention", tmp_path, str(tiny_ckpt), timeout=280):
+        assert result.pop("checkpointed_equal") is True
+        for case, got in result.items():
+            assert got["same_grads"] and got["grads"] > 40, case
+            assert got["logits_relative"] < 1e-5 and got["grads_max_relative"] < 1e-5, (case, got)
+
+
+def _flex_pair(dtype, device):
+    stock = _model(TYPES, dtype).to(device)
+    portable = enable_sparse_attention(copy.deepcopy(stock), chunk_size=5)
+    flex = enable_sparse_attention(copy.deepcopy(stock), chunk_size=5, kernel="flex")
+    return stock, portable, flex
+
+
+def test_the_flex_kernel_computes_the_same_forward_on_cpu():
+    """`kernel="flex"`: flex_attention with a block mask over [window keys | compressed entries] and the sinks
+    applied from its log-sum-exp. torch has no flex backward on CPU, so here: the forward without gradients."""
+    stock, portable, flex = _flex_pair(torch.float32, "cpu")
+    inputs = {k: v for k, v in _inputs(45).items() if k != "labels"}
+    with torch.no_grad():
+        want, got, got_flex = (m(**inputs).logits for m in (stock, portable, flex))
+    assert _rel(got_flex, got) < 1e-5 and _rel(got_flex, want) < 1e-5
+    with pytest.raises(SparseAttentionError, match=r"kernel must be one of \('portable', 'flex'\), got 'triton'"):
+        enable_sparse_attention(stock, kernel="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's fused kernel and its backward need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_flex_kernel_on_gpu_matches_the_portable_path(dtype):
+    stock, portable, flex = _flex_pair(dtype, "cuda")
+    inputs = {k: v.cuda() for k, v in _inputs(45).items()}
+    (want, want_grads), (got, grads) = _step(portable, inputs), _step(flex, inputs)
+    bound = 1e-5 if dtype == torch.float32 else 2**-6
+    assert _rel(got, want) < bound
+    assert sorted(grads) == sorted(want_grads)
+    noisy = {"model.layers.0.mlp.gate.weight", *(f"model.hc_head.hc_{p}" for p in ("fn", "base", "scale"))}
+    assert max(_rel(grads[n], want_grads[n]) for n in grads if n not in noisy) < (
+        1e-4 if dtype == torch.float32 else 0.1
+    )

@@ -360,6 +360,9 @@ def sparse_attention_forward(
     if not sparse:
         return _dense_fallback(module, query, key, value, attention_mask, selection, scaling, dropout, **kwargs)
 
+    differentiable = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    if module.__dict__.get("_hf_dsv4_kernel") == "flex" and dropout == 0 and (query.is_cuda or not differentiable):
+        return _flex_attention(module, query, key, attention_mask, selection, scaling), None
     batch, heads, seq_len, dim = query.shape
     chunk = getattr(compressor, "_hf_dsv4_chunk", None) or getattr(module, "_hf_dsv4_chunk", DEFAULT_CHUNK_SIZE)
     window_len = chunk + sliding_window - 1
@@ -391,6 +394,55 @@ def sparse_attention_forward(
             outputs.append(_attend_chunk(*args))
     attn_output = torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
     return attn_output, None
+
+
+_FLEX: dict[bool, Any] = {}
+
+
+def _flex_kernel(compiled: bool) -> Any:
+    """flex_attention, compiled on GPU (uncompiled it materializes the whole score matrix)."""
+    if compiled not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX[compiled] = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    return _FLEX[compiled]
+
+
+def _flex_attention(module, query, key, attention_mask: SparseMask, selection, scaling) -> torch.Tensor:
+    """The same attention through `torch.nn.attention.flex_attention` (a fused kernel on GPU): one block mask over
+    [window keys | compressed entries] whose `mask_mod` is transformers' mask function on the keys and the
+    selection on the entries; the sinks applied afterwards from the log-sum-exp (`out * sigmoid(lse - sink)`, the
+    softmax with the sink's column dropped). The CSA selection is a `[B, L, T]` boolean here (one byte per query and
+    entry), built for the block mask. Returns `[B, L, H, D]` like the portable path."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
+
+    batch, heads, seq_len, _ = query.shape
+    compressed_len = key.shape[2] - seq_len
+    window = compat.mask_function_with_padding(attention_mask)
+    picked = None
+    if isinstance(selection, _TopK) and compressed_len:
+        safe = torch.where(selection.indices >= 0, selection.indices, compressed_len)
+        picked = torch.zeros(batch, seq_len, compressed_len + 1, dtype=torch.bool, device=query.device)
+        picked = picked.scatter_(-1, safe, True)[..., :compressed_len]
+    threshold = selection.threshold if isinstance(selection, _Causal) else None
+
+    def mask_mod(b, h, q, kv):
+        in_window = (kv < seq_len) & window(b, h, q, kv.clamp(max=seq_len - 1))
+        entry = (kv - seq_len).clamp(min=0, max=max(compressed_len - 1, 0))
+        if picked is not None:
+            return in_window | ((kv >= seq_len) & picked[b, q, entry])
+        if threshold is not None:
+            return in_window | ((kv >= seq_len) & (entry < threshold[b, q]))
+        return in_window
+
+    block_mask = create_block_mask(mask_mod, batch, None, seq_len, key.shape[2], device=query.device)
+    out, aux = _flex_kernel(query.is_cuda)(
+        query, key, key, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != heads,
+        return_aux=AuxRequest(lse=True),
+    )  # fmt: skip
+    lse = aux.lse
+    weight = torch.sigmoid(lse.float() - module.sinks.float().view(1, -1, 1))  # the sink's share taken out
+    return (out.float() * weight.unsqueeze(-1)).to(query.dtype).transpose(1, 2).contiguous()
 
 
 def _dense_fallback(module, query, key, value, attention_mask, selection, scaling, dropout, **kwargs):
@@ -447,16 +499,24 @@ def _no_implicit_cache(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, d
     return args, kwargs
 
 
-def enable_sparse_attention(model: Any, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Any:
+KERNELS = ("portable", "flex")
+
+
+def enable_sparse_attention(model: Any, chunk_size: int = DEFAULT_CHUNK_SIZE, kernel: str = "portable") -> Any:
     """Make every DeepSeek-V4 attention layer of `model` (a transformers model, a `PeftModel`, FSDP2-sharded or not)
     compute stock's attention with memory linear in the sequence length. In place and idempotent (a second call
     only changes `chunk_size`); returns `model`.
 
     `chunk_size`: queries per block (each block reads `chunk_size + sliding_window - 1` window keys). Larger blocks
-    are faster and take more transient memory. Raises `SparseAttentionError` for a model without DeepSeek-V4
+    are faster and take more transient memory. `kernel="flex"`: `torch.nn.attention.flex_attention` with a block mask
+    instead of the portable blocks, on CUDA (and on CPU without gradients: torch has no flex backward on CPU); with
+    attention dropout, the portable path.
+    Raises `SparseAttentionError` for a model without DeepSeek-V4
     attention, and `hf_dsv4.compat.UpstreamCompatError` if the installed transformers changed what is replaced."""
     if chunk_size < 1:
         raise SparseAttentionError(f"chunk_size must be positive, got {chunk_size}")
+    if kernel not in KERNELS:
+        raise SparseAttentionError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     compat.require("transformers.attention")
     attentions = list(_modules_of(model, "DeepseekV4Attention"))
     if not attentions:
@@ -469,6 +529,7 @@ def enable_sparse_attention(model: Any, chunk_size: int = DEFAULT_CHUNK_SIZE) ->
             module.__dict__[_HOOKED] = True
     for attention in attentions:
         attention._hf_dsv4_chunk = chunk_size
+        attention._hf_dsv4_kernel = kernel
         attention.config._attn_implementation = IMPLEMENTATION
         compressor = attention.compressor
         if compressor is not None:

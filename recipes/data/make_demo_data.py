@@ -13,7 +13,8 @@ DeepSeek-V4 message fields (`reasoning_content`, `tool_calls` with JSON-string `
   user messages and a `Final Answer:`; `hf_dsv4.template.react_to_messages` turns them into native messages.
 
 The rows are interleaved round-robin over the four kinds, so any prefix of the file mixes them. Rerunning writes
-the same bytes.
+the same bytes. `--long` writes `dsv4_demo_long.jsonl` instead: 8 agent traces of 21 tool rounds each (7.9-8k tokens
+of the tiny tokenizer), for long-context runs (`recipes/configs/tiny_cpu_long.yaml`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 OUTPUT = Path(__file__).with_name("dsv4_demo.jsonl")
+LONG_OUTPUT = Path(__file__).with_name("dsv4_demo_long.jsonl")
 
 
 def dumps(value: object) -> str:
@@ -430,8 +432,43 @@ def demo_rows() -> list[dict]:
     return [r for group in zip_longest(*kinds) for r in group if r is not None]
 
 
-def write(path: Path) -> int:
-    rows = demo_rows()
+# ------------------------------------------------------------------------------------------------------------
+# Long agent traces (`--long`): one task worked through in many tool rounds, ~7-8k tokens of the tiny tokenizer
+# ------------------------------------------------------------------------------------------------------------
+
+CITIES = ["Zürich", "Paris", "Berlin", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Perth", "Seoul", "Delhi", "Rome"]
+CONDITIONS = ["sunny", "cloudy", "rainy", "clear", "windy", "foggy"]
+CURRENCIES = [("USD", 1.0), ("EUR", 0.92), ("GBP", 0.79), ("CHF", 0.88), ("JPY", 151.0), ("CAD", 1.36)]
+
+
+def long_agent_row(seed: int, rounds: int) -> dict:
+    """A travel-planning trace: `rounds` tool rounds (weather of a city, then a currency conversion for it), each
+    with its reasoning, then a summary answer. Deterministic in `seed`."""
+    messages = [system("You are a meticulous travel assistant. Check every leg before answering."),
+                user(f"Plan trip {seed}: for each of {rounds} stops, check the weather and convert my budget.")]  # fmt: skip
+    summary = []
+    for step in range(rounds):
+        city = CITIES[(seed + step) % len(CITIES)]
+        code, rate = CURRENCIES[(seed * 3 + step) % len(CURRENCIES)]
+        temperature = (seed * 7 + step * 5) % 35 - 5
+        condition = CONDITIONS[(seed + step * 2) % len(CONDITIONS)]
+        amount = 100 + 25 * ((seed + step) % 9)
+        reasoning = f"Stop {step + 1} of {rounds} is {city}. First its weather, then {amount} USD in {code}."
+        messages += tool_round(2 * step, reasoning, [weather(city, temperature, condition)])
+        messages += tool_round(
+            2 * step + 1, f"{city} is {condition}; now the budget.", [currency(amount, "USD", code, rate)]
+        )
+        summary.append(f"{city}: {temperature} °C, {condition}, {round(amount * rate, 2)} {code}")
+    messages.append(assistant("Here is the plan. " + "; ".join(summary) + ".", "All stops are checked; summarize."))
+    return row(messages, [WEATHER, CURRENCY])
+
+
+def long_rows(count: int = 8, rounds: int = 21) -> list[dict]:
+    return [long_agent_row(seed, rounds) for seed in range(count)]
+
+
+def write(path: Path, long: bool = False) -> int:
+    rows = long_rows() if long else demo_rows()
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for r in rows:
             f.write(dumps(r) + "\n")
@@ -440,9 +477,12 @@ def write(path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=OUTPUT, help=f"where to write (default: {OUTPUT.name})")
+    parser.add_argument("--output", type=Path, default=None, help=f"where to write (default: {OUTPUT.name}, or "
+                        f"{LONG_OUTPUT.name} with --long)")  # fmt: skip
+    parser.add_argument("--long", action="store_true", help="long agent traces (~8k tokens each) instead")
     args = parser.parse_args()
-    print(f"wrote {write(args.output)} conversations to {args.output}")
+    output = args.output or (LONG_OUTPUT if args.long else OUTPUT)
+    print(f"wrote {write(output, args.long)} conversations to {output}")
 
 
 if __name__ == "__main__":
