@@ -24,8 +24,9 @@ TYPES = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed
 def _model(layer_types: list[str], dtype: torch.dtype, seed: int = 0, **overrides) -> DeepseekV4ForCausalLM:
     """The tiny model with random sinks / position biases (init leaves them at zero) and real top-k selection."""
     torch.manual_seed(seed)
+    overrides.setdefault("index_topk", 3)
     config = tiny_dsv4_config(
-        index_topk=3, layer_types=layer_types, num_hidden_layers=len(layer_types),
+        layer_types=layer_types, num_hidden_layers=len(layer_types),
         mlp_layer_types=["hash_moe", *["moe"] * (len(layer_types) - 1)], **overrides,
     )  # fmt: skip
     model = DeepseekV4ForCausalLM(config)
@@ -61,12 +62,15 @@ def _pair(layer_types, dtype, chunk_size, **overrides):
     return stock, enable_sparse_attention(copy.deepcopy(stock), chunk_size=chunk_size)
 
 
-@pytest.mark.parametrize("layer_type", TYPES)
-@pytest.mark.parametrize("length,chunk", [(48, 16), (45, 5)])
-def test_float64_logits_and_every_gradient_are_stocks(layer_type, length, chunk):
+@pytest.mark.parametrize(
+    "layer_type,length,chunk,topk",
+    [(t, 48, 16, 3) for t in TYPES] + [(t, 45, 5, 3) for t in TYPES] + [("compressed_sparse_attention", 45, 5, 8)],
+)
+def test_float64_logits_and_every_gradient_are_stocks(layer_type, length, chunk, topk):
     """48: a multiple of both compression ratios (4, 8), of the window (8) and of the chunk; 45: none of them.
-    Row 1 is left-padded (7 tokens). The indexer keeps 3 of up to 11 entries per query."""
-    stock, sparse = _pair([layer_type, layer_type], torch.float64, chunk)
+    Row 1 is left-padded (7 tokens). The indexer keeps 3 of up to 12 entries per query (gathered per query), or 8
+    (every entry read, the picks as a mask)."""
+    stock, sparse = _pair([layer_type, layer_type], torch.float64, chunk, index_topk=topk)
     inputs = _inputs(length)
     (want, want_grads), (got, got_grads) = _step(stock, inputs), _step(sparse, inputs)
     assert _rel(got, want) < 1e-12

@@ -45,6 +45,7 @@ DEFAULT_CHUNK_SIZE = 256
 _SELECTION = "_hf_dsv4_selection"  # where a compressor leaves its selection for the attention of the same layer
 _CACHED = "_hf_dsv4_cached"  # set on an attention module called with a cache (generation): the stock path
 _HOOKED = "_hf_dsv4_hooked"
+_GATHER_ABOVE = 2  # CSA reads the gathered picks once there are more than this many entries per pick
 
 
 class SparseAttentionError(ValueError):
@@ -151,11 +152,16 @@ class _TopK:
     def allowed(self, start: int, stop: int) -> torch.Tensor:
         return self.indices[:, start:stop] >= 0
 
+    def mask(self, start: int, stop: int, compressed_len: int) -> torch.Tensor:
+        """`[B, C, T]`: whether query `t` picked entry `w`."""
+        picks = self.indices[:, start:stop]
+        safe = torch.where(picks >= 0, picks, compressed_len)
+        out = torch.zeros(*picks.shape[:2], compressed_len + 1, dtype=torch.bool, device=picks.device)
+        return out.scatter_(-1, safe, True)[..., :compressed_len]
+
     def dense_bias(self, compressed_len: int, dtype: torch.dtype) -> torch.Tensor:
-        batch, seq_len, _ = self.indices.shape
-        safe = torch.where(self.indices >= 0, self.indices, compressed_len)
-        bias = torch.full((batch, 1, seq_len, compressed_len + 1), float("-inf"), dtype=dtype, device=safe.device)
-        return bias.scatter_(-1, safe.unsqueeze(1), 0.0)[..., :compressed_len]
+        allowed = self.mask(0, self.indices.shape[1], compressed_len).unsqueeze(1)
+        return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
 @dataclass
@@ -301,13 +307,13 @@ def _attend_chunk(
     dropout: float,
 ) -> torch.Tensor:
     """One block of queries `[B, H, C, D]` against its window keys `[B, 1, S, D]` (K = V), its compressed entries
-    (`[B, T, D]`, all of them (HCA) or the `picks` `[B, C, k]` of each query (CSA)) and the sinks: stock eager's
+    (`[B, T, D]`: all of them, or the `picks` `[B, C, k]` of each query gathered) and the sinks: stock eager's
     arithmetic (scores in the input dtype, scaled, promoted to fp32 beside the sinks, max subtracted, softmax, the
     sink dropped, probabilities cast back) on the keys a query may read. Returns `[B, H, C, D]`."""
     batch, heads, length, _ = query.shape
     parts = [(torch.matmul(query, window.transpose(-1, -2)) * scaling).masked_fill(~window_allowed, float("-inf"))]
     values = None
-    if compressed is not None and picks is None:  # HCA: every entry, causally masked
+    if compressed is not None and picks is None:  # every entry, masked (HCA: causally; CSA: the picks)
         values = compressed.unsqueeze(1)  # [B, 1, T, D]
         scores = torch.matmul(query, values.transpose(-1, -2)) * scaling
         parts.append(scores.masked_fill(~compressed_allowed.unsqueeze(1), float("-inf")))
@@ -376,15 +382,20 @@ def sparse_attention_forward(
     picks = selection.indices if isinstance(selection, _TopK) else None
     if compressed_len == 0 or (picks is not None and picks.shape[-1] == 0):
         compressed = picks = None
+    # CSA: gather each query's picks when they are a small part of the entries; else read every entry (one matmul)
+    # with the picks as a mask: the same keys, fewer and larger matmuls
+    gather = picks is not None and compressed_len > _GATHER_ABOVE * picks.shape[-1]
     recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, module.sinks))
     outputs = []
     for index, (q_chunk, window) in enumerate(zip(queries, windows, strict=False)):
         start, stop = index * chunk, index * chunk + q_chunk.shape[2]
         window_allowed = attention_mask.block(start, stop, start - sliding_window + 1, window_len)
         chunk_picks = comp_allowed = None
-        if compressed is not None and picks is not None:
+        if compressed is not None and picks is not None and gather:
             chunk_picks = picks[:, start:stop]
             comp_allowed = selection.allowed(start, stop)
+        elif compressed is not None and picks is not None:  # few entries: all of them, the picks as a mask
+            comp_allowed = selection.mask(start, stop, compressed_len)
         elif compressed is not None:
             comp_allowed = selection.allowed(start, stop, compressed_len)
         args = (q_chunk, window, window_allowed, compressed, chunk_picks, comp_allowed, module.sinks, scaling, dropout)
@@ -421,9 +432,7 @@ def _flex_attention(module, query, key, attention_mask: SparseMask, selection, s
     window = compat.mask_function_with_padding(attention_mask)
     picked = None
     if isinstance(selection, _TopK) and compressed_len:
-        safe = torch.where(selection.indices >= 0, selection.indices, compressed_len)
-        picked = torch.zeros(batch, seq_len, compressed_len + 1, dtype=torch.bool, device=query.device)
-        picked = picked.scatter_(-1, safe, True)[..., :compressed_len]
+        picked = selection.mask(0, seq_len, compressed_len)
     threshold = selection.threshold if isinstance(selection, _Causal) else None
 
     def mask_mod(b, h, q, kv):
