@@ -82,3 +82,28 @@ def test_react_rows_become_native_tool_calls_answered_by_tool_messages(rows):
         assert calls and [m["tool_call_id"] for m in native if m["role"] == "tool"] == calls
         assert native[-1]["role"] == "assistant" and native[-1]["reasoning_content"] and native[-1]["content"]
         assert messages[-1]["content"].endswith(native[-1]["content"])
+
+
+LONG = DATA_DIR / "dsv4_demo_long.jsonl"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_generator_reproduces_the_long_file_byte_for_byte(tmp_path):
+    output = tmp_path / "long.jsonl"
+    subprocess.run([sys.executable, str(GENERATOR), "--long", "--output", str(output)], check=True, capture_output=True)
+    assert output.read_bytes() == LONG.read_bytes()
+
+
+def test_long_rows_are_8k_token_agent_traces_that_fit_the_long_config(tokenizer):
+    """recipes/configs/tiny_cpu_long.yaml trains them at max_length 8192: each fits whole, 21 tool rounds."""
+    import yaml
+
+    config = yaml.safe_load((DATA_DIR.parent / "configs" / "tiny_cpu_long.yaml").read_text())
+    rows = [json.loads(line) for line in LONG.read_text().splitlines()]
+    assert len(rows) == 8 and config["dataset_name"] == "recipes/data/dsv4_demo_long.jsonl"
+    for row in rows:
+        sample = tokenize_conversation(tokenizer, row["messages"], json.loads(row["tools"]))
+        assert 7900 <= len(sample["input_ids"]) <= config["max_length"] == 8192
+        assert sum(label != -100 for label in sample["labels"]) > 5000
+        assert sum(1 for m in row["messages"] if m["role"] == "tool") == 42
