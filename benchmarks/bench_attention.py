@@ -1,0 +1,392 @@
+"""Forward + backward of one DeepSeek-V4 decoder layer's attention path, stock transformers vs hf_dsv4's sparse
+attention (`enable_sparse_attention`): peak memory rise and wall time per layer type and sequence length, in one run.
+
+    python benchmarks/bench_attention.py                                   # CPU, fp32, L = 1k..16k, stock to 8k
+    python benchmarks/bench_attention.py --types csa --lengths 512 1024 --chunk-size 128
+    python benchmarks/bench_attention.py --scope model                     # the whole one-layer model (+ hc, MoE)
+    python benchmarks/bench_attention.py --device cuda --stock-max-len 16384 --json /tmp/bench_attention.json
+
+The model: a one-layer `DeepseekV4ForCausalLM` (`tiny_dsv4_config` with 16 heads of 128, hidden 1024, q rank 512,
+4 output groups of rank 256, hc_mult 4, a window of 128, an indexer of 16 heads of 128 keeping the top 512 entries,
+compression 4 (CSA) / 128 (HCA), a 2-expert MoE of width 256), one model per layer type (`--types sliding csa hca`),
+seed 0; init leaves the attention sinks and the compressors' position biases at zero, they are drawn from
+N(0, 0.5) so the softmax sees them. Batch 1, `--dtype` float32 by default. Input `x`: random `[1, L, 1024]`.
+
+What one measurement runs (`x` and every parameter require grad: full fine-tuning, so the attention's backward and
+the weight gradients run), then `(out.float() @ probe).mean()` backward (`probe`: a fixed random vector):
+
+--scope attention (default): the attention path as the model forward runs it: the model's mask
+    (`create_sliding_window_causal_mask(config, x, attention_mask=ones)`: stock builds the `L x L` mask here, sparse
+    a `SparseMask`), the model's rope, then `layers[0].self_attn(x, ...)` (projections, compressor and indexer,
+    attention, output projection), no cache;
+--scope model: the whole one-layer model, `model.model(inputs_embeds=x, attention_mask=ones, use_cache=False)`, which
+    adds the hyper-connections (4 residual streams), norms and the MoE: memory linear in L, the same for both.
+    (`use_cache=False` for both: without it stock builds a cache from `config.use_cache` even in training.)
+
+"sparse" is the same model after `enable_sparse_attention(model, chunk_size=--chunk-size)`.
+
+Each (type, L, implementation) runs in a fresh process, one at a time. On CPU the process runs with glibc's mmap
+threshold fixed at 128 KB (`MALLOC_MMAP_THRESHOLD_`, as in bench_quantized.py: freed large buffers go back to the
+OS, so RSS is live memory) and `--threads` threads; after building the model and the inputs it resets VmHWM to the
+current RSS (Linux `clear_refs`), runs forward + backward once and reports VmHWM minus that RSS: the "peak rise"
+(activations, saved tensors, gradients, transients; not the model and inputs). On CUDA: max_memory_allocated minus
+memory_allocated before the run. The time is the wall time of a second, warm forward + backward for L <=
+`--warm-max-len` (4096), of the first (measured) one above it (marked `*`). Stock's memory is quadratic in L: stock
+runs above `--stock-max-len` (CPU default 8192) are skipped and shown with the peak projected quadratically from the
+largest measured L; a stock run whose projection (x1.25) exceeds MemAvailable is skipped too, and every CPU worker
+runs under RLIMIT_DATA = MemAvailable - 1 GiB, so an allocation that does not fit fails in the worker ("OOM")
+instead of pulling the machine into swap or the OOM killer. A crashed or killed worker is reported, not hidden.
+Each pair's loss and input-gradient norm are compared (stock and sparse compute the same function).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_load import _reset_peak, _status_kb, machine  # noqa: E402
+
+TYPES = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
+IMPLS = ("stock", "sparse")
+OVERRIDES = dict(
+    vocab_size=256,
+    hidden_size=1024,
+    moe_intermediate_size=256,
+    num_hidden_layers=1,
+    mlp_layer_types=["moe"],
+    n_routed_experts=2,
+    num_experts_per_tok=1,
+    n_shared_experts=1,
+    num_attention_heads=16,
+    head_dim=128,
+    q_lora_rank=512,
+    o_groups=4,
+    o_lora_rank=256,
+    hc_mult=4,
+    sliding_window=128,
+    index_n_heads=16,
+    index_head_dim=128,
+    index_topk=512,
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+    max_position_embeddings=65536,  # default rope (no yarn) for both rope types: valid at any length
+)
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError("MemAvailable")
+
+
+# ---------------------------------------------------------------------------------------------- one measurement
+
+
+def build(layer_type: str, dtype):
+    """The one-layer model of `layer_type`, seed 0, sinks and position biases drawn from N(0, 0.5)."""
+    import torch
+    from transformers import DeepseekV4ForCausalLM
+
+    from hf_dsv4.testing.model import tiny_dsv4_config
+
+    torch.manual_seed(0)
+    config = tiny_dsv4_config(**OVERRIDES, layer_types=[layer_type])
+    model = DeepseekV4ForCausalLM._from_config(config, dtype=dtype)  # keeps transformers' fp32 modules in fp32
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("sinks", "position_bias")):
+                param.normal_(0.0, 0.5)
+    return model
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    from transformers.masking_utils import create_sliding_window_causal_mask
+
+    layer_type, length, impl = TYPES[args.one[0]], int(args.one[1]), args.one[2]
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model = build(layer_type, dtype).to(device).train()
+    if impl == "sparse":
+        from hf_dsv4.modeling import enable_sparse_attention
+
+        enable_sparse_attention(model, chunk_size=args.chunk_size)
+    generator = torch.Generator().manual_seed(1)
+    embeds = torch.randn(1, length, model.config.hidden_size, generator=generator)
+    embeds = embeds.to(device=device, dtype=dtype).requires_grad_()
+    probe = torch.randn(model.config.hidden_size, generator=generator).to(device)  # loss: a random projection
+    mask = torch.ones(1, length, dtype=torch.long, device=device)
+    result: dict = {"type": args.one[0], "length": length, "impl": impl, "error": None}
+    attention, positions = model.model.layers[0].self_attn, torch.arange(length, device=device).unsqueeze(0)
+
+    def step() -> tuple[float, float]:
+        """Forward + backward from fresh gradients: (wall seconds, CPU seconds of the process, all threads)."""
+        model.zero_grad(set_to_none=True)
+        embeds.grad = None
+        tick, cpu = time.perf_counter(), _cpu_s()
+        if args.scope == "model":
+            hidden = model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        else:  # the attention path: the model's mask and rope, then the attention module
+            causal = create_sliding_window_causal_mask(
+                config=model.config, inputs_embeds=embeds, attention_mask=mask, cache=None, position_ids=positions
+            )
+            rope = {
+                kind: model.model.rotary_emb(embeds, position_ids=positions, layer_type=kind)
+                for kind in ("main", "compress")
+            }
+            hidden, _ = attention(embeds, position_embeddings=rope, position_ids=positions, attention_mask=causal)
+        loss = (hidden.float() @ probe).mean()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        result["loss"], result["grad_norm"] = loss.item(), embeds.grad.float().norm().item()
+        return time.perf_counter() - tick, _cpu_s() - cpu
+
+    if device.type == "cpu" and args.data_limit_mb:
+        limit = (_status_kb("VmData") * 1024) + int(args.data_limit_mb * 2**20)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            baseline = torch.cuda.memory_allocated(device)
+        else:
+            baseline = _reset_peak()
+        seconds = step()
+        if device.type == "cuda":
+            result["peak_mb"] = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+        else:
+            result["peak_mb"] = (_status_kb("VmHWM") - baseline) / 1024
+        result["warm"] = length <= args.warm_max_len
+        result["time_s"], result["cpu_s"] = step() if result["warm"] else seconds
+        result["finite"] = bool(torch.isfinite(torch.tensor([result["loss"], result["grad_norm"]])).all())
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        result["error"] = f"OOM ({type(exc).__name__})"
+    except RuntimeError as exc:  # the CPU allocator's failure under RLIMIT_DATA
+        message = str(exc).splitlines()[0]
+        result["error"] = "OOM (allocation failed)" if "allocate" in message else f"RuntimeError: {message[:160]}"
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def run_one(args: argparse.Namespace, kind: str, length: int, impl: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if args.device == "cpu":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    limit = max(_mem_available_mb() - 1024, 0) if args.device == "cpu" else 0
+    forwarded = ["--scope", args.scope, "--device", args.device, "--dtype", args.dtype,
+                 "--chunk-size", str(args.chunk_size), "--threads", str(args.threads),
+                 "--warm-max-len", str(args.warm_max_len), "--data-limit-mb", str(limit)]  # fmt: skip
+    base = {"type": kind, "length": length, "impl": impl}
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", kind, str(length), impl, *forwarded],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=args.timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"timeout ({args.timeout:.0f} s)"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if lines:
+        return json.loads(lines[-1].removeprefix("RESULT "))
+    if proc.returncode < 0:  # killed by a signal: SIGKILL is the kernel's OOM killer
+        return {**base, "error": "OOM (killed)" if proc.returncode == -9 else f"killed by signal {-proc.returncode}"}
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {**base, "error": f"exit {proc.returncode}: {tail[:160]}"}
+
+
+def _measured(results: list[dict], kind: str, impl: str) -> dict[int, dict]:
+    return {r["length"]: r for r in results if r["type"] == kind and r["impl"] == impl and r.get("peak_mb") is not None}
+
+
+def _projected_mb(results: list[dict], kind: str, length: int) -> tuple[float, int] | None:
+    """Stock's peak at `length`, quadratic from the largest measured shorter length (and that length)."""
+    done = {n: r for n, r in _measured(results, kind, "stock").items() if n < length}
+    if not done:
+        return None
+    largest = max(done)
+    return done[largest]["peak_mb"] * (length / largest) ** 2, largest
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    results: list[dict] = []
+    for kind in args.types:
+        for length in args.lengths:
+            for impl in ("sparse", "stock"):
+                projection = _projected_mb(results, kind, length) if impl == "stock" else None
+                skip = None
+                if impl == "stock" and length > args.stock_max_len:
+                    skip = "over --stock-max-len"
+                elif impl == "stock" and projection and args.device == "cpu":
+                    available = _mem_available_mb()
+                    if 1.25 * projection[0] > available:
+                        skip = f"memory: {available / 1024:.1f} GB available"
+                if skip:
+                    result = {"type": kind, "length": length, "impl": impl, "error": None, "skipped": skip}
+                    if projection:
+                        result["projected_mb"], result["projected_from"] = projection
+                else:
+                    result = run_one(args, kind, length, impl)
+                results.append(result)
+                print(f"  {kind:7s} L={length:6d} {impl:6s} {_describe(result)}", file=sys.stderr, flush=True)
+    return results
+
+
+def _describe(result: dict) -> str:
+    if result.get("skipped"):
+        projected = result.get("projected_mb")
+        return f"skipped ({result['skipped']})" + (f", projected {projected / 1024:.1f} GB" if projected else "")
+    if result.get("error"):
+        return result["error"]
+    return f"peak {result['peak_mb']:,.0f} MB, {result['time_s']:.2f} s ({result['cpu_s']:.1f} CPU s)"
+
+
+def _peak_cell(result: dict | None) -> str:
+    if result is None:
+        return "—"
+    if result.get("skipped"):
+        projected = result.get("projected_mb")
+        if projected is None:
+            return f"skipped ({result['skipped']})"
+        return f"skipped (projected {projected / 1024:,.1f} GB)"
+    if result.get("error"):
+        return result["error"]
+    return f"{result['peak_mb']:,.0f}"
+
+
+def _time_cell(result: dict | None, field: str = "time_s") -> str:
+    if result is None or result.get(field) is None:
+        return "—"
+    return f"{result[field]:.2f}" + ("" if result.get("warm") else "*")
+
+
+def tables(results: list[dict], args: argparse.Namespace) -> list[str]:
+    """Print the two tables; return the goal lines."""
+    index = {(r["type"], r["length"], r["impl"]): r for r in results}
+    print("| layer type | L | stock peak MB | sparse peak MB | ratio | stock s | sparse s | speedup | stock CPU s | "
+          "sparse CPU s |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for kind in args.types:
+        for length in args.lengths:
+            stock, sparse = index.get((kind, length, "stock")), index.get((kind, length, "sparse"))
+            ratio = speedup = "—"
+            if stock and sparse and stock.get("peak_mb") is not None and sparse.get("peak_mb") is not None:
+                ratio = f"{sparse['peak_mb'] / stock['peak_mb']:.3f}x"
+                speedup = f"{stock['time_s'] / sparse['time_s']:.2f}x"
+            elif stock and sparse and stock.get("projected_mb") and sparse.get("peak_mb") is not None:
+                ratio = f"{sparse['peak_mb'] / stock['projected_mb']:.3f}x (projected)"
+            cells = [_peak_cell(stock), _peak_cell(sparse), ratio, _time_cell(stock), _time_cell(sparse), speedup,
+                     _time_cell(stock, "cpu_s"), _time_cell(sparse, "cpu_s")]  # fmt: skip
+            print(f"| {kind} | {length} | {' | '.join(cells)} |")
+    print("\nspeedup: stock s / sparse s (wall). CPU s: the worker's user + system seconds over the same run, all "
+          "threads (steadier than the wall time on a shared machine). `*`: the single (cold) measured run (L > "
+          "--warm-max-len); otherwise a second, warm run.\n")  # fmt: skip
+    print("Growth per doubling of L (peak(L) / peak(L/2); time(L) / time(L/2)):\n")
+    print("| layer type | L | sparse peak | stock peak | sparse time | stock time |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    growth: dict[str, list[float]] = {}
+    for kind in args.types:
+        for length in args.lengths:
+            if length // 2 not in args.lengths or length % 2:
+                continue
+            cells = []
+            for field in ("peak_mb", "time_s"):
+                for impl in IMPLS[::-1]:
+                    now, before = index.get((kind, length, impl)), index.get((kind, length // 2, impl))
+                    if now and before and now.get(field) is not None and before.get(field) is not None:
+                        value = now[field] / before[field]
+                        cells.append(f"{value:.2f}x")
+                        if field == "peak_mb" and impl == "sparse":
+                            growth.setdefault(kind, []).append(value)
+                    else:
+                        cells.append("—")
+            print(f"| {kind} | {length} | {' | '.join(cells)} |")
+    goals = []
+    for kind in args.types:
+        stock, sparse = index.get((kind, 4096, "stock")), index.get((kind, 4096, "sparse"))
+        if stock and sparse and stock.get("peak_mb") is not None and sparse.get("peak_mb") is not None:
+            ratio = sparse["peak_mb"] / stock["peak_mb"]
+            goals.append(f"{kind}: sparse peak at L=4096 {ratio:.3f}x stock's (goal <= 0.15x): "
+                         f"{'met' if ratio <= 0.15 else 'MISSED'}")  # fmt: skip
+        if growth.get(kind):
+            worst = max(growth[kind])
+            goals.append(f"{kind}: sparse peak growth per doubling at most {worst:.2f}x (goal <= 2.2x): "
+                         f"{'met' if worst <= 2.2 else 'MISSED'}")  # fmt: skip
+    for kind in args.types:  # stock and sparse compute the same function: same loss, same input gradient
+        for length in args.lengths:
+            stock, sparse = index.get((kind, length, "stock")), index.get((kind, length, "sparse"))
+            if stock and sparse and stock.get("loss") is not None and sparse.get("loss") is not None:
+                worst = max(abs(sparse[f] - stock[f]) / max(abs(stock[f]), 1e-6) for f in ("loss", "grad_norm"))
+                if worst > 1e-4 or not (stock.get("finite") and sparse.get("finite")):
+                    goals.append(f"{kind} L={length}: stock and sparse differ (relative {worst:.1e}) or not finite")
+    return goals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--types", nargs="+", choices=sorted(TYPES), default=list(TYPES))
+    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--chunk-size", type=int, default=256, help="enable_sparse_attention(chunk_size=...)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each worker")
+    parser.add_argument("--stock-max-len", type=int, default=None, help="longest stock run (default: cpu 8192)")
+    parser.add_argument("--warm-max-len", type=int, default=4096, help="longest L timed on a second, warm run")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--scope", choices=["attention", "model"], default="attention", help="what runs (see above)")
+    parser.add_argument("--one", nargs=3, metavar=("TYPE", "L", "IMPL"), help=argparse.SUPPRESS)
+    parser.add_argument("--data-limit-mb", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        worker(args)
+        return
+    if args.stock_max_len is None:
+        args.stock_max_len = 8192 if args.device == "cpu" else max(args.lengths)
+    args.lengths = sorted(set(args.lengths))
+    import torch
+    import transformers
+
+    header = f"machine: {machine()}, transformers {transformers.__version__}"
+    if args.device == "cuda":
+        header += f", {torch.cuda.get_device_name()}"
+    setup = (f"scope {args.scope}: one DeepSeek-V4 decoder layer (16 heads x 128, hidden 1024, window 128, indexer "
+             f"16 x 128 top-512, compression 4 / 128, hc_mult 4), {args.dtype}, batch 1, forward + backward (input and "
+             f"weight grads), {args.device}, {args.threads} threads, sparse chunk {args.chunk_size}")  # fmt: skip
+    print(f"{header}\n{setup}\n", flush=True)
+    start = time.perf_counter()
+    results = measure(args)
+    wall = time.perf_counter() - start
+    goals = tables(results, args)
+    print(f"\nwall time of the run: {wall / 60:.1f} min")
+    if goals:
+        print("\n" + "\n".join(goals))
+    if args.json:
+        options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        report = {"machine": header, "setup": setup, "platform": platform.platform(), "args": options, "wall_s": wall,
+                  "results": results}  # fmt: skip
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
