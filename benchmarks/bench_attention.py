@@ -5,6 +5,7 @@ attention (`enable_sparse_attention`): peak memory rise and wall time per layer 
     python benchmarks/bench_attention.py --types csa --lengths 512 1024 --chunk-size 128
     python benchmarks/bench_attention.py --scope model                     # the whole one-layer model (+ hc, MoE)
     python benchmarks/bench_attention.py --device cuda --stock-max-len 16384 --json /tmp/bench_attention.json
+    python benchmarks/bench_attention.py --flash                           # Flash at 4k..32k tokens per GPU
 
 The model: a one-layer `DeepseekV4ForCausalLM` (`tiny_dsv4_config` with 16 heads of 128, hidden 1024, q rank 512,
 4 output groups of rank 256, hc_mult 4, a window of 128, an indexer of 16 heads of 128 keeping the top 512 entries,
@@ -37,6 +38,15 @@ largest measured L; a stock run whose projection (x1.25) exceeds MemAvailable is
 runs under RLIMIT_DATA = MemAvailable - 1 GiB, so an allocation that does not fit fails in the worker ("OOM")
 instead of pulling the machine into swap or the OOM killer. A crashed or killed worker is reported, not hidden.
 Each pair's loss and input-gradient norm are compared (stock and sparse compute the same function).
+
+--flash: what it means for DeepSeek-V4-Flash. One full-width Flash decoder layer per layer type (the real config:
+hidden 4096, 64 heads of 512, hc_mult 4, indexer 64 x 128 top-512; its MoE with 8 routed experts instead of 256, top-6
+as released: what a layer saves depends on the tokens routed, not on the expert count), bf16, frozen weights (LoRA's
+case: input gradients only), the whole layer forward (`model.model(inputs_embeds=x)`) with autograd's saved-tensor
+hooks counting the bytes of the distinct storages saved for backward (parameters excluded), at 1k and 2k tokens,
+stock and sparse. Then per GPU for LoRA on one node of 8 x 80 GB / 8 x 141 GB: `bench_quantized.py --projection`'s
+parts (keep_quantized base, adapter, each layer's input kept by activation checkpointing) plus one layer's saved
+tensors during its recompute, at 4k..32k tokens (stock: quadratic from its two measurements).
 """
 
 from __future__ import annotations
@@ -342,6 +352,102 @@ def tables(results: list[dict], args: argparse.Namespace) -> list[str]:
     return goals
 
 
+# ---------------------------------------------------------------------------------------------- Flash projection
+
+
+def flash_saved_bytes(layer_type: str, impl: str, lengths: list[int]) -> dict[int, int]:
+    """Bytes autograd saves for backward in one full-width Flash decoder layer (see --flash), per length."""
+    import torch
+    from flash_release import flash_slice_config
+    from transformers import DeepseekV4ForCausalLM
+
+    config = flash_slice_config(1)
+    config.layer_types, config.n_routed_experts, config.vocab_size = [layer_type], 8, 256
+    torch.manual_seed(0)
+    model = DeepseekV4ForCausalLM._from_config(config, dtype=torch.bfloat16).train().requires_grad_(False)
+    if impl == "sparse":
+        from hf_dsv4.modeling import enable_sparse_attention
+
+        enable_sparse_attention(model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    for length in lengths:
+        storages.clear()
+        embeds = torch.randn(1, length, config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+        mask = torch.ones(1, length, dtype=torch.long)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        saved[length] = sum(storages.values())
+    return saved
+
+
+FLASH_LENGTHS = [1024, 2048]
+
+
+def flash(args: argparse.Namespace) -> None:
+    from bench_quantized import projection_rows
+
+    measured = FLASH_LENGTHS
+    per_type = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    for kind in args.types:
+        for impl in IMPLS:  # each in a fresh process: one model and its saved tensors at a time
+            command = [sys.executable, __file__, "--flash-one", kind, impl, "--threads", str(args.threads)]
+            proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if not lines:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise SystemExit(f"--flash {kind} {impl}: exit {proc.returncode}: {tail}")
+            per_type[(kind, impl)] = {int(n): v for n, v in json.loads(lines[-1].removeprefix("RESULT ")).items()}
+            sizes = ", ".join(f"L={n}: {v / 1e6:,.0f} MB" for n, v in per_type[(kind, impl)].items())
+            print(f"  {kind:7s} {impl:6s} saved {sizes}", file=sys.stderr, flush=True)
+    print("One full-width DeepSeek-V4-Flash decoder layer, bf16, frozen weights: bytes saved for backward (MB):\n")
+    print("| layer type | L | stock | sparse | sparse KB/token |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for kind in args.types:
+        for length in measured:
+            stock, sparse = per_type[(kind, "stock")][length], per_type[(kind, "sparse")][length]
+            print(f"| {kind} | {length} | {stock / 1e6:,.0f} | {sparse / 1e6:,.0f} | {sparse / length / 1e3:,.0f} |")
+
+    def layer_bytes(impl: str, length: int) -> float:
+        """The largest layer type's saved bytes at `length`: a L + b L^2 through the two measurements."""
+        worst = 0.0
+        for kind in args.types:
+            (l1, s1), (l2, s2) = sorted(per_type[(kind, impl)].items())
+            quad = (s2 / l2 - s1 / l1) / (l2 - l1)
+            worst = max(worst, (s1 / l1 - quad * l1) * length + quad * length**2)
+        return worst
+
+    rows, _, _, config = projection_rows("all")
+    fixed = sum(q for label, q, _ in rows if not label.startswith("activation checkpoints"))
+    per_token = config.num_hidden_layers * config.hc_mult * config.hidden_size * 2  # each layer's input, bf16
+    print(f"\nDeepSeek-V4-Flash LoRA 'all' r=16 on one node of 8 GPUs, keep_quantized, activation checkpointing, "
+          f"per GPU (GB): {fixed / 1e9:.1f} before activations (bench_quantized.py --projection) + each layer's "
+          f"input ({per_token / 1e6:.2f} MB/token) + one layer's saved tensors during its recompute:\n")  # fmt: skip
+    print("| tokens per GPU | checkpoints | one layer, stock | one layer, sparse | total stock | total sparse | "
+          "sparse fits |")  # fmt: skip
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for length in (4096, 8192, 16384, 32768, 65536):
+        stock, sparse = layer_bytes("stock", length), layer_bytes("sparse", length)
+        total_stock, total_sparse = fixed + per_token * length + stock, fixed + per_token * length + sparse
+        fits = ", ".join(name for name, gb in (("80 GB", 80e9), ("141 GB", 141e9)) if total_sparse <= gb) or "no"
+        print(f"| {length:,} | {per_token * length / 1e9:.1f} | {stock / 1e9:,.1f} | {sparse / 1e9:.1f} | "
+              f"{total_stock / 1e9:,.0f} | {total_sparse / 1e9:.1f} | {fits} |")  # fmt: skip
+    longest = 1024
+    while fixed + per_token * (longest + 1024) + layer_bytes("sparse", longest + 1024) <= 80e9:
+        longest += 1024
+    print(f"\nsaved tensors only (one chunk's transients come on top: sparse, tens of MB; stock, another [64, L, L + T]"
+          f" fp32 scores); sparse fits 8 x 80 GB up to ~{longest / 1e3:.0f}k tokens per GPU")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", nargs="+", choices=sorted(TYPES), default=list(TYPES))
@@ -355,11 +461,24 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--scope", choices=["attention", "model"], default="attention", help="what runs (see above)")
+    parser.add_argument("--flash", action="store_true", help="Flash at 4k..32k tokens per GPU (see above), and exit")
+    parser.add_argument("--flash-one", nargs=2, metavar=("TYPE", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=3, metavar=("TYPE", "L", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument("--data-limit-mb", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         worker(args)
+        return
+    if args.flash_one:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        saved = flash_saved_bytes(TYPES[args.flash_one[0]], args.flash_one[1], FLASH_LENGTHS)
+        print("RESULT " + json.dumps(saved), flush=True)
+        return
+    if args.flash:
+        print(f"machine: {machine()}\n", flush=True)
+        flash(args)
         return
     if args.stock_max_len is None:
         args.stock_max_len = 8192 if args.device == "cpu" else max(args.lengths)

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -173,8 +174,10 @@ def table(results: dict[str, list[dict]], tokens: int) -> None:
 # ---------------------------------------------------------------------------------------------- projection
 
 
-def projection(args: argparse.Namespace) -> None:
-    """DeepSeek-V4-Flash LoRA per GPU on one node of 8, from the real config on meta (nothing is allocated)."""
+def projection_rows(targets: str = "all", seq: int = 4096) -> tuple[list[tuple[str, float, float]], int, int, Any]:
+    """DeepSeek-V4-Flash LoRA per GPU on one node of 8, from the real config on meta (nothing is allocated): rows of
+    (part, keep_quantized bytes, dequantized bf16 bytes) before one layer's recompute; the base's bytes as released
+    and in bf16; the config."""
     import torch
     from bench_flash_slice import FLASH
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
@@ -214,7 +217,7 @@ def projection(args: argparse.Namespace) -> None:
     largest_layer_bf16 = max(v[1] for v in per_layer.values())
     experts = config.n_routed_experts * 3 * config.moe_intermediate_size * config.hidden_size  # one layer, elements
     one_expert = 3 * config.moe_intermediate_size * config.hidden_size
-    adapter_cfg = dsv4_lora_config(r=16, alpha=32, targets=args.targets)
+    adapter_cfg = dsv4_lora_config(r=16, alpha=32, targets=targets)
     lora = 0
     r = adapter_cfg.r
     for name, module in model.named_modules():
@@ -226,23 +229,31 @@ def projection(args: argparse.Namespace) -> None:
             and ".compressor." not in name
         ):  # noqa: E501
             lora += r * (module.in_features + module.out_features)
-        elif isinstance(module, torch.nn.Linear) and ".shared_experts." in name and args.targets != "attention":
+        elif isinstance(module, torch.nn.Linear) and ".shared_experts." in name and targets != "attention":
             lora += r * (module.in_features + module.out_features)
-    if args.targets == "all":
+    if targets == "all":
         e, i, h = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
         lora += layers * e * r * ((h + 2 * i) + (i + h))
     gpus = 8
-    hc, seq = config.hc_mult, 4096
+    hc = config.hc_mult
     checkpoints = layers * seq * hc * config.hidden_size * 2  # activation checkpointing: each layer's input, bf16
     adapter_state = lora * (4 + 4 + 8)  # fp32 weights, grads, AdamW moments
     rows = [("frozen base, sharded (1/8)", quantized / gpus, bf16 / gpus),
             ("all-gather buffers (2 layers: current + prefetch)", 2 * largest_layer_q, 2 * largest_layer_bf16),
             # bf16 result + transformers' two fp32 temporaries, for the largest FP8 module and one expert
             ("dequantized in flight (largest module, one expert)", 10 * (largest_module + one_expert), 0),
-            (f"LoRA '{args.targets}' r=16 + grads + AdamW, sharded", adapter_state / gpus, adapter_state / gpus),
+            (f"LoRA '{targets}' r=16 + grads + AdamW, sharded", adapter_state / gpus, adapter_state / gpus),
             (f"activation checkpoints, seq {seq} (each layer's input)", checkpoints, checkpoints)]  # fmt: skip
-    if args.targets == "all":  # peft folds the routed-expert update into the whole stack; per expert: one at a time
+    if targets == "all":  # peft folds the routed-expert update into the whole stack; per expert: one at a time
         rows.insert(3, ("routed-expert LoRA folded into the weights, in flight", 2 * one_expert, 2 * experts))
+    return rows, quantized, bf16, config
+
+
+def projection(args: argparse.Namespace) -> None:
+    """Print the Flash projection table (`projection_rows`)."""
+    rows, quantized, bf16, config = projection_rows(args.targets)
+    layers, gpus = config.num_hidden_layers, 8
+    experts = config.n_routed_experts * 3 * config.moe_intermediate_size * config.hidden_size  # one layer, elements
     total_q, total_b = sum(q for _, q, _ in rows), sum(b for _, _, b in rows)
     print(f"DeepSeek-V4-Flash ({layers} layers, {config.n_routed_experts} experts), LoRA on one node of {gpus} GPUs, "
           f"per GPU (GB; computed from the config on meta, not measured):\n")  # fmt: skip
