@@ -317,9 +317,11 @@ def _attend_chunk(
         values = compressed.unsqueeze(1)  # [B, 1, T, D]
         scores = torch.matmul(query, values.transpose(-1, -2)) * scaling
         parts.append(scores.masked_fill(~compressed_allowed.unsqueeze(1), float("-inf")))
-    elif compressed is not None:  # CSA: each query's own picks
-        rows = torch.arange(batch, device=picks.device).view(-1, 1, 1)
-        values = compressed[rows, picks.clamp(min=0)]  # [B, C, k, D]
+    elif compressed is not None:  # CSA: each query's own picks, gathered as an embedding lookup (its backward is
+        # a dense scatter-add, ~4x faster on CPU than advanced indexing's index_put)
+        entries = compressed.shape[1]
+        rows = picks.clamp(min=0) + (torch.arange(batch, device=picks.device) * entries).view(-1, 1, 1)
+        values = F.embedding(rows, compressed.reshape(batch * entries, -1))  # [B, C, k, D]
         scores = torch.matmul(query.transpose(1, 2), values.transpose(-1, -2)).transpose(1, 2) * scaling
         parts.append(scores.masked_fill(~compressed_allowed.unsqueeze(1), float("-inf")))
     sink = sinks.reshape(1, -1, 1, 1).expand(batch, -1, length, -1)
