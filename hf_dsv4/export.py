@@ -1,5 +1,6 @@
-"""`python -m hf_dsv4.export ADAPTER_DIR OUT_DIR [--format vllm]`: a trained DeepSeek-V4 LoRA adapter in the form
-vLLM serves (DeepSeek-native names, routed experts per expert); see `hf_dsv4.training.export_adapter`."""
+"""`python -m hf_dsv4.export ADAPTER_DIR OUT_DIR [--format vllm|vllm-3d]`: a trained DeepSeek-V4 LoRA adapter in the
+form vLLM serves (DeepSeek-native names, routed experts per expert, or kept fused for vLLM's 3-D MoE LoRA format); see
+`hf_dsv4.training.export_adapter`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""`export_adapter(..., format="vllm")`: a trained adapter under DeepSeek-native names with the routed experts split
-per expert. Each exported pair's `B @ A * scaling` must equal, bit for bit, the slice of peft's own delta for the
+"""`export_adapter(..., format="vllm" | "vllm-3d")`: a trained adapter under DeepSeek-native names with the routed
+experts split per expert, or kept fused where vLLM's 3-D format reads them. Each exported pair's `B @ A * scaling` must equal, bit for bit, the slice of peft's own delta for the
 module the checkpoint name maps to — mapped back with transformers' forward loading rules, the direction the export
 does not use."""
 
@@ -25,9 +25,9 @@ RENAMINGS = [m for m in MAPPING if isinstance(m, WeightRenaming)]
 CONVERTERS = [m for m in MAPPING if isinstance(m, WeightConverter)]
 
 
-def _adapter(ckpt, preset: str, folder):
+def _adapter(ckpt, preset: str, folder, **lora_kwargs):
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    peft_model = get_peft_model(model, dsv4_lora_config(r=2, alpha=6, targets=preset))
+    peft_model = get_peft_model(model, dsv4_lora_config(r=2, alpha=6, targets=preset, **lora_kwargs))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -87,6 +87,58 @@ def test_every_exported_pair_is_the_slice_of_peft_delta_its_checkpoint_name_maps
         assert len(layer0) == 3 * peft_model.base_model.model.config.n_routed_experts
 
 
+ROUTED = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@pytest.mark.parametrize(
+    "parameters", [ROUTED, ROUTED[::-1], ROUTED[:1], ROUTED[1:]], ids=["both", "down-outer", "gate_up", "down"]
+)
+def test_vllm_3d_keeps_the_experts_fused_where_vllm_reads_them(tiny_ckpt_fp32, tmp_path, parameters):
+    """gate_up under `experts.base_layer`, down under `experts`, whatever order peft wrapped them in; each expert's
+    `B_e @ A_e * scaling` (vLLM's split: A expert-major, B rank-major) is peft's delta for that expert bit for bit; an
+    unadapted one of the pair is zeros of its shape; everything else is what format="vllm" writes. format="vllm" of
+    the same adapter splits each expert the same way (peft nests the wrappers in the module's parameter order, not
+    in target_parameters' order: "down-outer" lists down_proj first)."""
+    peft_model = _adapter(tiny_ckpt_fp32, "attention", tmp_path / "adapter", target_parameters=parameters)
+    flat = load_file(str(export_adapter(tmp_path / "adapter", tmp_path / "vllm") / "adapter_model.safetensors"))
+    out = export_adapter(tmp_path / "adapter", tmp_path / "vllm3d", format="vllm-3d")
+    fused = load_file(str(out / "adapter_model.safetensors"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    r, scaling = config["r"], config["lora_alpha"] / config["r"]
+    outside = {k for k in flat if ".ffn.experts." not in k}
+    assert outside == {k for k in fused if ".ffn.experts." not in k}
+    assert all(torch.equal(flat[k], fused[k]) for k in outside)
+    hf_config = peft_model.base_model.model.config
+    experts, layers = hf_config.n_routed_experts, hf_config.num_hidden_layers
+    expected_keys = {f"base_model.model.layers.{n}.ffn.experts.{pos}lora_{f}.weight"
+                     for n in range(layers) for pos in ("base_layer.", "") for f in "AB"}  # fmt: skip
+    assert {k for k in fused if ".ffn.experts." in k} == expected_keys
+    for n in range(layers):
+        for kind, position in (("gate_up_proj", "base_layer."), ("down_proj", "")):
+            a = fused[f"base_model.model.layers.{n}.ffn.experts.{position}lora_A.weight"]
+            b = fused[f"base_model.model.layers.{n}.ffn.experts.{position}lora_B.weight"]
+            per_a, per_b = a.view(experts, r, a.shape[1]), b.view(b.shape[0], r, experts).permute(2, 0, 1)
+            delta = per_b @ per_a * scaling  # [E, out, in]
+            if f"mlp.experts.{kind}" in parameters:
+                expected = _hf_delta(peft_model, f"model.layers.{n}.mlp.experts.{kind}")
+                assert torch.equal(delta, expected), (n, kind)
+                half = expected.shape[1] // 2  # format="vllm" of the same adapter: per expert, gate the first half
+                for e in range(experts):
+                    slices = {"w1": expected[e][:half], "w3": expected[e][half:]} if kind == "gate_up_proj" else {
+                        "w2": expected[e]}  # fmt: skip
+                    for which, want in slices.items():
+                        native = f"base_model.model.layers.{n}.ffn.experts.{e}.{which}"
+                        got = flat[f"{native}.lora_B.weight"] @ flat[f"{native}.lora_A.weight"] * scaling
+                        assert torch.equal(got, want), (n, e, which)
+            else:
+                assert not a.any() and not b.any(), (n, kind)
+                hidden, inter = hf_config.hidden_size, hf_config.moe_intermediate_size
+                shape = (experts, 2 * inter, hidden) if kind == "gate_up_proj" else (experts, hidden, inter)
+                assert delta.shape == shape, (n, kind)
+    assert config["target_parameters"] is None
+    assert config["target_modules"] == ["experts", "wkv", "wo_b", "wq_a", "wq_b"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_the_command_line_exports_and_refuses_an_unknown_format(tiny_ckpt_fp32, tmp_path):
@@ -98,4 +150,4 @@ def test_the_command_line_exports_and_refuses_an_unknown_format(tiny_ckpt_fp32, 
     assert done.stdout.strip() == str(tmp_path / "vllm")
     assert (tmp_path / "vllm" / "adapter_model.safetensors").is_file()
     with pytest.raises(ValueError, match="format must be one of"):
-        export_adapter(tmp_path / "adapter", tmp_path / "x", format="vllm-3d")
+        export_adapter(tmp_path / "adapter", tmp_path / "x", format="vllm-4d")

@@ -10,7 +10,13 @@ factors: peft stores `lora_A` expert-major (`[E*r, in]`: rows e*r..(e+1)*r are e
 (`[out, E*r]` viewed as `[out, r, E]`: column block [:, :, e] is expert e's); gate is the first half of `2I`. Each
 exported pair's `B @ A * scaling` equals, bit for bit, the slice of peft's own delta for that module (tested).
 
-    python -m hf_dsv4.export ADAPTER_DIR OUT_DIR [--format vllm]
+`format="vllm-3d"` keeps the routed experts fused, in peft's layout (the one vLLM reads with
+`enable_mixed_moe_lora_format=True` and a `LoRARequest(..., is_3d_lora_weight=True)`): `layers.N.ffn.experts.base_layer`
+holds gate_up (`lora_A [E*r, H]`, `lora_B [2I, E*r]`, gate the first half of 2I) and `layers.N.ffn.experts` holds down
+(`lora_A [E*r, I]`, `lora_B [H, E*r]`), whatever order peft wrapped them in; a layer that adapts only one of the two
+gets zero factors for the other (a zero update), since vLLM reads the pair by position.
+
+    python -m hf_dsv4.export ADAPTER_DIR OUT_DIR [--format vllm|vllm-3d]
 """
 
 from __future__ import annotations
@@ -29,15 +35,38 @@ from .. import compat
 logger = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
-FORMATS = ("vllm",)
+FORMATS = ("vllm", "vllm-3d")
+FUSED = {"gate_up_proj": ".base_layer", "down_proj": ""}  # vllm-3d: where each fused expert parameter goes
 # adapted modules vLLM loads but does not apply for DeepSeek-V4 (its grouped output projection, the compressors)
 IGNORED_BY_VLLM = (".wo_a", ".compressor.")
 
 
-def _wrapped_parameters(config: dict) -> list[str]:
-    """The fused expert parameters of a `target_parameters` adapter, outermost wrapper first: peft wraps them in the
-    listed order, each around the previous one, so the last listed is the outer one (no `base_layer` in its keys)."""
-    return [name.rsplit(".", 1)[-1] for name in reversed(config.get("target_parameters") or [])]
+def _expert_kinds(
+    module: str, by_depth: dict[int, tuple[torch.Tensor, torch.Tensor]], listed: list[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Which fused expert parameter each of `module`'s peft wrappers (by `base_layer` depth) adapts. The adapter does
+    not record it and peft's nesting order is its own (0.21: the module's parameter order, whatever order
+    `target_parameters` lists them in), so: one adapted parameter is the one listed; gate_up_proj and down_proj are told
+    apart by their shapes (gate_up: A `[E*r, H]`, B `[2I, E*r]`; down: A `[E*r, I]`, B `[H, E*r]`: one way only fits)."""
+    if sorted(by_depth) != list(range(len(listed))):
+        raise ValueError(f"{module}: {len(by_depth)} LoRA pair(s) for target_parameters {listed}")
+    if len(listed) == 1:
+        return {listed[0]: by_depth[0]}
+    if sorted(listed) != ["down_proj", "gate_up_proj"]:
+        raise ValueError(f"{module}: unknown routed-expert parameters {listed}")
+    for gate_up, down in ((by_depth[0], by_depth[1]), (by_depth[1], by_depth[0])):
+        if gate_up[1].shape[0] == 2 * down[0].shape[1] and down[1].shape[0] == gate_up[0].shape[1]:
+            return {"gate_up_proj": gate_up, "down_proj": down}
+    shapes = [(tuple(a.shape), tuple(b.shape)) for a, b in by_depth.values()]
+    raise ValueError(f"{module}: LoRA shapes {shapes} fit no gate_up_proj [2I, H] / down_proj [H, I] pair")
+
+
+def _experts_of(module: str, a: torch.Tensor, b: torch.Tensor, r: int) -> int:
+    """The expert count of a fused expert adapter (`lora_A [E*r, in]`, `lora_B [out, E*r]`), checked."""
+    experts = a.shape[0] // r
+    if a.shape[0] != experts * r or b.shape[1] != experts * r:
+        raise ValueError(f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} are not {r}-rank per expert")
+    return experts
 
 
 def _split_experts(
@@ -45,9 +74,7 @@ def _split_experts(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-expert (A, B) of a fused expert adapter: `kind` "gate_up_proj" gives w1 (gate, first half of 2I) and w3
     (up); "down_proj" gives w2. `module` is the native experts module (`layers.N.ffn.experts`)."""
-    experts = a.shape[0] // r
-    if a.shape[0] != experts * r or b.shape[1] != experts * r:
-        raise ValueError(f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} are not {r}-rank per expert")
+    experts = _experts_of(module, a, b, r)
     by_expert = b.reshape(b.shape[0], r, experts)  # rank-major
     out = {}
     for e in range(experts):
@@ -63,14 +90,38 @@ def _split_experts(
     return out
 
 
+def _fused_experts(
+    fused: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], r: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """vllm-3d: each native experts module's fused factors under vLLM's positions (`FUSED`), a missing one of the
+    pair as zeros of its shape (gate_up `[E*r, H]` / `[2I, E*r]` <-> down `[E*r, I]` / `[H, E*r]`)."""
+    out = {}
+    for module, kinds in fused.items():
+        for kind, (a, b) in kinds.items():
+            if kind not in FUSED:
+                raise ValueError(f"{module}: unknown routed-expert parameter {kind!r}")
+            _experts_of(module, a, b, r)
+        if len(kinds) == 1:
+            ((kind, (a, b)),) = kinds.items()
+            if kind == "gate_up_proj":  # down: [E*r, I] / [H, E*r]
+                missing, shapes = "down_proj", ((a.shape[0], b.shape[0] // 2), (a.shape[1], b.shape[1]))
+            else:  # gate_up: [E*r, H] / [2I, E*r]
+                missing, shapes = "gate_up_proj", ((a.shape[0], b.shape[0]), (2 * a.shape[1], b.shape[1]))
+            kinds[missing] = (a.new_zeros(shapes[0]), b.new_zeros(shapes[1]))
+            logger.info("%s: %s is not adapted; written as zero factors (vLLM reads gate_up and down as a pair)",
+                        module, missing)  # fmt: skip
+        for kind, pair in kinds.items():
+            out[module + FUSED[kind]] = pair
+    return out
+
+
 def export_adapter(adapter_dir: str | Path, out_dir: str | Path, format: str = "vllm") -> Path:
     """Write the PEFT adapter in `adapter_dir` to `out_dir` in `format` ("vllm": DeepSeek-native names, routed experts
-    split per expert, `adapter_config.json` with leaf-name `target_modules` and no `target_parameters`); returns
-    `out_dir`. Other files of the adapter (tokenizer, chat template, model card) are copied along."""
+    split per expert; "vllm-3d": the same names, routed experts kept fused, see the module docstring), with an
+    `adapter_config.json` of leaf-name `target_modules` and no `target_parameters`; returns `out_dir`. Other files of
+    the adapter (tokenizer, chat template, model card) are copied along."""
     if format not in FORMATS:
-        raise ValueError(
-            f"format must be one of {FORMATS}, got {format!r} (vLLM's fused 3-D expert format is not written yet)"
-        )
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
@@ -81,7 +132,7 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, format: str = "
     if config.get("modules_to_save"):
         raise ValueError(f"{adapter_dir}: modules_to_save (full copies of base modules) cannot be served as LoRA")
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    wrapped = _wrapped_parameters(config)
+    listed = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in config.get("target_parameters") or []))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         module, _, factor = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
@@ -89,20 +140,25 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, format: str = "
             raise ValueError(f"{adapter_dir}: unexpected tensor {key!r} (not a LoRA factor of a PEFT adapter)")
         pairs.setdefault(module, {})[factor[0]] = tensor
     exported: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    experts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # HF experts module -> wrapper depth
     for module, factors in sorted(pairs.items()):
         if set(factors) != {"A", "B"}:
             raise ValueError(f"{adapter_dir}: {module} has lora_{''.join(factors)} only")
-        depth = module.split(".").count("base_layer")
         base = module.replace(".base_layer", "")
         if base.endswith(".experts"):
-            if depth >= len(wrapped):
-                raise ValueError(f"{adapter_dir}: {module} is not one of target_parameters {wrapped}")
-            kind = wrapped[depth]
-            native = compat.checkpoint_module_name("deepseek_v4", f"{base}.{kind}").removesuffix(f".{kind}")
-            exported |= _split_experts(native, kind, factors["A"], factors["B"], config["r"])
+            experts.setdefault(base, {})[module.split(".").count("base_layer")] = (factors["A"], factors["B"])
         else:
             native = compat.checkpoint_module_name("deepseek_v4", f"{base}.weight").removesuffix(".weight")
             exported[native] = (factors["A"], factors["B"])
+    fused: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # vllm-3d: native experts module -> kind
+    for base, by_depth in experts.items():
+        for kind, (a, b) in _expert_kinds(f"{adapter_dir}: {base}", by_depth, listed).items():
+            native = compat.checkpoint_module_name("deepseek_v4", f"{base}.{kind}").removesuffix(f".{kind}")
+            if format == "vllm-3d":
+                fused.setdefault(native, {})[kind] = (a, b)
+            else:
+                exported |= _split_experts(native, kind, a, b, config["r"])
+    exported |= _fused_experts(fused, config["r"])
     ignored = sorted(n for n in exported if any(part in n for part in IGNORED_BY_VLLM))
     if ignored:
         logger.warning("vLLM loads but does not apply LoRA on %d module(s), e.g. %s", len(ignored), ignored[0])
@@ -115,7 +171,8 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, format: str = "
     for other in adapter_dir.iterdir():
         if other.is_file() and other.name not in ("adapter_model.safetensors", "adapter_config.json"):
             shutil.copy2(other, out_dir / other.name)
-    config = {**config, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in exported}), "target_parameters": None}
+    leaves = sorted({n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n in exported})
+    config = {**config, "target_modules": leaves, "target_parameters": None}
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     logger.info("exported %d LoRA modules of %s for %s to %s", len(exported), adapter_dir, format, out_dir)
     return out_dir
@@ -125,7 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m hf_dsv4.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("adapter_dir", help="a PEFT adapter saved by the recipe / DSV4SFTTrainer")
     parser.add_argument("out_dir", help="where to write the exported adapter")
-    parser.add_argument("--format", default="vllm", choices=FORMATS, help="vllm: DeepSeek-native names, experts split")
+    parser.add_argument(
+        "--format",
+        default="vllm",
+        choices=FORMATS,
+        help="vllm: DeepSeek-native names, routed experts split per expert; vllm-3d: routed experts kept fused "
+        "(serve with enable_mixed_moe_lora_format and LoRARequest(..., is_3d_lora_weight=True))",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(export_adapter(args.adapter_dir, args.out_dir, args.format))
