@@ -444,7 +444,7 @@ def flash(args: argparse.Namespace) -> None:
     longest = 1024
     while fixed + per_token * (longest + 1024) + layer_bytes("sparse", longest + 1024) <= 80e9:
         longest += 1024
-    print(f"\nsaved tensors only (one chunk's transients come on top: sparse, tens of MB; stock, another [64, L, L + T]"
+    print(f"\nsaved tensors only (one chunk's transients come on top: sparse, one CSA chunk of 256 queries x 512 picks: 849 MB measured on CPU; stock, another [64, L, L + T]"
           f" fp32 scores); sparse fits 8 x 80 GB up to ~{longest / 1e3:.0f}k tokens per GPU")  # fmt: skip
 
 
