@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from collectives import CollectiveRecorder
+from dist_launch import exit_without_teardown
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, DeepseekV4ForCausalLM, PreTrainedModel
@@ -934,6 +935,7 @@ def main() -> None:
     dist.barrier()
     (Path(out_dir) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()
+    exit_without_teardown()
 
 
 if __name__ == "__main__":

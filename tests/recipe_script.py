@@ -16,6 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
+from dist_launch import exit_without_teardown
 from hub_capture import capture_hub_commits
 from transformers import TrainerCallback
 
@@ -126,3 +127,4 @@ if __name__ == "__main__":
         (Path(training_args.output_dir) / f"collectives_rank{rank}.json").write_text(json.dumps(records))
     print(f"recipe_script: rank {trainer.args.process_index} finished", flush=True)  # each rank's output is in the log
     sft_dsv4.end_processes()
+    exit_without_teardown()
