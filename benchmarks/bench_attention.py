@@ -426,9 +426,9 @@ def flash(args: argparse.Namespace) -> None:
             worst = max(worst, (s1 / l1 - quad * l1) * length + quad * length**2)
         return worst
 
-    rows, _, _, config = projection_rows("all")
-    fixed = sum(q for label, q, _ in rows if not label.startswith("activation checkpoints"))
-    per_token = config.num_hidden_layers * config.hc_mult * config.hidden_size * 2  # each layer's input, bf16
+    # bench_quantized's keep_quantized parts without activations (seq 0); each layer's input kept, per token (seq 1)
+    fixed = sum(q for _, q, _ in projection_rows("all", seq=0)[0])
+    per_token = sum(q for _, q, _ in projection_rows("all", seq=1)[0]) - fixed
     print(f"\nDeepSeek-V4-Flash LoRA 'all' r=16 on one node of 8 GPUs, keep_quantized, activation checkpointing, "
           f"per GPU (GB): {fixed / 1e9:.1f} before activations (bench_quantized.py --projection) + each layer's "
           f"input ({per_token / 1e6:.2f} MB/token) + one layer's saved tensors during its recompute:\n")  # fmt: skip
