@@ -43,13 +43,14 @@ class Internal:
     params: tuple[str, ...] | None = None
     why: str = ""
     assigned: str | None = None
-    source: str | None = None  # sha256 prefix of the source hf_dsv4 reproduces or relies on line by line
+    # sha256 prefixes of the sources hf_dsv4 reproduces or relies on line by line, one per tested version that differs
+    source: tuple[str, ...] | None = None
 
 
 # fence name (a package, or "package.part") -> (the package's tested versions, the internals hf_dsv4 relies on)
 FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
-    "torch": (">=2.6,<2.14", ()),  # public APIs only (FSDP2, DCP, DTensor); the range is the tested one
-    "transformers": (">=5.23,<5.25", (
+    "torch": (">=2.13,<2.15", ()),  # public APIs only (FSDP2, DCP, DTensor); the range is the tested one
+    "transformers": (">=5.24,<5.26", (
         Internal("transformers:PreTrainedModel.from_pretrained", why="replaced inside memory_efficient_init"),
         Internal("transformers:PreTrainedModel._from_config", ("config",), why="non-source ranks build on meta"),
         Internal("transformers:PreTrainedModel._no_split_modules", why="the decoder layers FSDP2 shards one by one"),
@@ -99,7 +100,8 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
         ),
     )),
     # DeepSeek-V4 attention (hf_dsv4.modeling.sparse_attention): what is replaced or mirrored is pinned by its source
-    "transformers.attention": (">=5.23,<5.25", (
+    # (one hash per tested source; 5.24 and 5.25 share them)
+    "transformers.attention": (">=5.24,<5.26", (
         Internal("transformers:AttentionInterface.register", why="the sparse attention is registered as an implementation"),
         Internal("transformers.masking_utils:AttentionMaskInterface.register", why="and its mask, kept as a function"),
         Internal(
@@ -121,27 +123,27 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
         ),
         Internal(
             "transformers.models.deepseek_v4.modeling_deepseek_v4:DeepseekV4CSACompressor.forward",
-            source="3644b0ea966e20d2",
+            source=("3644b0ea966e20d2",),
             why="its cache-less compression is reproduced op for op (_overlap_compress), its dense block bias is not",
         ),
         Internal(
             "transformers.models.deepseek_v4.modeling_deepseek_v4:DeepseekV4Indexer.forward",
-            source="428c5223ef907ac9",
+            source=("428c5223ef907ac9",),
             why="reproduced with the scores computed in query chunks (_indexer_topk)",
         ),
         Internal(
             "transformers.models.deepseek_v4.modeling_deepseek_v4:DeepseekV4HCACompressor.forward",
-            source="3fb94114cb4ed493",
+            source=("3fb94114cb4ed493",),
             why="called with one query position: it returns its compressed entries before building the block bias",
         ),
         Internal(
             "transformers.models.deepseek_v4.modeling_deepseek_v4:DeepseekV4Attention.forward",
-            source="7e61a222ad0603b7",
+            source=("7e61a222ad0603b7",),
             why="calls the compressor then the registered attention; a non-tensor mask is passed through untouched",
         ),
         Internal(
             "transformers.models.deepseek_v4.modeling_deepseek_v4:eager_attention_forward",
-            source="3cb759e14962bed1",
+            source=("3cb759e14962bed1",),
             why="the sparse attention mirrors its arithmetic (dtypes, sinks, max subtraction) per block",
         ),
         Internal(
@@ -150,13 +152,13 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
             why="the compressed entries' rope",
         ),
     )),
-    "transformers.trainer": (">=5.23,<5.25", (
+    "transformers.trainer": (">=5.24,<5.26", (
         Internal("transformers.trainer:Accelerator", why="swapped for DSV4Accelerator by dsv4_trainer_accelerator"),
         Internal("transformers:Trainer._save_optimizer_and_scheduler", ("output_dir",), why="overridden"),
         Internal("transformers:Trainer._load_from_checkpoint", ("resume_from_checkpoint", "model"), why="overridden"),
         Internal("transformers:Trainer._load_optimizer_and_scheduler", ("checkpoint",), why="overridden"),
     )),
-    "accelerate": (">=1.15,<1.16", (
+    "accelerate": (">=1.15,<1.17", (
         Internal("accelerate:Accelerator._prepare_fsdp2", ("args",), why="overridden: shard_model instead"),
         Internal("accelerate:Accelerator._prepare_one", ("obj", "first_pass"), why="called for optimizers"),
         Internal("accelerate:Accelerator.__init__", assigned="_models", why="sharded models are registered there"),
@@ -208,7 +210,8 @@ def _problem(internal: Internal) -> str | None:
     if internal.source is not None:
         digest = hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
         if not digest.startswith(internal.source):
-            return f"{internal.where} changed (source sha256 {digest[:16]}, hf_dsv4 follows {internal.source})"
+            follows = " or ".join(internal.source)
+            return f"{internal.where} changed (source sha256 {digest[:16]}, hf_dsv4 follows {follows})"
     if internal.assigned is not None:
         if not re.search(rf"self\.{internal.assigned}\b|[\"']{internal.assigned}[\"']", inspect.getsource(obj)):
             return f"{internal.where} no longer sets {internal.assigned}"
@@ -236,7 +239,11 @@ def require(*names: str) -> None:
                 f"{package}{tested}: pip install '{package}{tested}'"
             )
         if not SpecifierSet(tested).contains(found.split("+")[0], prereleases=True):
-            logger.warning("%s %s is outside the versions hf_dsv4 is tested with (%s)", package, found, tested)
+            logger.warning(
+                "%s %s is outside the versions hf_dsv4 is tested with (%s); the %d internals of fence %r that hf_dsv4 "
+                "relies on are unchanged",
+                package, found, tested, len(internals), name,
+            )  # fmt: skip
         _checked.add(name)
 
 

@@ -52,6 +52,16 @@ def import_recipe(name: str):
         sys.path.remove(folder)
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """Run a numerical test under torch's intra-op thread counts 1 and 2: each sums in its own order, and a tolerance
+    must hold for both (`numerics`)."""
+    from numerics import num_threads
+
+    with num_threads(request.param):
+        yield request.param
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from hf_dsv4.testing import tiny_tokenizer

@@ -202,3 +202,14 @@ def test_nested_memory_efficient_init_is_harmless_on_every_rank(load_results):
 )
 def test_resolve_dtype_reads_a_dtype_argument_as_from_pretrained_does(dtype, default, auto, expected):
     assert resolve_dtype(dtype, default=default, auto=auto) == expected
+
+
+def test_hub_kernels_are_off_under_memory_efficient_init_and_asking_for_them_is_refused():
+    """transformers 5.25 kernelizes a loaded model by default; a meta model cannot be, and every rank must build the
+    same modules: the rank-aware load turns them off, and an explicit `use_kernels=True` is refused, saying why."""
+    from hf_dsv4.loading.stream import without_hub_kernels
+
+    assert without_hub_kernels({"dtype": "bfloat16"}) == {"dtype": "bfloat16", "use_kernels": False}
+    assert without_hub_kernels({"use_kernels": False}) == {"use_kernels": False}
+    with pytest.raises(ValueError, match=r"use_kernels=True cannot be honoured under memory_efficient_init"):
+        without_hub_kernels({"use_kernels": True})

@@ -116,9 +116,10 @@ def test_a_release_checkpoint_is_read_dequantized_on_a_gpu_machine_too(release_c
 
 def _fp8_model(from_pretrained, path):
     from hf_dsv4 import compat
+    from hf_dsv4.loading.stream import without_hub_kernels
 
-    with compat.weights_not_read({}):
-        return from_pretrained(path, dtype=torch.bfloat16)
+    with compat.weights_not_read({}):  # a model on meta: transformers >= 5.25 would kernelize it by default
+        return from_pretrained(path, **without_hub_kernels({"dtype": torch.bfloat16}))
 
 
 # ------------------------------------------------------------------------------------------------- bad input

@@ -24,7 +24,14 @@ from transformers import PreTrainedModel
 
 from .. import compat
 from ..distributed import all_gather_object, every_rank_raises, is_distributed, rank
-from .stream import EXPERTS_MODES, STREAM_ATTRIBUTE, dequantizing_config, fp8_block_size, open_streamed
+from .stream import (
+    EXPERTS_MODES,
+    STREAM_ATTRIBUTE,
+    dequantizing_config,
+    fp8_block_size,
+    open_streamed,
+    without_hub_kernels,
+)
 from .units import tensor_table
 
 logger = logging.getLogger(__name__)
@@ -36,7 +43,7 @@ LOAD_ONLY_KWARGS = (
     "adapter_kwargs", "adapter_name", "generation_config", "gguf_file", "distributed_config", "device_mesh",
     "tp_plan", "tp_size", "allow_all_kernels", "use_kernels", "kernel_config", "key_mapping", "mirror", "_fast_init",
     "low_cpu_mem_usage", "from_tf", "from_flax", "offload_state_dict", "ignore_mismatched_sizes", "use_safetensors",
-    "weights_only", "disable_mmap", "fusion_config",
+    "weights_only", "disable_mmap", "fusion_config", "kernels_mode",
 )  # fmt: skip
 # Passed to the config loader (where the config comes from), never to the model.
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
@@ -260,6 +267,7 @@ def _rank_aware_from_pretrained(
         if not is_distributed() and not keep_quantized:
             return original.__get__(None, cls)(pretrained_model_name_or_path, *args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
+        kwargs = without_hub_kernels(kwargs)
         if stream:  # a failure on any rank is raised on every rank, never left as a hang
             path = pretrained_model_name_or_path
             model = _load_streamed(original, cls, path, args, kwargs, readers, read_budget, keep_quantized)

@@ -414,6 +414,19 @@ def fp8_block_size(quantization_config: Any) -> tuple[int, int]:
     return tuple(block) if block else (128, 128)
 
 
+def without_hub_kernels(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`from_pretrained` keywords with the Hub kernels off. transformers 5.25 turns them on by default and
+    `kernelize`s the loaded model: it refuses a model on meta (every rank of a streamed load, the twin a reader plans
+    with), and only rank 0 would get the kernelized modules while the others build theirs from the config. FSDP2,
+    the sparse attention and the quantized base replace forwards themselves; a user's `use_kernels=True` is refused."""
+    if kwargs.get("use_kernels"):
+        raise ValueError(
+            "use_kernels=True cannot be honoured under memory_efficient_init: the model is built on meta (kernelize "
+            "needs real weights) and every rank must build the same modules; load without it"
+        )
+    return {**kwargs, "use_kernels": False}
+
+
 def open_streamed(
     cls: type,
     original_from_pretrained: Any,
@@ -425,7 +438,7 @@ def open_streamed(
     """Run stock `from_pretrained` without reading weights (rank 0) and keep what it planned."""
     capture: dict[str, Any] = {}
     with compat.weights_not_read(capture):
-        twin = original_from_pretrained.__get__(None, cls)(path, *args, **kwargs)
+        twin = original_from_pretrained.__get__(None, cls)(path, *args, **without_hub_kernels(kwargs))
     if "load_config" not in capture:
         raise ValueError(f"from_pretrained({path!r}) read no checkpoint files; streamed loading needs a checkpoint")
     return StreamedCheckpoint(twin, capture["checkpoint_files"], capture["load_config"], fp8_block)
