@@ -19,7 +19,7 @@ import importlib
 import inspect
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from typing import Any
@@ -45,11 +45,13 @@ class Internal:
     assigned: str | None = None
     # sha256 prefixes of the sources hf_dsv4 reproduces or relies on line by line, one per tested version that differs
     source: tuple[str, ...] | None = None
+    # lines of the source that hf_dsv4 reproduces (a decision inside a long function): each must still be there
+    decides: tuple[str, ...] = ()
 
 
 # fence name (a package, or "package.part") -> (the package's tested versions, the internals hf_dsv4 relies on)
 FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
-    "torch": (">=2.13,<2.15", ()),  # public APIs only (FSDP2, DCP, DTensor); the range is the tested one
+    "torch": (">=2.13,<2.16", ()),  # public APIs only (FSDP2, DCP, DTensor); the range is the tested one
     "transformers": (">=5.24,<5.26", (
         Internal("transformers:PreTrainedModel.from_pretrained", why="replaced inside memory_efficient_init"),
         Internal("transformers:PreTrainedModel._from_config", ("config",), why="non-source ranks build on meta"),
@@ -76,6 +78,19 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
             ("source_key", "weight_renamings", "weight_converters", "base_model_prefix", "meta_state_dict"),
             why="which model tensor (so which decoder layer) a checkpoint tensor feeds",
         ),
+        Internal(
+            "transformers.core_model_loading:convert_and_load_state_dict_in_model",
+            decides=(
+                "state_dict = sorted(state_dict.items(), key=lambda kv: dot_natural_key(kv[0]))",
+                "renamed_key, source_pattern = rename_source_key( original_key, renamings, converters, "
+                "base_model_prefix, meta_model_state_dict )",
+                "if renamed_key not in meta_model_state_dict and original_key in meta_model_state_dict:",
+                "renamed_key, source_pattern = rename_source_key( original_key, [], [], "
+                "base_model_prefix=base_model_prefix, meta_state_dict=meta_model_state_dict )",
+            ),
+            why="the streamed reader assigns every checkpoint key to a model tensor as the load does (model_keys_of)",
+        ),
+        Internal("transformers.core_model_loading:dot_natural_key", ("s",), why="the order the load takes keys in"),
         Internal(
             "transformers.core_model_loading:revert_weight_conversion",
             assigned="_weight_conversions",
@@ -212,6 +227,11 @@ def _problem(internal: Internal) -> str | None:
         if not digest.startswith(internal.source):
             follows = " or ".join(internal.source)
             return f"{internal.where} changed (source sha256 {digest[:16]}, hf_dsv4 follows {follows})"
+    if internal.decides:
+        code = re.sub(r"\s+", " ", inspect.getsource(obj))
+        for line in internal.decides:
+            if re.sub(r"\s+", " ", line) not in code:
+                return f"{internal.where} no longer does `{line}`"
     if internal.assigned is not None:
         if not re.search(rf"self\.{internal.assigned}\b|[\"']{internal.assigned}[\"']", inspect.getsource(obj)):
             return f"{internal.where} no longer sets {internal.assigned}"
@@ -341,15 +361,45 @@ def weights_not_read(capture: dict[str, Any]) -> Iterator[None]:
         PreTrainedModel._load_pretrained_model = original
 
 
-def model_key_of(model: Any, load_config: Any, checkpoint_key: str, meta_state_dict: dict[str, Any]) -> str:
-    """The model's state-dict name that checkpoint tensor `checkpoint_key` is loaded into (a fused tensor's name for
-    each of its parts), by transformers' own renaming and conversion rules."""
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+def model_keys_of(model: Any, load_config: Any, checkpoint_keys: Iterable[str]) -> dict[str, str]:
+    """For each checkpoint key, the model's state-dict name `from_pretrained` loads it into (a fused tensor's name for
+    each of its parts), decided as `convert_and_load_state_dict_in_model` decides: the keys in its order, every
+    renaming and at most one converter, and where the renamed key is not the model's but the key as stored is, the
+    key as stored (base-model prefix added or stripped). The fallback is what loads a `save_pretrained` checkpoint:
+    its `model.norm.weight` would be renamed `model.kv_norm.weight` by the release layout's `.norm.` rule.
+
+    Refused, before any weight is read, where a streamed read could disagree with the load: a conversion plan with an
+    order-dependent renaming (a subclass of `WeightRenaming`, e.g. one activated by the first key it sees: the
+    streamed reader converts one unit at a time, out of the load's order), and two stored tensors that would both
+    load into one model tensor with no converter merging them (the load keeps whichever it reads last)."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
     mapping = load_config.weight_mapping or []
+    stateful = sorted({type(m).__name__ for m in mapping if type(m) not in (WeightRenaming, WeightConverter)})
+    if stateful:
+        raise ValueError(
+            f"the conversion plan of this checkpoint holds {', '.join(stateful)} (renamings that depend on the order "
+            "keys are read in), which a streamed read cannot reproduce unit by unit: load it with stream_weights=False"
+        )
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    return rename_source_key(checkpoint_key, renamings, converters, model.base_model_prefix, meta_state_dict)[0]
+    prefix, meta_state_dict = model.base_model_prefix, model.state_dict()
+    targets, plain = {}, {}
+    for key in sorted(checkpoint_keys, key=dot_natural_key):
+        target, converted = rename_source_key(key, renamings, converters, prefix, meta_state_dict)
+        if target not in meta_state_dict and key in meta_state_dict:
+            target, converted = rename_source_key(
+                key, [], [], base_model_prefix=prefix, meta_state_dict=meta_state_dict
+            )
+        if converted is None and target in plain:
+            raise ValueError(
+                f"checkpoint tensors '{plain[target]}' and '{key}' would both load into '{target}' (renamed, no "
+                "converter merges them): the checkpoint mixes two layouts; keep one of them"
+            )
+        if converted is None:
+            plain[target] = key
+        targets[key] = target
+    return targets
 
 
 def convert_into(model: Any, tensors: dict[str, Any], load_config: Any) -> Any:

@@ -71,6 +71,22 @@ def test_an_instance_attribute_no_longer_set_fails(unchecked, monkeypatch):
         compat.require("accelerate")
 
 
+def test_a_decision_the_reader_reproduces_that_is_gone_fails(unchecked, monkeypatch):
+    """The streamed reader assigns checkpoint keys as `convert_and_load_state_dict_in_model` does; if the lines it
+    reproduces are no longer in that function, the fence says which."""
+    where = "transformers.core_model_loading:convert_and_load_state_dict_in_model"
+    kept = compat.Internal(where, decides=("if renamed_key not in meta_model_state_dict and original_key in",))
+    gone = compat.Internal(where, decides=("renamed_key = original_key  # a rule that is not there",))
+    monkeypatch.setitem(compat.FENCE, "transformers", (">=5.24,<5.26", (kept,)))
+    compat.require("transformers")
+    compat._checked.clear()
+    monkeypatch.setitem(compat.FENCE, "transformers", (">=5.24,<5.26", (kept, gone)))
+    with pytest.raises(
+        compat.UpstreamCompatError, match=r"convert_and_load_state_dict_in_model no longer does `renamed_"
+    ):
+        compat.require("transformers")
+
+
 def test_a_version_outside_the_tested_range_with_every_name_only_warns(unchecked, monkeypatch, caplog):
     monkeypatch.setattr(compat, "installed_version", lambda package: "0.22.0")
     with caplog.at_level(logging.WARNING, logger="hf_dsv4.compat"):

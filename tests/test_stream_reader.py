@@ -48,10 +48,15 @@ def assert_equal_to_stock(read: dict[str, torch.Tensor], path: Path, dtype: torc
         assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
 
 
+def quantized(path: Path) -> bool:
+    """Whether the checkpoint at `path` stores FP8 / FP4 weights (DeepSeek's release)."""
+    return "quantization_config" in json.loads((path / "config.json").read_text())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("layout", ["hub", "release"])
-def test_every_unit_read_equals_stock_from_pretrained(tiny_ckpt, release_ckpt, layout, dtype):
-    path = tiny_ckpt if layout == "hub" else release_ckpt
+def test_every_unit_read_equals_stock_from_pretrained(layout_ckpt, dtype):
+    """In every layout (transformers' own save_pretrained included), each tensor lands where stock puts it."""
+    path = layout_ckpt
     model, stream = streamed(path, dtype)
     assert all(t.is_meta for t in model.state_dict().values())
     assert getattr(model.config, "quantization_config", None) is None  # read dequantized, as stock on CPU
@@ -66,15 +71,12 @@ def chunk_rows(rows: int, pieces: int, index: int) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("pieces", [2, 3])
-@pytest.mark.parametrize("layout", ["hub", "release"])
-def test_a_rank_reads_only_its_rows_and_gets_exactly_the_rows_of_the_whole_read(
-    tiny_ckpt, release_ckpt, layout, pieces
-):
+def test_a_rank_reads_only_its_rows_and_gets_exactly_the_rows_of_the_whole_read(layout_ckpt, pieces):
     """`read(prefix, rows)` (what every rank does with readers="all"): each piece of every parameter equals those rows
     of the whole read, bit for bit, dtype included; buffers come whole. Only the experts in the rows are read, and an
     FP8 weight's rows are widened to its 128-row scale blocks only (a block that straddles two shards is read by
     both)."""
-    path = tiny_ckpt if layout == "hub" else release_ckpt
+    path = layout_ckpt
     _, stream = streamed(path, torch.bfloat16)
     params = {n for n, _ in stream.twin.named_parameters()}
     experts = stream.twin.config.n_routed_experts
@@ -84,7 +86,7 @@ def test_a_rank_reads_only_its_rows_and_gets_exactly_the_rows_of_the_whole_read(
             rows = {n: chunk_rows(t.shape[0], pieces, index) for n, t in unit.items() if n in params}
             plan = stream._row_plan(prefix, rows)
             expert_keys = [k for k in plan.tensors if re.search(r"\.experts\.\d+\.", k)]
-            if prefix and layout == "release":
+            if prefix and quantized(path):
                 start, stop = chunk_rows(experts, pieces, index)
                 assert sorted({int(re.search(r"experts\.(\d+)\.", k)[1]) for k in expert_keys}) == [*range(start, stop)]
                 assert all(plan.tensors[k].get_shape()[0] % 128 == 0 for k in plan.tensors if k.endswith("wq_b.weight"))
@@ -160,6 +162,38 @@ def test_an_unknown_tensor_fails_naming_its_file(tiny_ckpt, tmp_path):
     file = _rewrite(path, "layers.0.attn.wq_a.weight", lambda t: t.update({"layers.0.attn.bogus": torch.ones(2)}))
     with pytest.raises(ValueError, match=rf"{file.name}: tensor 'layers.0.attn.bogus' is not part of the model"):
         streamed(path)
+
+
+def test_a_checkpoint_mixing_two_layouts_of_one_tensor_is_refused_naming_both(tiny_ckpt, tmp_path):
+    """`norm.weight` (DeepSeek's name) and `model.norm.weight` (save_pretrained's) both load into the model's final
+    norm: stock keeps whichever it reads last, the reader refuses before reading any weight."""
+    path = _copy(tiny_ckpt, tmp_path / "ckpt")
+    _rewrite(path, "norm.weight", lambda t: t.update({"model.norm.weight": t["norm.weight"].clone()}))
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint tensors 'model.norm.weight' and 'norm.weight' would both load into 'model.norm.weight'",
+    ):
+        streamed(path)
+
+
+def test_an_order_dependent_renaming_in_the_conversion_plan_is_refused(tiny_ckpt, monkeypatch):
+    """A renaming activated by the first key it sees (transformers' `GroupWeightRename`) gives answers that depend on
+    the order keys are read in; a streamed read goes unit by unit, so it refuses such a plan up front."""
+    from transformers import conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    class OrderDependent(WeightRenaming):
+        pass
+
+    original = conversion_mapping.get_checkpoint_conversion_mapping
+
+    def mapping(model_type):
+        found = original(model_type)
+        return found if model_type != "deepseek_v4" else [*found, OrderDependent(r"\.zzz\.", ".yyy.")]
+
+    monkeypatch.setattr(conversion_mapping, "get_checkpoint_conversion_mapping", mapping)
+    with pytest.raises(ValueError, match=r"holds OrderDependent .* load it with stream_weights=False"):
+        streamed(tiny_ckpt)
 
 
 def test_a_truncated_shard_fails_naming_the_file(tiny_ckpt, tmp_path):

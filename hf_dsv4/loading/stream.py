@@ -58,18 +58,18 @@ class StreamedCheckpoint:
         produced: set[str] = set()
         skipped = []
         ignored = [re.compile(p) for p in getattr(twin, "_keys_to_ignore_on_load_unexpected", None) or ()]
-        for file in self.files:
-            for key in self._open(file).keys():
-                target = compat.model_key_of(twin, load_config, key, meta_state)
-                if target not in meta_state:
-                    if any(p.search(key) or p.search(target) for p in ignored):
-                        skipped.append(key)
-                        continue
-                    raise ValueError(f"{file.name}: tensor '{key}' is not part of the model (as '{target}')")
-                produced.add(target)
-                self.targets[key], self.file_of[key] = target, file
-                unit = next(p for p in self.prefixes if target.startswith(p))  # "" (the rest) comes last
-                self.groups[unit][key] = file
+        files = {key: file for file in self.files for key in self._open(file).keys()}
+        for key, target in compat.model_keys_of(twin, load_config, files).items():
+            file = files[key]
+            if target not in meta_state:
+                if any(p.search(key) or p.search(target) for p in ignored):
+                    skipped.append(key)
+                    continue
+                raise ValueError(f"{file.name}: tensor '{key}' is not part of the model (as '{target}')")
+            produced.add(target)
+            self.targets[key], self.file_of[key] = target, file
+            unit = next(p for p in self.prefixes if target.startswith(p))  # "" (the rest) comes last
+            self.groups[unit][key] = file
         if fp8_block is not None:
             self._check_block_scales(fp8_block)
         missing = sorted(set(meta_state) - produced)
