@@ -180,6 +180,35 @@ def streamed_hub_id(ckpt: str, cache: Path) -> dict:
     return {"opened": opened, **compare_to_reference(model, ref)}
 
 
+def scenario_stream_layouts(scratch: str, *layouts: str) -> dict:
+    """Every checkpoint layout (`name=path` arguments, `hf_dsv4.testing.layouts`) plus our own sharded export (the
+    native layout streamed, sharded and written by `save_pretrained_sharded`), streamed on every rank with readers
+    "rank0" and "all" (the latter within a read budget for bf16), fp32 and bf16: each compared with stock
+    `from_pretrained` of the same folder in one process, bit for bit."""
+    from hf_dsv4 import save_pretrained_sharded
+
+    paths = dict(layout.split("=", 1) for layout in layouts)
+    with memory_efficient_init(stream=True):
+        native = AutoModelForCausalLM.from_pretrained(paths["native"], dtype=torch.bfloat16)
+    shard_model(native)
+    export = Path(scratch) / "exported"
+    save_pretrained_sharded(native, export)
+    dist.barrier()  # rank 0 wrote the export: every rank may open it
+    paths["exported"] = str(export)
+    out = {}
+    for name, path in paths.items():
+        for dtype_name in DTYPES:
+            ref = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype_name])
+            for readers in ("rank0", "all"):
+                budget = _a_third_of_the_largest_shard(ref) if readers == "all" and dtype_name == "bfloat16" else None
+                with memory_efficient_init(stream=True, readers=readers, read_budget=budget):
+                    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype_name])
+                same_table = table(model) == table(ref)
+                shard_model(model)
+                out[f"{name}/{dtype_name}/{readers}"] = {"same_table": same_table, **compare_to_reference(model, ref)}
+    return out
+
+
 def _a_third_of_the_largest_shard(model: torch.nn.Module) -> int:
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     return largest // dist.get_world_size() // 3

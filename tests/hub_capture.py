@@ -27,6 +27,8 @@ def capture_hub_commits(uploads: list[dict], folder: Path | None = None) -> Iter
     counter = itertools.count()
 
     def create_repo(self, repo_id, **kwargs):
+        if "/" not in repo_id:  # the Hub puts a bare name under the token's user
+            repo_id = f"hub-user/{repo_id}"
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def create_commit(self, repo_id, operations, **kwargs):

@@ -95,10 +95,11 @@ ROUTED = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 )
 def test_vllm_3d_keeps_the_experts_fused_where_vllm_reads_them(tiny_ckpt_fp32, tmp_path, parameters):
     """gate_up under `experts.base_layer`, down under `experts`, whatever order peft wrapped them in; each expert's
-    `B_e @ A_e * scaling` (vLLM's split: A expert-major, B rank-major) is peft's delta for that expert bit for bit; an
-    unadapted one of the pair is zeros of its shape; everything else is what format="vllm" writes. format="vllm" of
-    the same adapter splits each expert the same way (peft nests the wrappers in the module's parameter order, not
-    in target_parameters' order: "down-outer" lists down_proj first)."""
+        `B_e @ A_e * scaling` (vLLM's split: A expert-major, B rank-major) is peft's delta for that expert bit for bit; an
+        unadapted one of the pair is zeros of its shape, and format="vllm" writes it as zero factors for every expert (vLLM's
+    per-expert packer asserts w1, w2 and w3); everything else is what format="vllm" writes. format="vllm" of
+        the same adapter splits each expert the same way (peft nests the wrappers in the module's parameter order, not
+        in target_parameters' order: "down-outer" lists down_proj first)."""
     peft_model = _adapter(tiny_ckpt_fp32, "attention", tmp_path / "adapter", target_parameters=parameters)
     flat = load_file(str(export_adapter(tmp_path / "adapter", tmp_path / "vllm") / "adapter_model.safetensors"))
     out = export_adapter(tmp_path / "adapter", tmp_path / "vllm3d", format="vllm-3d")
@@ -132,6 +133,12 @@ def test_vllm_3d_keeps_the_experts_fused_where_vllm_reads_them(tiny_ckpt_fp32, t
                         assert torch.equal(got, want), (n, e, which)
             else:
                 assert not a.any() and not b.any(), (n, kind)
+                for e in range(experts):  # format="vllm": every expert has w1, w2 and w3 (vLLM asserts it), zero
+                    for which in ("w1", "w3") if kind == "gate_up_proj" else ("w2",):
+                        native = f"base_model.model.layers.{n}.ffn.experts.{e}.{which}"
+                        factors = flat[f"{native}.lora_A.weight"], flat[f"{native}.lora_B.weight"]
+                        assert not any(f.any() for f in factors), (n, e, which)
+                        assert factors[0].shape[0] == factors[1].shape[1] == r, (n, e, which)
                 hidden, inter = hf_config.hidden_size, hf_config.moe_intermediate_size
                 shape = (experts, 2 * inter, hidden) if kind == "gate_up_proj" else (experts, hidden, inter)
                 assert delta.shape == shape, (n, kind)

@@ -103,6 +103,21 @@ def test_the_quick_start_in_the_card_runs(local_run, capsys):
     assert printed.startswith("{'role': 'assistant'")
 
 
+def test_the_serving_commands_of_the_card_are_the_readmes_and_run(local_run, tiny_ckpt_fp32, tmp_path):
+    """The card says what the README says (vLLM needs `hf_dsv4.export`, a merge `hf_dsv4.merge`), and both commands,
+    as written there with the adapter and the base it names, run (here through their Python functions)."""
+    from hf_dsv4 import export_adapter, merge_adapter
+
+    trainer, card = local_run
+    folder, base = str(Path(trainer.args.output_dir).resolve()), str(tiny_ckpt_fp32)
+    export = re.search(r"`python -m hf_dsv4\.export (\S+) <out>`", card)
+    merge = re.search(r"`python -m hf_dsv4\.merge (\S+) (\S+) <out>`", card)
+    assert export and merge and "merge_and_unload" not in card and "any engine that supports PEFT" not in card
+    assert export[1] == folder and merge.groups() == (base, folder)
+    assert (export_adapter(export[1], tmp_path / "vllm") / "adapter_model.safetensors").is_file()
+    assert (merge_adapter(merge[1], merge[2], tmp_path / "merged") / "config.json").is_file()
+
+
 def test_full_fine_tuning_gets_a_transformers_card_whose_quick_start_runs(tiny_ckpt_fp32, tmp_path, capsys):
     args = DSV4SFTConfig(tmp_path / "full", max_steps=2, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
                          per_device_train_batch_size=2, learning_rate=1e-4)  # fmt: skip

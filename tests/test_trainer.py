@@ -118,6 +118,25 @@ def test_push_to_hub_uploads_exactly_the_saved_folder_and_a_model_card(checkpoin
     assert "hf_dsv4" in card and "deepseek-v4" in card
 
 
+def test_a_pushed_card_names_the_repo_the_trainer_created_not_a_local_folder(checkpoint, tmp_path):
+    """push_to_hub without hub_model_id: the Trainer creates the repo from the output folder's name; the card's quick
+    start and serving commands name that repo, which is where its reader finds the adapter."""
+    uploads: list[dict] = []
+    out = tmp_path / "dsv4-lora-pushed"
+    with capture_hub_commits(uploads):
+        trainer = DSV4SFTTrainer(
+            str(checkpoint), args=_args(out, max_steps=1, push_to_hub=True, hub_token="hf_test"),
+            train_dataset=Dataset.from_list(_rows(2)), peft_config=dsv4_lora_config(r=4, alpha=8),
+        )  # fmt: skip
+        trainer.train()
+        trainer.push_to_hub()
+    repo = uploads[-1]["repo_id"]
+    card = uploads[-1]["files"]["README.md"].decode()
+    assert repo.endswith("dsv4-lora-pushed") and trainer.hub_model_id == repo
+    assert f"PeftModel.from_pretrained(base, {repo!r})" in card
+    assert f"`python -m hf_dsv4.export {repo} <out>`" in card and str(out) not in card
+
+
 def test_text_prompt_completion_rows_train_the_completion(checkpoint, tmp_path):
     rows = [{"prompt": f"Count to {i}:", "completion": " " + " ".join(map(str, range(1, i + 1)))} for i in range(2, 6)]
     trainer = DSV4SFTTrainer(

@@ -32,6 +32,17 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def adapter_folder(adapter: str | os.PathLike) -> Path:
+    """The local folder of a saved PEFT adapter: `adapter` itself when it is a folder, else a Hub repo id whose
+    adapter files are fetched into (or found in) the Hugging Face cache, as `PeftModel.from_pretrained` finds them."""
+    if os.path.isdir(adapter):
+        return Path(adapter)
+    from huggingface_hub import snapshot_download
+
+    patterns = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, "*.json", "*.jinja", "*.md", "*.model", "*.txt"]
+    return Path(snapshot_download(str(adapter), allow_patterns=patterns))
+
+
 def peft_model_of(model: nn.Module):
     """The `PeftModel` in `model`'s tree (the model itself, or inside a wrapper), or None."""
     from peft import PeftModel

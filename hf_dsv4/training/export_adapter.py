@@ -14,7 +14,8 @@ exported pair's `B @ A * scaling` equals, bit for bit, the slice of peft's own d
 `enable_mixed_moe_lora_format=True` and a `LoRARequest(..., is_3d_lora_weight=True)`): `layers.N.ffn.experts.base_layer`
 holds gate_up (`lora_A [E*r, H]`, `lora_B [2I, E*r]`, gate the first half of 2I) and `layers.N.ffn.experts` holds down
 (`lora_A [E*r, I]`, `lora_B [H, E*r]`), whatever order peft wrapped them in; a layer that adapts only one of the two
-gets zero factors for the other (a zero update), since vLLM reads the pair by position.
+gets zero factors for the other (a zero update), since vLLM reads the pair by position; likewise "vllm" writes zero
+w2 (or w1 and w3) factors for every expert of such a layer: vLLM's per-expert packer asserts all three are present.
 
     python -m hf_dsv4.export ADAPTER_DIR OUT_DIR [--format vllm|vllm-3d]
 """
@@ -31,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import compat
+from .adapter import adapter_folder
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +92,15 @@ def _split_experts(
     return out
 
 
-def _fused_experts(
+def _both_of_each_pair(
     fused: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], r: int
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """vllm-3d: each native experts module's fused factors under vLLM's positions (`FUSED`), a missing one of the
-    pair as zeros of its shape (gate_up `[E*r, H]` / `[2I, E*r]` <-> down `[E*r, I]` / `[H, E*r]`)."""
+) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Each native experts module's fused factors by kind, a missing one of the pair as zeros of its shape (gate_up
+    `[E*r, H]` / `[2I, E*r]` <-> down `[E*r, I]` / `[H, E*r]`): vLLM reads gate_up and down as a pair (vllm-3d) and
+    its per-expert packer asserts w1, w2 and w3 are all present (vllm); a zero pair is a zero update."""
     out = {}
     for module, kinds in fused.items():
+        kinds = dict(kinds)
         for kind, (a, b) in kinds.items():
             if kind not in FUSED:
                 raise ValueError(f"{module}: unknown routed-expert parameter {kind!r}")
@@ -108,10 +112,9 @@ def _fused_experts(
             else:  # gate_up: [E*r, H] / [2I, E*r]
                 missing, shapes = "gate_up_proj", ((a.shape[0], b.shape[0]), (2 * a.shape[1], b.shape[1]))
             kinds[missing] = (a.new_zeros(shapes[0]), b.new_zeros(shapes[1]))
-            logger.info("%s: %s is not adapted; written as zero factors (vLLM reads gate_up and down as a pair)",
+            logger.info("%s: %s is not adapted; written as zero factors (vLLM reads gate_up and down together)",
                         module, missing)  # fmt: skip
-        for kind, pair in kinds.items():
-            out[module + FUSED[kind]] = pair
+        out[module] = kinds
     return out
 
 
@@ -122,7 +125,7 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, format: str = "
     the adapter (tokenizer, chat template, model card) are copied along."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    adapter_dir, out_dir = adapter_folder(adapter_dir), Path(out_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{adapter_dir}: a LoRA adapter is needed, got peft_type {config.get('peft_type')!r}")
@@ -150,15 +153,17 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, format: str = "
         else:
             native = compat.checkpoint_module_name("deepseek_v4", f"{base}.weight").removesuffix(".weight")
             exported[native] = (factors["A"], factors["B"])
-    fused: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # vllm-3d: native experts module -> kind
+    fused: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # native experts module -> kind -> (A, B)
     for base, by_depth in experts.items():
         for kind, (a, b) in _expert_kinds(f"{adapter_dir}: {base}", by_depth, listed).items():
             native = compat.checkpoint_module_name("deepseek_v4", f"{base}.{kind}").removesuffix(f".{kind}")
+            fused.setdefault(native, {})[kind] = (a, b)
+    for native, kinds in _both_of_each_pair(fused, config["r"]).items():
+        for kind, (a, b) in kinds.items():
             if format == "vllm-3d":
-                fused.setdefault(native, {})[kind] = (a, b)
+                exported[native + FUSED[kind]] = (a, b)
             else:
                 exported |= _split_experts(native, kind, a, b, config["r"])
-    exported |= _fused_experts(fused, config["r"])
     ignored = sorted(n for n in exported if any(part in n for part in IGNORED_BY_VLLM))
     if ignored:
         logger.warning("vLLM loads but does not apply LoRA on %d module(s), e.g. %s", len(ignored), ignored[0])

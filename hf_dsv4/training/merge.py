@@ -31,6 +31,7 @@ from ..loading.stream import open_streamed
 from ..loading.units import layer_units
 from ..sharding.export import SHARD_FILE
 from ..sharding.streamed import reader_names
+from .adapter import adapter_folder
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def merge_adapter(
     from ..template import detect_effort_profile, install_chat_template
 
     compat.require("peft", "transformers")
-    adapter_dir, out = Path(adapter_dir), Path(out_dir)
+    adapter_dir, out = adapter_folder(adapter_dir), Path(out_dir)
     config = LoraConfig.from_pretrained(adapter_dir)
     base_config = AutoConfig.from_pretrained(base)
     if type(base_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:

@@ -161,7 +161,7 @@ def model_card(trainer: Any, model_name: str | None = None, dataset_name: str | 
     name_or_path = getattr(unwrapped.config, "name_or_path", None)
     base_id, base_text = base_reference(name_or_path)
     data_id, data_text = dataset_reference(dataset_name)
-    adapter = args.hub_model_id if args.hub_model_id else os.path.abspath(args.output_dir)
+    adapter = repo_or_folder(trainer)
     extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
     card_tags = sorted({*TAGS, "lora" if peft_config is not None else "full-fine-tuning", *extra_tags})
 
@@ -201,8 +201,7 @@ def model_card(trainer: Any, model_name: str | None = None, dataset_name: str | 
         "",
         "The tokenizer's chat template renders DeepSeek-V4's prompt format byte for byte (thinking and chat modes, "
         "tools, reasoning effort); `parse_completion` turns the generated text, DSML tool calls included, back into "
-        "a message. To serve the model, load the base with this adapter in any engine that supports PEFT LoRA "
-        "adapters, or merge it into the base with `PeftModel.merge_and_unload()`.",
+        "a message. " + serving(peft_config is not None, adapter, base_for_code),
         "",
         "## Training",
         "",
@@ -232,6 +231,26 @@ def model_card(trainer: Any, model_name: str | None = None, dataset_name: str | 
         lines += ["", f"Final eval loss: {final_eval:.4f}."]
     lines += ["", "## Framework versions", "", *versions()]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def repo_or_folder(trainer: Any) -> str:
+    """Where a reader of the card finds this model: its Hub repo when it is pushed (`hub_model_id`, or the id the
+    Trainer created for the push from the output folder's name), else the output folder."""
+    args = trainer.args
+    repo = args.hub_model_id or (getattr(trainer, "hub_model_id", None) if args.push_to_hub else None)
+    return repo or os.path.abspath(args.output_dir)
+
+
+def serving(adapter: bool, where: str, base: str) -> str:
+    """The card's serving sentence: the commands the README gives (vLLM reads DeepSeek-V4 LoRA under the checkpoint's
+    own names, so the adapter is exported first; a merge reads the base one decoder layer at a time)."""
+    if not adapter:
+        return "The folder is a transformers checkpoint: serve it as one (`vllm serve <folder>`)."
+    return (
+        f"To serve it with vLLM, export it to DeepSeek-V4's checkpoint names first: `python -m hf_dsv4.export {where} "
+        f"<out>`, then `vllm serve {base} --enable-lora --lora-modules adapter=<out>`; or merge it into its base, one "
+        f"decoder layer at a time: `python -m hf_dsv4.merge {base} {where} <out>` (a bf16 checkpoint any engine serves)."
+    )
 
 
 def _value(option: Any) -> Any:
