@@ -452,6 +452,35 @@ def test_lenient_unwraps_a_spurious_arguments_or_input_parameter_when_the_schema
     assert lenient(body, tools=[WEATHER])["tool_calls"] == unwrapped
 
 
+SHELL = {"type": "function", "function": {"name": "shell", "parameters": {"type": "object", "required": ["command"],
+         "properties": {"command": {"type": "string"}, "timeout": {"type": "integer"}}}}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"arguments": "cd /x && ls"}',  # the invoke's body a JSON object with a scalar under a spurious key
+        param("arguments", "cd /x && ls"),  # the same as an XML parameter
+        param("arguments", '"cd /x && ls"', string=False),  # ... holding a JSON string
+    ],
+    ids=["json", "xml", "xml-json-string"],
+)
+def test_lenient_gives_a_wrapped_scalar_to_the_one_required_string_parameter(body):
+    """SGLang's DeepSeek-V4 detector recovers these: for a tool whose schema has exactly one required parameter, a
+    string one, a scalar under a spurious `arguments` key is that parameter."""
+    text = block(invoke("shell", body))
+    assert lenient(text, tools=[SHELL])["tool_calls"] == [call(0, "shell", '{"command": "cd /x && ls"}')]
+    assert lenient(text)["tool_calls"] == [call(0, "shell", '{"arguments": "cd /x && ls"}')]  # no schema: kept
+    two_required = json.loads(json.dumps(SHELL))
+    two_required["function"]["parameters"]["required"] = ["command", "timeout"]
+    assert lenient(text, tools=[two_required])["tool_calls"] == [call(0, "shell", '{"arguments": "cd /x && ls"}')]
+    not_a_string = json.loads(json.dumps(SHELL))
+    not_a_string["function"]["parameters"]["properties"]["command"] = {"type": "array"}
+    assert lenient(text, tools=[not_a_string])["tool_calls"] == [call(0, "shell", '{"arguments": "cd /x && ls"}')]
+    with pytest.raises(DSMLParseError):  # strict: the grammar only
+        parse_completion(text, "chat", tools=[SHELL])
+
+
 def test_a_tool_that_declares_an_arguments_parameter_keeps_it():
     runner = {"type": "function", "function": {"name": "run", "parameters": {
         "type": "object", "properties": {"arguments": {"type": "object"}}}}}  # fmt: skip

@@ -44,7 +44,8 @@ Decisions:
     whose body is a JSON object instead of parameter tags takes that object as its arguments; arguments wrapped in
     a single spurious `arguments` or `input` key (a JSON object, or a parameter tag holding one) are unwrapped when
     the tool's schema makes that unambiguous: the tool is known, does not declare that key, and declares every key
-    inside (a tool that really has an `arguments` parameter keeps it).
+    inside (a tool that really has an `arguments` parameter keeps it); a scalar text so wrapped (a JSON value or a
+    parameter tag) is the tool's one required parameter when the schema has exactly one and it is a string.
 """
 
 from __future__ import annotations
@@ -353,20 +354,34 @@ _WRAPPERS = ("arguments", "input")
 
 
 def _unwrapped(arguments: dict[str, Any], schema: Any) -> dict[str, Any]:
-    """`arguments` without a spurious single wrapper key (`arguments` / `input`, holding an object or the JSON text
-    of one), when `schema` makes it unambiguous: it declares its properties, not the wrapper, and every inner key."""
+    """`arguments` without a spurious single wrapper key (`arguments` / `input`), when `schema` makes it unambiguous
+    (it declares its properties, not the wrapper): holding an object or the JSON text of one whose every key the schema
+    declares, that object; holding any other text, for a tool with exactly one required parameter, a string one
+    (`{"arguments": "cd /x && ls"}` for a tool that requires `command`), that text as that parameter."""
     if len(arguments) != 1 or not isinstance(schema, Mapping) or not isinstance(schema.get("properties"), Mapping):
         return arguments
     (key, inner), properties = next(iter(arguments.items())), schema["properties"]
     if key not in _WRAPPERS or key in properties:
         return arguments
-    if isinstance(inner, str):
-        ok, inner, _ = _loads(inner)
-        if not ok:
-            return arguments
+    text = inner if isinstance(inner, str) else None
+    if text is not None:
+        ok, inner, _ = _loads(text)
+        if not ok or not isinstance(inner, dict):
+            return _as_the_one_required_string(text, schema) or arguments
     if not isinstance(inner, dict) or not inner or any(k not in properties for k in inner):
         return arguments
     return inner
+
+
+def _as_the_one_required_string(text: str, schema: Mapping) -> dict[str, Any] | None:
+    """`{name: text}` when `schema` requires exactly one parameter, `name`, and it is a string; else None (nothing
+    says where the text belongs)."""
+    required = schema.get("required")
+    if isinstance(required, list) and len(required) == 1 and required[0] in schema["properties"]:
+        types = _schema_types(schema["properties"][required[0]])
+        if types is not None and "string" in types:
+            return {required[0]: text}
+    return None
 
 
 def _loads(raw: str) -> tuple[bool, Any, int]:
