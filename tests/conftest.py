@@ -89,17 +89,17 @@ def release_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", params=["native", "release", "saved_from_config", "saved_from_native",
                                          "saved_from_release", "saved_sharded", "hf_cache", "merged"])  # fmt: skip
 def layout_ckpt(request, tmp_path_factory) -> Path:
-    """The tiny DeepSeek-V4 in each checkpoint layout `from_pretrained` accepts (`hf_dsv4.testing.layouts`: DeepSeek's
+    """The tiny DeepSeek-V4 in each checkpoint layout `from_pretrained` accepts (`checkpoints.ALL_LAYOUTS`: DeepSeek's
     native names and release, transformers' `save_pretrained` of a config-built and of a loaded model, single-file and
     sharded, a Hugging Face cache snapshot, our own merge); a test that takes it runs once per layout. Read-only."""
-    from hf_dsv4.testing.layouts import LAYOUTS, build_layout
+    from checkpoints import ALL_LAYOUTS, build_checkpoint
 
-    assert request.param in LAYOUTS
+    assert request.param in ALL_LAYOUTS
     if request.param == "native":
         return request.getfixturevalue("tiny_ckpt")
     if request.param == "release":
         return request.getfixturevalue("release_ckpt")
-    return build_layout(request.param, tmp_path_factory.mktemp("layouts") / request.param)
+    return build_checkpoint(request.param, tmp_path_factory.mktemp("layouts") / request.param)
 
 
 @pytest.fixture(scope="session")

@@ -354,6 +354,101 @@ def test_full_fine_tuning_saves_a_complete_model_that_reloads(runs):
     assert [p.name for p in gathered.glob("model*.safetensors")] == ["model.safetensors"]
 
 
+# ------------------------------------------------------------- round trips: our outputs back into the main job
+
+
+@pytest.fixture(scope="module")
+def round_trips(runs, tmp_path_factory) -> dict:
+    """What users do next with what the main job wrote, each on 2 ranks through the main job, streamed (the default)
+    and, as the oracle, loaded whole on rank 0 by stock from_pretrained (`--stream_weights false`):
+    (a) continue full fine-tuning from the sharded export and from the FULL_STATE_DICT save;
+    (b) train on the checkpoint `merge_adapter` wrote from the 2-rank LoRA run;
+    (c) train LoRA on the same weights in three layouts (DeepSeek's names, transformers' save_pretrained, a Hugging
+        Face cache snapshot) and export each adapter for vLLM."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_dsv4 import export_adapter, merge_adapter
+    from hf_dsv4.testing.layouts import as_hf_cache
+
+    out = tmp_path_factory.mktemp("round_trips")
+    base, data = runs["model"], out / "short.jsonl"
+    shutil.copy(runs["dirs"]["fsdp"].parent / "short.jsonl", data)
+    merged = merge_adapter(base, runs["dirs"]["fsdp"], out / "merged", dtype=torch.float32)
+    saved = out / "saved_fp32"
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).save_pretrained(saved)
+    for file in base.iterdir():  # the tokenizer and its chat template
+        if file.name != "config.json" and ".safetensors" not in file.name:
+            shutil.copy(file, saved)
+    snapshot = as_hf_cache(base, out / "hub")
+    common = ["--dataset_name", str(data), "--dtype", "float32", "--max_length", "256", "--max_steps", "2",
+              "--logging_steps", "1", "--save_steps", "100", "--per_device_train_batch_size", "2",
+              "--learning_rate", "0.005", "--report_to", "none", "--seed", "42", "--sparse_attention", "false"]  # fmt: skip
+    full, lora, loaded = ["--use_peft", "false"], ["--lora_target_modules", "all"], ["--stream_weights", "false"]
+    plan = {
+        "export_streamed": [runs["dirs"]["full"], full], "export_loaded": [runs["dirs"]["full"], full + loaded],
+        "gathered_streamed": [runs["dirs"]["full_gathered"], full],
+        "gathered_loaded": [runs["dirs"]["full_gathered"], full + loaded],
+        "merged_streamed": [merged, lora], "merged_loaded": [merged, lora + loaded],
+        "lora_native": [base, lora], "lora_saved": [saved, lora], "lora_cache": [snapshot, lora],
+    }  # fmt: skip
+    started = [
+        _start(name, CPU_2PROC, RECIPE,
+               [*common, "--model_name_or_path", str(model), *extra, "--output_dir", str(out / name)], out)
+        for name, (model, extra) in plan.items()
+    ]  # fmt: skip
+    results = {run.name: _wait(run, out / run.name) for run in started}
+    exported = {}
+    for name in ("lora_native", "lora_saved", "lora_cache"):
+        folder = export_adapter(out / name, out / f"{name}_vllm")
+        exported[name] = load_file(folder / "adapter_model.safetensors")
+    return {"results": results, "merged": merged, "exported": exported, "base": base, "adapter": runs["dirs"]["fsdp"]}
+
+
+def test_continuing_from_our_own_full_fine_tuning_outputs_streams_them_as_stock_loads_them(round_trips, runs):
+    """(a) The sharded export and the FULL_STATE_DICT save of full fine-tuning, read back by the main job's default
+    streamed loader: the same losses as rank 0 loading them with stock from_pretrained, and not the base's."""
+    results = round_trips["results"]
+    streamed, loaded = _losses(results["export_streamed"]), _losses(results["export_loaded"])
+    assert sorted(streamed) == [1, 2] and streamed == loaded
+    assert _losses(results["gathered_streamed"]) == _losses(results["gathered_loaded"])
+    assert streamed[1] != _losses(runs["full"])[1]  # it continues from the trained model, not from the base
+
+
+def test_training_on_a_merged_checkpoint_streams_it_and_it_computes_base_plus_adapter(round_trips):
+    """(b) LoRA -> merge_adapter -> the main job streams the merged checkpoint (as stock loads it), whose logits are
+    base + adapter (peft's PeftModel) to float32 rounding, judged against float64 (`numerics`)."""
+    import copy
+
+    from numerics import assert_as_accurate_as_stock
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    results = round_trips["results"]
+    assert _losses(results["merged_streamed"]) == _losses(results["merged_loaded"])
+    merged = AutoModelForCausalLM.from_pretrained(round_trips["merged"], dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(round_trips["base"], dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, round_trips["adapter"])
+    ids = torch.randint(3, 500, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got, want = merged(ids).logits, reference(ids).logits
+        in_float64 = copy.deepcopy(reference).double()
+        in_float64.get_base_model().set_experts_implementation("eager")  # grouped_mm has no float64
+        truth = in_float64(ids).logits
+    assert_as_accurate_as_stock(got, want, truth, "logits")
+
+
+def test_an_adapter_trained_on_any_layout_of_the_same_weights_exports_the_same_tensors(round_trips):
+    """(c) DeepSeek's names, transformers' save_pretrained and a Hugging Face cache snapshot of the same weights:
+    the same training (losses) and, exported for vLLM, the same tensors bit for bit."""
+    results, exported = round_trips["results"], round_trips["exported"]
+    assert _losses(results["lora_native"]) == _losses(results["lora_saved"]) == _losses(results["lora_cache"])
+    native = exported["lora_native"]
+    assert len(native) > 20 and any(".ffn.experts.0.w1." in k for k in native)
+    for name in ("lora_saved", "lora_cache"):
+        assert sorted(exported[name]) == sorted(native), name
+        assert all(torch.equal(exported[name][k], native[k]) for k in native), name
+
+
 # ------------------------------------------------------------- many machines: 2 "machines" x 2 processes, one host
 
 

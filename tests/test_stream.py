@@ -176,11 +176,11 @@ def test_a_budgeted_stream_sends_rank_0s_adapter_draw_and_fails_on_every_rank(bu
 
 @pytest.fixture(scope="module")
 def every_layout(tmp_path_factory, tiny_ckpt, release_ckpt) -> list[dict]:
-    from hf_dsv4.testing.layouts import LAYOUTS, build_layout
+    from checkpoints import ALL_LAYOUTS, build_checkpoint
 
     root = tmp_path_factory.mktemp("layouts_2_ranks")
     paths = {"native": tiny_ckpt, "release": release_ckpt}
-    paths |= {name: build_layout(name, root / name) for name in LAYOUTS if name not in paths}
+    paths |= {name: build_checkpoint(name, root / name) for name in ALL_LAYOUTS if name not in paths}
     args = [f"{name}={path}" for name, path in paths.items()]
     return run_ranks("stream_layouts", root, str(root / "scratch"), *args, timeout=380)
 
@@ -190,11 +190,11 @@ def test_every_layout_and_our_own_export_stream_into_stock_shards_bit_for_bit(ev
     the loaded native and release checkpoints, single file and sharded), a Hugging Face cache snapshot, our own merge
     and our own sharded export: on 2 ranks, readers rank0 and all (bf16: in pieces within a read budget), fp32 and
     bf16, every parameter, buffer and the logits equal stock from_pretrained's."""
-    from hf_dsv4.testing.layouts import LAYOUTS
+    from checkpoints import ALL_LAYOUTS
 
     for rank, result in enumerate(every_layout):
         cases = {case.split("/")[0] for case in result}
-        assert cases == {*LAYOUTS, "exported"}, cases
+        assert cases == {*ALL_LAYOUTS, "exported"}, cases
         assert len(result) == len(cases) * 4
         for case, got in result.items():
             assert got["same_table"], (rank, case)

@@ -9,7 +9,9 @@ merging and exporting are tested against (`tests/conftest.py`'s `layout_ckpt` ru
 - "saved_sharded": the same as "saved_from_native", in several files + index (`max_shard_size`);
 - "hf_cache": "native" as the Hugging Face cache holds a download (`models--org--name/snapshots/<commit>/`, each
   file a link into `blobs/`); the snapshot folder is returned;
-- "merged": `hf_dsv4.merge_adapter` of a LoRA adapter (peft's `save_pretrained`) into "native": our own output.
+
+Our own outputs (`merge_adapter`, `save_pretrained_sharded`) are built by the tests (`tests/checkpoints.py`,
+`tests/dist_worker.py`): this package imports only the chat format.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from .tokenizer import tiny_tokenizer
 
 LAYOUTS = (
     "native", "release", "saved_from_config", "saved_from_native", "saved_from_release", "saved_sharded", "hf_cache",
-    "merged",
 )  # fmt: skip
 HF_CACHE_REPO = "hf-dsv4/tiny"
 
@@ -52,8 +53,8 @@ def _saved_from_config(path: Path, seed: int) -> Path:
     return path
 
 
-def _hf_cache(native: Path, path: Path) -> Path:
-    """`native` laid out as huggingface_hub's cache keeps a download of `HF_CACHE_REPO` at one commit."""
+def as_hf_cache(native: Path, path: Path) -> Path:
+    """The checkpoint folder `native` laid out as huggingface_hub's cache keeps a download of `HF_CACHE_REPO` at one commit."""
     repo = path / f"models--{HF_CACHE_REPO.replace('/', '--')}"
     commit = hashlib.sha1(b"hf_dsv4 tiny").hexdigest()
     snapshot = repo / "snapshots" / commit
@@ -66,25 +67,6 @@ def _hf_cache(native: Path, path: Path) -> Path:
         shutil.copyfile(file, blob)
         os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
     return snapshot
-
-
-def _merged(native: Path, path: Path, seed: int) -> Path:
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from ..training.lora import dsv4_lora_config
-    from ..training.merge import merge_adapter
-
-    model = AutoModelForCausalLM.from_pretrained(native, dtype=torch.float32, use_kernels=False)
-    peft_model = get_peft_model(model, dsv4_lora_config(r=4, alpha=8, targets="all"))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    adapter = path.parent / f"{path.name}_adapter"
-    peft_model.save_pretrained(adapter)
-    return merge_adapter(native, adapter, path)
 
 
 def build_layout(layout: str, path: str | Path, seed: int = 0) -> Path:
@@ -105,6 +87,4 @@ def build_layout(layout: str, path: str | Path, seed: int = 0) -> Path:
         return _resave(native, path)
     if layout == "saved_sharded":
         return _resave(native, path, max_shard_size="64KB")
-    if layout == "hf_cache":
-        return _hf_cache(native, path)
-    return _merged(native, path, seed)
+    return as_hf_cache(native, path)
