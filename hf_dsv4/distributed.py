@@ -1,7 +1,7 @@
 """The few torch.distributed facts and one failure rule that every hf_dsv4 layer shares.
 
 - `is_distributed()`, `rank()`, `is_main()`: where this process stands (one process counts as rank 0 of 1).
-- `local_device()`: this rank's compute device, its GPU under NCCL, else the CPU.
+- `local_device()`: this rank's compute device, its GPU (cuda:LOCAL_RANK) under a CUDA backend, else the CPU.
 - `every_rank_raises()` and `on_source(fn)`: collectives under which a failure on one rank is raised on every rank,
   as the *same* exception (its type, message and cause chain), so no rank goes on to wait in a later collective. The
   rank that failed re-raises its own exception object; the others raise an unpickled copy with a note naming the rank.
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import traceback
 from collections.abc import Callable, Iterator
@@ -38,11 +39,34 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def drives_cuda(backend: str) -> bool:
+    """Whether a process group backend string runs collectives on CUDA tensors: "nccl", or a per-device string with a
+    cuda entry, as accelerate initialises with CPU offload or FULL_STATE_DICT ("cuda:nccl,cpu:gloo")."""
+    backend = str(backend).lower()
+    if ":" not in backend:
+        return backend == "nccl"
+    return any(part.split(":", 1)[0].strip() == "cuda" for part in backend.split(","))
+
+
 def local_device() -> torch.device:
-    """This rank's compute device: its current GPU under NCCL, else the CPU."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """This rank's compute device: under a CUDA backend its GPU, cuda:LOCAL_RANK (the launcher's one GPU per rank on
+    each machine) made the current device if it is not (NCCL's object collectives run on the current device: a script
+    that only called `init_process_group("nccl")` would put every rank's on cuda:0); else the CPU."""
+    if not (dist.is_available() and dist.is_initialized() and torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not drives_cuda(dist.get_backend()):
+        return torch.device("cpu")
+    local_rank = os.environ.get("LOCAL_RANK")
+    index = torch.cuda.current_device()
+    if local_rank is not None and int(local_rank) != index:
+        if int(local_rank) >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"rank {dist.get_rank()}: LOCAL_RANK={local_rank} but this machine shows {torch.cuda.device_count()} "
+                "GPU(s): launch at most one process per GPU (CUDA_VISIBLE_DEVICES)"
+            )
+        index = int(local_rank)
+        torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def all_gather_object(obj: Any) -> list[Any]:

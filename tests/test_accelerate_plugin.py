@@ -118,3 +118,22 @@ def test_plugin_rejects_what_it_cannot_do(monkeypatch, env, message):
         monkeypatch.setenv(key, value)
     with pytest.raises(ValueError, match=re.escape(message)):
         DSV4FSDP2Plugin()
+
+
+def test_accelerates_bf16_policy_reduces_gradients_in_fp32_and_leaves_outputs_uncast():
+    """accelerate turns `mixed_precision: bf16` into param, reduce and output dtype bf16 for every group; the sharded
+    model gets fp32 gradient reduction and uncast outputs (what the launch configs promise); a policy chosen with
+    another reduction dtype is kept as it is."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from hf_dsv4.training.accelerate_plugin import fp32_reduction
+
+    plugin = DSV4FSDP2Plugin()
+    plugin.set_mixed_precision("bf16")
+    assert (plugin.mixed_precision_policy.reduce_dtype, plugin.mixed_precision_policy.output_dtype) == (
+        torch.bfloat16, torch.bfloat16)  # fmt: skip
+    policy = fp32_reduction(plugin.mixed_precision_policy)
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32, None)
+    chosen = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float16)
+    assert fp32_reduction(chosen) is chosen and fp32_reduction(None) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from dist_launch import run_ranks
 
 from hf_dsv4.distributed import all_gather_object, every_rank_raises, is_distributed, is_main, local_device, on_source
@@ -13,6 +14,36 @@ def test_one_process_is_rank_0_of_1_on_the_cpu():
     assert (is_distributed(), this_rank(), is_main()) == (False, 0, True)
     assert str(local_device()) == "cpu"
     assert all_gather_object({"a": 1}) == [{"a": 1}]
+
+
+@pytest.mark.parametrize(
+    ("backend", "cuda"),
+    [("nccl", True), ("cuda:nccl,cpu:gloo", True), ("cpu:gloo,cuda:nccl", True), ("cpu:gloo, cuda:nccl", True),
+     ("gloo", False), ("cpu:gloo", False), ("NCCL", True)],
+)  # fmt: skip
+def test_the_device_follows_every_backend_string_accelerate_can_produce(backend, cuda, monkeypatch):
+    """accelerate initialises "cuda:nccl,cpu:gloo" under CPU offload or FULL_STATE_DICT: still this rank's GPU, and
+    that GPU is cuda:LOCAL_RANK, made current (NCCL's object collectives run on the current device)."""
+    import torch.distributed as dist
+
+    from hf_dsv4 import distributed
+
+    current = {"device": 0}
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["device"])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: current.update(device=index))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.drives_cuda(backend) is cuda
+    assert local_device() == (torch.device("cuda", 3) if cuda else torch.device("cpu"))
+    assert current["device"] == (3 if cuda else 0)
+    if cuda:
+        monkeypatch.setenv("LOCAL_RANK", "5")
+        with pytest.raises(RuntimeError, match=r"rank 3: LOCAL_RANK=5 but this machine shows 4 GPU\(s\)"):
+            local_device()
 
 
 def test_in_one_process_every_rank_raises_lets_the_exception_through_unchanged():

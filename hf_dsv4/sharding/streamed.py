@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..distributed import local_device
 from ..loading.stream import StreamedCheckpoint
 from ..loading.units import layer_units, non_persistent_buffers, pretrained_models
 from .layout import ShardingError
@@ -116,8 +117,13 @@ def broadcast_initial_adapter(model: nn.Module, initial: dict[str, torch.Tensor]
 
     if any(ADAPTER_SEED in m.__dict__ for m in model.modules()):
         return
+    device = local_device()  # the factors are drawn on CPU; NCCL broadcasts only CUDA tensors (GPU-only path)
     for key in sorted(initial):
-        dist.broadcast(initial[key], src=0)
+        tensor = initial[key]
+        sent = tensor.to(device)
+        dist.broadcast(sent, src=0)
+        if sent is not tensor:
+            tensor.copy_(sent)
 
 
 def streamed_buffers(model: nn.Module, stream: StreamedCheckpoint) -> dict[str, torch.Tensor]:

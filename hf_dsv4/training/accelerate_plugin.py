@@ -35,7 +35,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, DynamoBackend, FullyShardedDataParallelPlugin
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
 from .. import compat
 from ..sharding import shard_model
@@ -172,12 +172,25 @@ class DSV4Accelerator(Accelerator):
             model,
             mesh=mesh,
             reshard_after_forward=plugin.reshard_after_forward,
-            mixed_precision=plugin.mixed_precision_policy,
+            mixed_precision=fp32_reduction(plugin.mixed_precision_policy),
             cpu_offload=isinstance(plugin.cpu_offload, CPUOffloadPolicy),
         )
         for optimizer in optimizers:
             _switch_to_sharded(optimizer, model, names)
         compat.register_prepared_model(self, model)
+
+
+def fp32_reduction(policy: MixedPrecisionPolicy | None) -> MixedPrecisionPolicy | None:
+    """The policy FSDP2 gets from accelerate's `mixed_precision` ("bf16": parameters, gradient reduction and every
+    group's output in bf16), with gradients reduced in fp32 and outputs left in the dtype they are computed in, as
+    the launch configs say: LoRA gradients are small and summed over ranks, and the loss is not rounded to bf16. A
+    policy whose reduction dtype differs from its parameters' was chosen on purpose and is kept."""
+    if policy is None or policy.param_dtype is None or policy.reduce_dtype != policy.param_dtype:
+        return policy
+    return MixedPrecisionPolicy(
+        param_dtype=policy.param_dtype, reduce_dtype=torch.float32, output_dtype=None,
+        cast_forward_inputs=policy.cast_forward_inputs,
+    )  # fmt: skip
 
 
 def _switch_to_sharded(optimizer: torch.optim.Optimizer, model: nn.Module, names: dict[nn.Parameter, str]) -> None:
