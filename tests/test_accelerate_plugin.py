@@ -95,7 +95,7 @@ def test_optimizer_steps_the_sharded_parameters_on_every_rank(runs, tiny_counts)
     for result in runs["dsv4"]:
         assert result["optimizer_is_model"]
         assert result["step_changed"] == tiny_counts["with_grad"]  # every parameter with a gradient
-        assert result["step_not_close"] == []  # = one single-process SGD step on the mean loss
+        assert result["step_not_as_accurate"] == []  # = one single-process SGD step on the mean loss (numerics)
 
 
 def test_plugin_reads_accelerate_launch_environment(monkeypatch):

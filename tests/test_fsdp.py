@@ -43,7 +43,7 @@ def test_mismatched_model_raises_the_same_error_on_every_rank(parity):
 def test_fp32_data_parallel_gradients_equal_single_process_mean(train, tiny_counts):
     for result in train:
         grads = result["grad_parity"]
-        assert grads["none_mismatch"] == [] and grads["not_close"] == []
+        assert grads["none_mismatch"] == [] and grads["not_as_accurate"] == []  # judged against float64 (numerics)
         assert grads["with_grad"] == tiny_counts["with_grad"]
         # the lightning indexer gets no gradient from the LM loss, with or without FSDP
         assert all(".compressor.indexer." in n for n in grads["without_grad"])

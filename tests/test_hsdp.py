@@ -41,8 +41,7 @@ def test_weights_buffers_and_logits_equal_single_process_bit_for_bit(ranks, tiny
 def test_fp32_gradients_equal_the_single_process_mean_over_the_four_batches(ranks, tiny_counts):
     for result in ranks:
         grads = result["grad_parity"]
-        assert grads["none_mismatch"] == [] and grads["not_close"] == []  # rtol 1e-5, atol 1e-7
+        assert grads["none_mismatch"] == [] and grads["not_as_accurate"] == []  # against float64 (numerics)
         assert grads["with_grad"] == tiny_counts["with_grad"]
         assert all(".compressor.indexer." in n for n in grads["without_grad"])
-        assert grads["max_diff"] < 1e-7  # summation order differs (2-level reduce): not bitwise in general
     assert len({str(result["grad_parity"]) for result in ranks}) == 1  # every rank sees the same full gradients
