@@ -237,7 +237,7 @@ def test_sparse_mask_blocks_are_the_dense_mask():
 @pytest.mark.timeout(300)
 def test_under_fsdp2_with_lora_the_logits_and_gradients_are_stocks(tiny_ckpt, tmp_path):
     """2 gloo ranks, FSDP2, fp32, LoRA on every target: each rank's padded batch of 45 tokens; logits and every LoRA
-    gradient (reduced over ranks) within 1e-5 of transformers' attention; with activation checkpointing (decoder
+    gradient (reduced over ranks) as close to transformers' attention in float64 as its float32 is (`numerics`); with activation checkpointing (decoder
     layers recomputed, attention chunks recomputed inside them) the same numbers bit for bit."""
     from dist_launch import run_ranks
 
@@ -245,7 +245,7 @@ def test_under_fsdp2_with_lora_the_logits_and_gradients_are_stocks(tiny_ckpt, tm
         assert result.pop("checkpointed_equal") is True
         for case, got in result.items():
             assert got["same_grads"] and got["grads"] > 40, case
-            assert got["logits_relative"] < 1e-5 and got["grads_max_relative"] < 1e-5, (case, got)
+            assert not got["logits_not_as_accurate"] and got["grads_not_as_accurate"] == [], (case, got)
 
 
 def _flex_pair(dtype, device):
