@@ -17,6 +17,7 @@ float32 summation orders land 150 ulps apart there while both are within 50-125 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -35,6 +36,15 @@ def assert_as_accurate_as_stock(got: torch.Tensor, stock: torch.Tensor, truth: t
     """`got` (ours) is no further from the float64 `truth` than `FACTOR` x stock's own distance + `FLOOR_ULPS`."""
     ours, theirs = ulps_off(got, truth), ulps_off(stock, truth)
     assert ours <= FACTOR * theirs + FLOOR_ULPS, f"{what}: {ours:.1f} ulps off float64, stock {theirs:.1f}"
+
+
+def in_float64(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of `model` (a transformers model or a PeftModel over one), the oracle of a float32 comparison:
+    its routed experts run the eager loop (grouped_mm has no float64)."""
+    oracle = copy.deepcopy(model).double()
+    base = oracle.get_base_model() if hasattr(oracle, "get_base_model") else oracle
+    base.set_experts_implementation("eager")
+    return oracle
 
 
 @contextlib.contextmanager
