@@ -52,6 +52,20 @@ class Internal:
 # fence name (a package, or "package.part") -> (the package's tested versions, the internals hf_dsv4 relies on)
 FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
     "torch": (">=2.13,<2.16", ()),  # public APIs only (FSDP2, DCP, DTensor); the range is the tested one
+    "torch.tools": (">=2.13,<2.16", (  # what the benchmarks and the Flash rehearsal measure with, never training
+        Internal(
+            "torch.distributed._tools.mem_tracker:MemTracker.get_tracker_snapshot", ("type",),
+            why="the logical peak of live tensors, by category (parameters, gradients, activations, optimizer)",
+        ),
+        Internal("torch.distributed._tools.mem_tracker:MemTracker.track_external", why="tensors made before"),
+        Internal("torch.distributed._tools.mem_tracker:MemTracker.reset_mod_stats", (), why="one step after another"),
+        Internal(
+            "torch.distributed._tools.fsdp2_mem_tracker:FSDPMemTracker.__init__", ("mod", "optm"),
+            why="the same, with FSDP2's all-gathered and reduce-scattered buffers counted apart",
+        ),
+        Internal("torch._subclasses.fake_tensor:FakeTensorMode", why="the rehearsal traces without allocating"),
+        Internal("torch.testing._internal.distributed.fake_pg:FakeStore", why="N ranks in one process"),
+    )),
     "transformers": (">=5.24,<5.26", (
         Internal("transformers:PreTrainedModel.from_pretrained", why="replaced inside memory_efficient_init"),
         Internal("transformers:PreTrainedModel._from_config", ("config",), why="non-source ranks build on meta"),
@@ -607,6 +621,57 @@ def dequantize_blocks(codes: Any, scales: Any, dtype: Any) -> Any:
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
     return Fp8Dequantize(None)._dequantize_one(codes, scales, dtype)
+
+
+# ------------------------------------------------------------------------------------------------ torch tools
+
+
+def memory_tracker(model: Any = None, optimizer: Any = None) -> Any:
+    """torch's tracker of live tensors (a context manager): FSDP2's (`FSDPMemTracker`, which counts all-gathered
+    and reduce-scattered buffers apart) for a model with FSDP2 groups, else the plain `MemTracker`; `model` and
+    `optimizer` (if given) are tracked from before it is entered."""
+    require("torch.tools")
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.fsdp import FSDPModule
+
+    if model is not None and isinstance(model, FSDPModule):
+        return FSDPMemTracker(model, optimizer)
+    tracker = MemTracker()
+    tracker.track_external(*[x for x in (model, optimizer) if x is not None])
+    return tracker
+
+
+def tracker_peak(tracker: Any) -> dict[str, dict[str, int]]:
+    """A tracker's peak bytes per device ("cpu", "cuda:0") and category (lower-case names: "param", "grad", "act",
+    "temp", "opt", "buffer", "oth", "total"; FSDP2's "all_gather", "reduce_scatter", ...)."""
+    snapshot = tracker.get_tracker_snapshot("peak")
+    return {
+        str(device): {getattr(k, "name", str(k)).lower(): int(v) for k, v in categories.items()}
+        for device, categories in snapshot.items()
+    }
+
+
+def end_of_step(tracker: Any) -> None:
+    """Let a tracker see the next step (it refuses a module's second forward otherwise)."""
+    tracker.reset_mod_stats()
+
+
+def fake_tensor_mode() -> Any:
+    """A `FakeTensorMode`: tensors with shapes, dtypes and devices but no storage."""
+    require("torch.tools")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def fake_store() -> Any:
+    """torch's fake process-group store: `init_process_group("fake", store=fake_store(), rank=r, world_size=n)`
+    makes N ranks in one process whose collectives return without moving data."""
+    require("torch.tools")
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    return FakeStore()
 
 
 require("torch", "transformers")

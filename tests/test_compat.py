@@ -24,7 +24,7 @@ def test_every_fenced_internal_exists_in_the_installed_versions(unchecked):
     compat.require(*compat.FENCE)
     assert compat._checked == set(compat.FENCE)
     assert set(compat.FENCE) == {
-        "torch", "transformers", "transformers.attention", "transformers.trainer", "accelerate", "trl", "peft",
+        "torch", "torch.tools", "transformers", "transformers.attention", "transformers.trainer", "accelerate", "trl", "peft",
     }  # fmt: skip
 
 
