@@ -51,7 +51,13 @@ class Internal:
 
 # fence name (a package, or "package.part") -> (the package's tested versions, the internals hf_dsv4 relies on)
 FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
-    "torch": (">=2.13,<2.16", ()),  # public APIs only (FSDP2, DCP, DTensor); the range is the tested one
+    "torch": (">=2.13,<2.16", (  # else public APIs only (FSDP2, DCP, DTensor); the range is the tested one
+        Internal(
+            "torch._C._autograd:_top_saved_tensors_default_hooks",
+            why="a quantized module's saved-tensor hooks hand what is not a weight on to the hooks outside "
+            "(activation checkpointing's), as torch.utils.checkpoint itself reads them",
+        ),
+    )),
     "torch.tools": (">=2.13,<2.16", (  # what the benchmarks and the Flash rehearsal measure with, never training
         Internal(
             "torch.distributed._tools.mem_tracker:MemTracker.get_tracker_snapshot", ("type",),
@@ -621,6 +627,17 @@ def dequantize_blocks(codes: Any, scales: Any, dtype: Any) -> Any:
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
     return Fp8Dequantize(None)._dequantize_one(codes, scales, dtype)
+
+
+# ------------------------------------------------------------------------------------------------ torch autograd
+
+
+def saved_tensors_hooks_in_effect() -> tuple[Callable, Callable] | None:
+    """The (pack, unpack) saved-tensor hooks in effect here (the innermost `saved_tensors_hooks`, e.g. activation
+    checkpointing's), or None: hooks pushed inside replace them, so they must hand on what they do not keep."""
+    import torch._C._autograd as autograd
+
+    return autograd._top_saved_tensors_default_hooks(False)
 
 
 # ------------------------------------------------------------------------------------------------ torch tools

@@ -69,12 +69,12 @@ def local_device() -> torch.device:
     return torch.device("cuda", index)
 
 
-def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order (a collective; `[obj]` in one process)."""
+def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's `obj`, in rank order (a collective over `group`, default all ranks; `[obj]` in one process)."""
     if not is_distributed():
         return [obj]
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    dist.all_gather_object(gathered, obj, group=group)
     return gathered
 
 
@@ -127,10 +127,11 @@ def _rebuild(payload: bytes, failed_rank: int) -> BaseException:
 
 
 @contextlib.contextmanager
-def every_rank_raises() -> Iterator[None]:
+def every_rank_raises(group: Any = None) -> Iterator[None]:
     """Collective scope: if the block raises an `Exception` on any rank, every rank raises it on exit.
 
-    Every rank must enter and leave the block (the exit is one `all_gather_object`). The lowest failed rank's
+    Every rank must enter and leave the block (the exit is one `all_gather_object`, over `group` if given: a group
+    of all ranks with its own timeout, for a block that may outlast the default one). The lowest failed rank's
     exception wins: that rank re-raises its own object, the others a copy of it. In one process this is a no-op."""
     if not is_distributed():
         yield
@@ -140,7 +141,7 @@ def every_rank_raises() -> Iterator[None]:
         yield
     except Exception as exc:  # noqa: BLE001 - agreed on below, then re-raised
         error = exc
-    payloads = all_gather_object(_payload(error))
+    payloads = all_gather_object(_payload(error), group=group)
     failed = next((r for r, p in enumerate(payloads) if p is not None), None)
     if failed is None:
         return

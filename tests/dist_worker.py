@@ -11,6 +11,7 @@ import hashlib
 import json
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -146,7 +147,7 @@ def scenario_stream_all(ckpt: str, release_ckpt: str, scratch: str) -> dict:
 
 def streamed_hub_id(ckpt: str, cache: Path) -> dict:
     """readers="all" with a Hub id (from a local Hugging Face cache, offline): the machine's lowest rank opens it
-    first, the others after it (they would find a download in the cache); the shards equal stock's."""
+    first, the others after it (they find the download in the cache); the shards equal stock's."""
     import shutil
 
     import hf_dsv4.loading.pretrained as pretrained
@@ -157,23 +158,26 @@ def streamed_hub_id(ckpt: str, cache: Path) -> dict:
         (cache / "models--acme--tiny-dsv4" / "refs").mkdir()
         (cache / "models--acme--tiny-dsv4" / "refs" / "main").write_text("0" * 40)
     dist.barrier()
-    spans, original = [], pretrained.open_streamed
+    spans, originals = [], (pretrained.open_streamed, pretrained._download)
 
-    def timed(*args, **kwargs):
-        start = time.monotonic()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spans.append([start, time.monotonic()])
+    def timed(what, original):
+        def call(*args, **kwargs):
+            start = time.monotonic()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spans.append([what, start, time.monotonic()])
 
-    pretrained.open_streamed = timed
+        return call
+
+    pretrained.open_streamed, pretrained._download = timed("open", originals[0]), timed("download", originals[1])
     try:
         with memory_efficient_init(stream=True, readers="all"):
             model = AutoModelForCausalLM.from_pretrained(
                 "acme/tiny-dsv4", dtype=torch.float32, cache_dir=str(cache), local_files_only=True
             )
     finally:
-        pretrained.open_streamed = original
+        pretrained.open_streamed, pretrained._download = originals
     shard_model(model)
     ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     opened = [None] * dist.get_world_size()
@@ -975,11 +979,60 @@ def scenario_sparse_attention(ckpt: str) -> dict:
     return result
 
 
+def scenario_hub_download(cache_dir: str, repo_id: str) -> dict:
+    """A Hub id whose download (a stand-in for huggingface_hub's: sleeps past the process group's timeout, then
+    resolves the id in a local Hugging Face cache) outlasts the default group's timeout: every way of loading must
+    wait for it instead of timing out, and a failed download must be raised on every rank."""
+    from hf_dsv4.loading import pretrained
+
+    real, calls = pretrained._download, []
+
+    def slow_download(repo, kwargs, fail=False):
+        calls.append(repo)
+        time.sleep(1.5 * PG_TIMEOUT_S)
+        if fail:
+            raise OSError(f"could not reach the Hub for {repo}")
+        return real(repo, kwargs)
+
+    result = {}
+    hub = {"cache_dir": cache_dir, "local_files_only": True, "dtype": torch.float32}
+    for name, stream, readers in [("rank0", False, "rank0"), ("stream_all", True, "all")]:
+        calls.clear()
+        pretrained._download = slow_download
+        try:
+            with memory_efficient_init(stream=stream, readers=readers):
+                model = AutoModelForCausalLM.from_pretrained(repo_id, **hub)
+        finally:
+            pretrained._download = real
+        stream_of = getattr(model, "_hf_dsv4_stream", None)
+        result[name] = {
+            "downloads": list(calls),
+            "name_or_path": model.config.name_or_path,
+            "on_meta": all(p.is_meta for p in model.parameters()),
+            "reads": stream_of is not None and stream_of is not True,
+        }
+    pretrained._download = lambda repo, kwargs: slow_download(repo, kwargs, fail=dist.get_rank() == 0)
+    try:
+        with memory_efficient_init():
+            AutoModelForCausalLM.from_pretrained(repo_id, **hub)
+    except CheckpointLoadError as exc:
+        result["failed"] = str(exc)
+    finally:
+        pretrained._download = real
+    return result
+
+
+PG_TIMEOUT_S = 4
+scenario_hub_download.pg_timeout = PG_TIMEOUT_S  # shorter than the download: the default group would time out
+
+
 def main() -> None:
     scenario, out_dir, *args = sys.argv[1:]
-    dist.init_process_group("gloo")
+    run = globals()[f"scenario_{scenario}"]
+    timeout = getattr(run, "pg_timeout", None)
+    dist.init_process_group("gloo", **({"timeout": timedelta(seconds=timeout)} if timeout else {}))
     torch.manual_seed(1234 + dist.get_rank())  # different on purpose: nothing may depend on it
-    result = globals()[f"scenario_{scenario}"](*args)
+    result = run(*args)
     dist.barrier()
     (Path(out_dir) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()

@@ -137,14 +137,16 @@ def test_every_rank_reading_starts_from_rank_0s_peft_draw_and_a_torn_shard_fails
     assert_rank_0s_adapter_and_torn_shard(every_rank_reads, tiny_counts)
 
 
-def test_every_rank_reading_a_hub_id_opens_it_on_the_machines_lowest_rank_first(every_rank_reads):
-    """A Hub id (here from a local cache, offline): rank 0, the lowest rank of this machine, opens it (and would
-    download it) before rank 1 starts, so rank 1 finds it in the cache; the shards equal stock's."""
+def test_every_rank_reading_a_hub_id_is_downloaded_by_the_machines_lowest_rank_first(every_rank_reads):
+    """A Hub id (here from a local cache, offline): rank 0, the lowest rank of this machine, downloads it (once,
+    before any collective under the process group's timeout), then every rank opens the downloaded snapshot; the
+    shards equal stock's."""
     for rank, result in enumerate(every_rank_reads):
         hub = result["hub_id"]
         assert hub["bad_params"] == [] and hub["bad_buffers"] == [] and hub["logits_equal"], f"rank {rank}"
-        (first,), (second,) = hub["opened"]  # one open per rank
-        assert first[1] <= second[0], hub["opened"]
+        (download, open_0), (open_1,) = hub["opened"]  # rank 0: download, open; rank 1: open
+        assert [download[0], open_0[0], open_1[0]] == ["download", "open", "open"], hub["opened"]
+        assert download[2] <= min(open_0[1], open_1[1]), hub["opened"]
 
 
 # ------------------------------------------------------------------------- a byte budget: rank 0 never holds a unit

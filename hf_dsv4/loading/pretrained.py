@@ -17,9 +17,11 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import PreTrainedModel
 
 from .. import compat
@@ -130,21 +132,46 @@ def _threads_of_idle_ranks() -> Iterator[None]:
 
 
 READERS = ("rank0", "all")
+# How long the other ranks wait for a Hub download (Flash's release is ~160 GB): NCCL's default group would time out
+# after 10-30 minutes, so they wait in a gloo group of their own with this timeout instead.
+DOWNLOAD_TIMEOUT = timedelta(hours=12)
+# What from_pretrained reads from a Hub repository (config, index, weights, generation config).
+DOWNLOADED_FILES = ["*.json", "*.safetensors"]
 
 
-def _reader_turns(readers: str, path: Any) -> list[bool]:
-    """For each turn of opening the checkpoint, whether this rank opens it then. "rank0": rank 0 alone. "all": when
-    every rank sees a local folder, all at once; else first the lowest rank of each machine (by host name), so a Hub
-    id is downloaded once per machine into its cache, then the machine's other ranks, which find the files in that
-    cache (a collective)."""
-    if readers == "rank0":
-        return [rank() == 0]
+def _download(repo_id: str, kwargs: dict[str, Any]) -> str:
+    """A local snapshot of the files `from_pretrained` reads from `repo_id` (huggingface_hub's `snapshot_download`
+    into the Hugging Face cache, with the caller's cache_dir, revision, token, force_download, local_files_only)."""
+    from huggingface_hub import snapshot_download
+
+    keys = ("cache_dir", "force_download", "local_files_only", "token", "revision")
+    hub = {k: kwargs[k] for k in keys if kwargs.get(k) is not None}
+    return snapshot_download(repo_id, allow_patterns=DOWNLOADED_FILES, **hub)
+
+
+def _downloaded_first(path: Any, kwargs: dict[str, Any], each_machine: bool) -> Any:
+    """`path`, or where a Hub id was downloaded on this machine: the ranks that will read the weights (rank 0; with
+    `each_machine` the lowest rank of each machine, into its own cache) download it first, before any collective that
+    runs under the process group's timeout, while every other rank waits in a gloo group that allows
+    `DOWNLOAD_TIMEOUT`. A failed download is raised on every rank. The ranks of a machine that downloaded get its
+    snapshot folder; on a machine that did not, the Hub id stays (those ranks read config.json only). A collective."""
     seen = all_gather_object((socket.gethostname(), os.path.isdir(str(path))))
     if all(local for _, local in seen):
-        return [True]
+        return path
     hosts = [host for host, _ in seen]
-    leader = hosts.index(hosts[rank()]) == rank()
-    return [leader, not leader]
+    leader = hosts.index(hosts[rank()])
+    downloads = leader == rank() if each_machine else rank() == 0
+    waiting = dist.new_group(backend="gloo", timeout=DOWNLOAD_TIMEOUT)
+    local = None
+    try:
+        with every_rank_raises(group=waiting), _load_errors():
+            if downloads:
+                logger.info("rank %d: downloading %s (the other ranks wait up to %s)", rank(), path, DOWNLOAD_TIMEOUT)
+                local = _download(str(path), kwargs)
+        snapshots = all_gather_object(local, group=waiting)
+    finally:
+        dist.destroy_process_group(waiting)
+    return snapshots[leader] or path
 
 
 def _plan_streamed(cls: type, path: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict, Any]:
@@ -233,10 +260,9 @@ def _load_streamed(
     rank with `readers="all"`; True elsewhere). A collective: each step's failure is raised on every rank."""
     with every_rank_raises(), _load_errors():
         model, kwargs, fp8_block = _plan_streamed(cls, path, args, kwargs)
-    for opens in _reader_turns(readers, path):
-        with every_rank_raises(), _load_errors():
-            if opens:
-                _attach_reader(model, original, cls, path, args, kwargs, fp8_block, readers, keep_quantized)
+    with every_rank_raises(), _load_errors():  # a Hub id is on every reading machine by now (`_downloaded_first`)
+        if readers == "all" or rank() == 0:
+            _attach_reader(model, original, cls, path, args, kwargs, fp8_block, readers, keep_quantized)
     if getattr(model, STREAM_ATTRIBUTE, None) is None:
         setattr(model, STREAM_ATTRIBUTE, True)
     else:
@@ -268,6 +294,10 @@ def _rank_aware_from_pretrained(
             return original.__get__(None, cls)(pretrained_model_name_or_path, *args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         kwargs = without_hub_kernels(kwargs)
+        asked = pretrained_model_name_or_path
+        if is_distributed():  # a Hub id is downloaded before the collectives that run under NCCL's timeout
+            each_machine = stream and readers == "all"
+            pretrained_model_name_or_path = _downloaded_first(asked, kwargs, each_machine)
         if stream:  # a failure on any rank is raised on every rank, never left as a hang
             path = pretrained_model_name_or_path
             model = _load_streamed(original, cls, path, args, kwargs, readers, read_budget, keep_quantized)
@@ -278,6 +308,8 @@ def _rank_aware_from_pretrained(
                 model, info = _load(original, cls, pretrained_model_name_or_path, args, kwargs)
             _config_as_on_source(model)
             logger.info("rank %d %s", rank(), "loaded the weights" if rank() == 0 else "built the model on meta")
+        if asked is not None:
+            model.config.name_or_path = str(asked)  # what the caller named, as stock from_pretrained keeps it
         return (model, info) if want_info else model
 
     from_pretrained.__hf_dsv4_rank_aware__ = True
@@ -303,6 +335,8 @@ def memory_efficient_init(
     every rank read only the rows its own shards hold (an FP8 weight's rows widened to its 128-row scale blocks, the
     routed experts it holds), so no weight crosses ranks: for machines that each see the checkpoint files (a shared
     or local copy). A Hub id is then downloaded once per machine, by its lowest rank, into the Hugging Face cache.
+    Any Hub id is downloaded before the first collective that runs under the process group's timeout (NCCL's: 10-30
+    minutes, shorter than Flash's ~160 GB), the other ranks waiting up to `DOWNLOAD_TIMEOUT` (12 hours).
     `read_budget` (bytes): rank 0 reads each rank's rows in pieces of at most that many converted bytes and sends each
     to its rank, instead of reading whole units (with `readers="all"`: every rank reads its own rows in such pieces);
     see `shard_model`.

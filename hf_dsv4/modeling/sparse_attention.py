@@ -410,47 +410,80 @@ def sparse_attention_forward(
 
 
 _FLEX: dict[bool, Any] = {}
+# Triton tiles for a head_dim above 256 (Flash: 512): flex's default 64/128-row tiles of q, k and v in bf16 need more
+# shared memory than an H100 / H200 has (228 KB per SM); 32-row tiles, one stage, need 96 KB. Not yet run on a GPU.
+WIDE_HEAD_TILES = {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1, "BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32,
+                   "BLOCK_N2": 16}  # fmt: skip
 
 
 def _flex_kernel(compiled: bool) -> Any:
-    """flex_attention, compiled on GPU (uncompiled it materializes the whole score matrix)."""
+    """flex_attention, compiled on GPU (uncompiled it materializes the whole score matrix). Compiled with automatic
+    dynamic shapes: a new sequence length recompiles once, then the lengths are symbolic (with `dynamic=False` every
+    length recompiles, and past dynamo's recompile limit flex falls back to its unfused, dense-score path)."""
     if compiled not in _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX[compiled] = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+        _FLEX[compiled] = torch.compile(flex_attention) if compiled else flex_attention
     return _FLEX[compiled]
 
 
-def _flex_attention(module, query, key, attention_mask: SparseMask, selection, scaling) -> torch.Tensor:
-    """The same attention through `torch.nn.attention.flex_attention` (a fused kernel on GPU): one block mask over
-    [window keys | compressed entries] whose `mask_mod` is transformers' mask function on the keys and the
-    selection on the entries; the sinks applied afterwards from the log-sum-exp (`out * sigmoid(lse - sink)`, the
-    softmax with the sink's column dropped). The CSA selection is a `[B, L, T]` boolean here (one byte per query and
-    entry), built for the block mask. Returns `[B, L, H, D]` like the portable path."""
-    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
+def flex_kernel_options(head_dim: int) -> dict[str, int] | None:
+    """flex_attention's tile sizes for `head_dim`: its defaults up to 256, `WIDE_HEAD_TILES` above."""
+    return dict(WIDE_HEAD_TILES) if head_dim > 256 else None
 
-    batch, heads, seq_len, _ = query.shape
-    compressed_len = key.shape[2] - seq_len
+
+def flex_mask_mod(attention_mask: SparseMask, selection: Any, seq_len: int, compressed_len: int, device: Any) -> Any:
+    """The block mask's `mask_mod` over [window keys | compressed entries]: transformers' mask function on the keys,
+    the selection on the entries. The lengths are captured as tensors, not Python ints: compiled, an int would be a
+    constant of the graph, so every new sequence length would recompile."""
     window = compat.mask_function_with_padding(attention_mask)
     picked = None
     if isinstance(selection, _TopK) and compressed_len:
         picked = selection.mask(0, seq_len, compressed_len)
     threshold = selection.threshold if isinstance(selection, _Causal) else None
+    keys = torch.tensor(seq_len, device=device)
+    last_entry = torch.tensor(max(compressed_len - 1, 0), device=device)
 
     def mask_mod(b, h, q, kv):
-        in_window = (kv < seq_len) & window(b, h, q, kv.clamp(max=seq_len - 1))
-        entry = (kv - seq_len).clamp(min=0, max=max(compressed_len - 1, 0))
+        in_window = (kv < keys) & window(b, h, q, torch.minimum(kv, keys - 1))
+        entry = torch.minimum((kv - keys).clamp(min=0), last_entry)
         if picked is not None:
-            return in_window | ((kv >= seq_len) & picked[b, q, entry])
+            return in_window | ((kv >= keys) & picked[b, q, entry])
         if threshold is not None:
-            return in_window | ((kv >= seq_len) & (entry < threshold[b, q]))
+            return in_window | ((kv >= keys) & (entry < threshold[b, q]))
         return in_window
 
-    block_mask = create_block_mask(mask_mod, batch, None, seq_len, key.shape[2], device=query.device)
-    out, aux = _flex_kernel(query.is_cuda)(
-        query, key, key, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != heads,
-        return_aux=AuxRequest(lse=True),
-    )  # fmt: skip
+    return mask_mod
+
+
+def _flex_attention(module, query, key, attention_mask: SparseMask, selection, scaling) -> torch.Tensor:
+    """The same attention through `torch.nn.attention.flex_attention` (a fused kernel on GPU): one block mask over
+    [window keys | compressed entries] whose `mask_mod` is transformers' mask function on the keys and the
+    selection on the entries (`flex_mask_mod`); the sinks applied afterwards from the log-sum-exp (`out *
+    sigmoid(lse - sink)`, the softmax with the sink's column dropped). The CSA selection is a `[B, L, T]` boolean here
+    (one byte per query and entry), built for the block mask; on GPU the block mask itself is built by a compiled
+    function (block by block: uncompiled, `create_block_mask` evaluates a dense `[B, L, L + T]` mask first). Returns
+    `[B, L, H, D]` like the portable path."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
+
+    batch, heads, seq_len, head_dim = query.shape
+    compressed_len = key.shape[2] - seq_len
+    mask_mod = flex_mask_mod(attention_mask, selection, seq_len, compressed_len, query.device)
+    block_mask = create_block_mask(
+        mask_mod, batch, None, seq_len, key.shape[2], device=query.device, _compile=query.is_cuda
+    )
+    try:
+        out, aux = _flex_kernel(query.is_cuda)(
+            query, key, key, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != heads,
+            return_aux=AuxRequest(lse=True), kernel_options=flex_kernel_options(head_dim) if query.is_cuda else None,
+        )  # fmt: skip
+    except Exception as exc:  # Triton's and inductor's errors have no public type
+        if "out of resource" not in str(exc).lower() and "shared memory" not in str(exc).lower():
+            raise
+        raise SparseAttentionError(
+            f"kernel='flex' does not fit head_dim {head_dim} in this GPU's shared memory ({exc}); use the default "
+            "kernel='portable'"
+        ) from exc
     lse = aux.lse
     weight = torch.sigmoid(lse.float() - module.sinks.float().view(1, -1, 1))  # the sink's share taken out
     return (out.float() * weight.unsqueeze(-1)).to(query.dtype).transpose(1, 2).contiguous()

@@ -100,7 +100,9 @@ def load_from_source(
 
     Parameters are expected on meta and buffers on `device` (`materialize_buffers`): DCP then assigns each received
     shard instead of copying it into an allocated parameter (and, for the root, every loaded parameter into itself),
-    and puts the shards on the device of the tensors it finds allocated."""
+    and puts the shards on the device of the tensors it finds allocated. `device` is the compute device, the one DCP
+    broadcasts on, also under CPU offload: FSDP2 moves each assigned shard to the (pinned) CPU itself (its
+    `load_state_dict` post-hook), while the buffers stay where compute needs them."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     is_source = dist.get_rank() == 0
     units = layer_units(model)
@@ -153,25 +155,27 @@ def load_own_rows(
     read: Callable[..., dict[str, torch.Tensor]],
     device: torch.device | str,
     budget: int | None = None,
+    buffers_on: torch.device | str | None = None,
 ) -> None:
     """Fill every rank's shards from its own reads of the checkpoint, one unit at a time: `read(prefix, rows, only)`
     returns the unit's tensors (keyed as the unit's state dict) cut to `rows` ({key: (start, stop)}, this rank's rows
     of each sharded parameter; whole for the rest), all of them or `only` those. With a `budget` (bytes) each rank
     reads its rows in pieces of at most that many converted bytes (`read_pieces`). No weight crosses ranks; a failed
     read is raised on every rank. The shards are assigned as DTensors with the parameters' own mesh and placements
-    (`load_state_dict(assign=True)`, as DCP does), on `device`."""
+    (`load_state_dict(assign=True)`, as DCP does), on `device`; buffers on `buffers_on` (default `device`;
+    `placement`)."""
     units = layer_units(model)
     inner = [p for p, _ in units if p]
     for prefix, module in tqdm(units, desc="reading this rank's rows into the shards", unit="layer", disable=None):
         own = _unit_entries(prefix, module, inner)
-        spans = _spans(own)
+        spans, devices = _spans(own), placement(own, device, buffers_on)
         local = {}
         with every_rank_raises():
             if budget is None:
                 rows = {key: span for key, span in spans.items() if isinstance(own[key], DTensor)}
-                local = {key: tensor.to(device) for key, tensor in read(prefix, rows).items()}
+                local = {key: tensor.to(devices[key]) for key, tensor in read(prefix, rows).items()}
             else:
-                local = _allocate(own, spans, device)
+                local = _allocate(own, spans, devices)
                 for piece in read_pieces(spans, _row_bytes(own), budget):
                     part = read(prefix, _cut_rows(own, piece), set(piece))
                     for key in piece:
@@ -212,10 +216,20 @@ def _row_bytes(own: dict[str, torch.Tensor]) -> dict[str, int]:
     return {key: t.element_size() * math.prod(t.shape[1:]) for key, t in own.items()}
 
 
-def _allocate(own: dict[str, torch.Tensor], spans: dict, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Empty tensors for this rank's rows of each entry, filled piece by piece."""
+def placement(
+    own: dict[str, torch.Tensor], device: torch.device | str, buffers_on: torch.device | str | None = None
+) -> dict[str, torch.device | str]:
+    """Where each state-dict entry of a unit goes: a parameter's shard on `device` (the CPU under CPU offload), a
+    buffer on `buffers_on` (the compute device; default `device`): FSDP2 offloads parameters only, so a buffer left on
+    the CPU would meet the GPU's activations (rotary `inv_freq`, hash routing's `tid2eid`)."""
+    buffers_on = device if buffers_on is None else buffers_on
+    return {key: device if isinstance(t, nn.Parameter) else buffers_on for key, t in own.items()}
+
+
+def _allocate(own: dict[str, torch.Tensor], spans: dict, devices: dict) -> dict[str, torch.Tensor]:
+    """Empty tensors for this rank's rows of each entry (on `devices[key]`), filled piece by piece."""
     return {
-        key: torch.empty((stop - start, *t.shape[1:]) if t.dim() else (), dtype=t.dtype, device=device)
+        key: torch.empty((stop - start, *t.shape[1:]) if t.dim() else (), dtype=t.dtype, device=devices[key])
         for key, t in own.items()
         for start, stop in [spans[key]]
     }
@@ -260,6 +274,7 @@ def load_in_pieces(
     device: torch.device | str,
     budget: int,
     comm_device: torch.device | str | None = None,
+    buffers_on: torch.device | str | None = None,
 ) -> None:
     """Fill every rank's shards from rank 0's reads of the checkpoint within a byte budget: for each unit and each
     rank, rank 0 reads that rank's rows (its shards' rows; whole tensors for what every rank holds whole) in pieces
@@ -267,7 +282,8 @@ def load_in_pieces(
     piece to its rank (point to point; its own pieces it keeps). Rank 0 so holds one piece at a time (plus what
     converting it takes: FP8 rows widened to whole scale blocks, fp32 temporaries), never a unit; every rank
     receives exactly its rows. A failed read is raised on every rank. Messages travel on `comm_device` (the
-    process group's device: the GPU under NCCL), the shards are placed on `device`."""
+    process group's device: the GPU under NCCL), the shards are placed on `device`, buffers on `buffers_on` (default
+    `device`; `placement`)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     comm_device = comm_device or device
     units = layer_units(model)
@@ -277,7 +293,7 @@ def load_in_pieces(
     for prefix, module in units:
         own = _unit_entries(prefix, module, inner)
         every_rank = all_gather_object(_spans(own))
-        local = _allocate(own, every_rank[rank], comm_device)
+        local = _allocate(own, every_rank[rank], dict.fromkeys(own, comm_device))
         for target in range(world):
             for piece in read_pieces(every_rank[target], _row_bytes(own), budget):
                 rows, only = _cut_rows(own, piece), set(piece)
@@ -294,7 +310,8 @@ def load_in_pieces(
                     else:
                         dist.recv(view, src=0)
                 del part
-        _assign(module, own, {key: t.to(device) for key, t in local.items()})
+        devices = placement(own, device, buffers_on)
+        _assign(module, own, {key: t.to(devices[key]) for key, t in local.items()})
         del local
 
 

@@ -15,8 +15,10 @@ meta model into that shape before `fully_shard`:
   are the dequantized model's (FSDP2 never casts non-floating parameters);
 - within one forward of such a module each weight is dequantized once; what autograd saves of it (the weight or a
   view: the weight carries its recipe) is saved as the recipe instead (`saved_tensors_hooks`) and made again in
-  backward, so no dequantized weight outlives its module's forward. With activation checkpointing (which recomputes
-  whole layers) this is switched off (`recompute_in_backward`);
+  backward, so no dequantized weight outlives its module's forward. Inside activation checkpointing (which
+  recomputes whole layers) the same holds: the module's hooks hand everything else on to the checkpoint's hooks
+  (`compat.saved_tensors_hooks_in_effect`), so the recomputed layer keeps no routed expert's weight for its
+  backward (Flash: 256 experts' bf16 weights, 12.9 GB per layer, if it did);
 - peft's LoRA wraps these modules as it wraps the plain ones: a `lora.Linear` calls the quantized Linear; a routed-
   expert adapter (`target_parameters`) is folded into the dequantized stack exactly as peft folds it into a bf16 one
   (`torch.baddbmm(W, lhs, rhs, alpha=scaling)`, `compat.QuantizedParamWrapper`), so the adapter is peft's own.
@@ -144,9 +146,10 @@ class _ForwardScope:
     """One forward of a quantized module: the weights it dequantized (kept for the forward unless `keep=False`), each
     tagged with its recipe, so that what autograd saves of them (the weight or a view of it) is saved as the recipe."""
 
-    def __init__(self):
+    def __init__(self, outer: tuple[Callable, Callable] | None = None):
         self.values: dict[str, torch.Tensor] = {}
         self.tagged = False
+        self.outer = outer  # the saved-tensor hooks outside this forward (activation checkpointing's), if any
 
     def add(self, key: str, value: torch.Tensor, make: Callable[[], torch.Tensor], keep: bool = True) -> None:
         if keep:
@@ -159,22 +162,23 @@ class _ForwardScope:
             self.tagged = True
 
     def pack(self, tensor: torch.Tensor) -> Any:
-        if not self.tagged:
-            return tensor
-        recipe = getattr(tensor, _RECIPE, None)
-        if recipe is None and tensor._base is not None:
+        recipe = getattr(tensor, _RECIPE, None) if self.tagged else None
+        if recipe is None and self.tagged and tensor._base is not None:
             recipe = getattr(tensor._base, _RECIPE, None)
-        return tensor if recipe is None else _Saved(recipe, tensor)
+        if recipe is not None:
+            return _Saved(recipe, tensor)
+        return tensor if self.outer is None else self.outer[0](tensor)
 
-    @staticmethod
-    def unpack(saved: Any) -> torch.Tensor:
-        return saved.tensor() if isinstance(saved, _Saved) else saved
+    def unpack(self, saved: Any) -> torch.Tensor:
+        if isinstance(saved, _Saved):
+            return saved.tensor()
+        return saved if self.outer is None else self.outer[1](saved)
 
 
 class QuantizedModule:
     """Mixin of the classes `quantize_base` gives quantized modules (see the module docstring)."""
 
-    recompute_in_backward = True  # per instance via `set_recompute_in_backward`
+    recompute_in_backward = True  # per instance via `set_recompute_in_backward` (off: autograd keeps the weights)
 
     def _quantized_leaf(self, leaf: str, expert: int | None = None) -> Any:
         """The weight `leaf` dequantized (with the routed-expert LoRA update peft handed over, if any), made once per
@@ -210,7 +214,7 @@ class QuantizedModule:
         if _SCOPE in self.__dict__:  # re-entered (a forward calling itself): one scope
             yield
             return
-        scope = _ForwardScope()
+        scope = _ForwardScope(compat.saved_tensors_hooks_in_effect())
         self.__dict__[_SCOPE] = scope
         try:
             if self.recompute_in_backward and torch.is_grad_enabled():
@@ -391,7 +395,8 @@ def _refuse_trainable_base(model: nn.Module) -> None:
 
 
 def set_recompute_in_backward(model: nn.Module, recompute: bool) -> None:
-    """Whether the quantized modules of `model` save recipes instead of dequantized weights for backward (default);
-    off under activation checkpointing, which recomputes whole decoder layers anyway."""
+    """Whether the quantized modules of `model` save recipes instead of dequantized weights for backward (default,
+    with or without activation checkpointing: a recomputed layer would otherwise keep every routed expert's weight
+    until its backward ends)."""
     for module in quantized_modules(model).values():
         module.recompute_in_backward = recompute

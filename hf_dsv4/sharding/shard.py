@@ -32,7 +32,7 @@ from .fill import (
     validate_against_source,
 )
 from .layout import ShardingError, apply_fsdp
-from .quantized import QuantizedPlan, quantize_base, set_recompute_in_backward
+from .quantized import QuantizedPlan, quantize_base
 from .streamed import broadcast_initial_adapter, initial_adapter, reader_names, stream_reader, streamed_buffers
 
 logger = logging.getLogger(__name__)
@@ -135,8 +135,6 @@ def shard_model(
     if quantized:  # before validation: every rank gives the model the same quantized form
         with every_rank_raises():
             count = quantize_base(model, quantized[0], reader_names(model), experts=quantized[1])
-        # activation checkpointing recomputes whole layers: the modules then need not save recipes themselves
-        set_recompute_in_backward(model, not any(getattr(m, "gradient_checkpointing", False) for m in model.modules()))
         logger.info("%d weight(s) kept quantized (FP8 / FP4 as stored), experts %s", count, quantized[1])
     cast = align_parameter_adapter_dtypes(model)  # before validation: every rank casts the same factors
     if cast:
@@ -160,13 +158,15 @@ def shard_model(
     tie_weights(model)
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else None
     apply_fsdp(model, mesh, reshard_after_forward, mixed_precision, offload)
-    materialize_buffers(model, "cpu" if cpu_offload else device)
+    # FSDP2 offloads parameters only: the buffers stay on the compute device, and collectives run there too
+    materialize_buffers(model, device)
+    shards_on = "cpu" if cpu_offload else device
     if every_rank_reads:
-        load_own_rows(model, read, "cpu" if cpu_offload else device, read_budget)
+        load_own_rows(model, read, shards_on, read_budget, buffers_on=device)
     elif stream is not None and read_budget is not None:
-        load_in_pieces(model, read, "cpu" if cpu_offload else device, read_budget, comm_device=device)
-    else:
-        load_from_source(model, state_dict, "cpu" if cpu_offload else device, read=read, read_ahead=read_ahead)
+        load_in_pieces(model, read, shards_on, read_budget, comm_device=device, buffers_on=device)
+    else:  # DCP broadcasts on the compute device; FSDP2's post-load hook moves offloaded shards to the CPU
+        load_from_source(model, state_dict, device, read=read, read_ahead=read_ahead)
     del state_dict
     broadcast_non_persistent_buffers(model, buffers, local=every_rank_reads)
     tie_weights(model)
