@@ -64,6 +64,7 @@ from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 GIB = 2**30
+FLASH_LAYERS = 43  # bench_flash_slice.FLASH_LAYERS
 CHECK_RANKS = 2
 TOLERANCE = 0.05
 TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what DSV4SFTTrainer (TRL's SFTTrainer) asks the fused head for
@@ -72,7 +73,7 @@ TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what DSV4SFTTrainer (TRL's 
 # ---------------------------------------------------------------------------------------------- the model
 
 
-def flash_config(layers: int = 43):
+def flash_config(layers: int = FLASH_LAYERS):
     """DeepSeek-V4-Flash's config (`bench_flash_slice.FLASH`), its first `layers` decoder layers (43: all)."""
     from bench_flash_slice import FLASH, FLASH_SCHEDULE
     from transformers import DeepseekV4Config
@@ -363,17 +364,18 @@ def measure(config, ranks: int, tokens: int, targets: str, keep_quantized: bool)
 
 
 def trace_flash(args: argparse.Namespace, tokens: int) -> dict[str, Any]:
-    """The Flash step traced with all 43 layers, or with `--layers K` < 43 traced at K and K + 2 layers and
-    extrapolated to 43: past layer 2 the schedule repeats (HCA + top-k MoE, CSA + top-k MoE), and with activation
-    checkpointing each further pair adds only what it keeps through the step (its shards, their AdamW state and
-    gradients, its checkpointed input), so 43 = (K + 2) + (41 - K) / 2 x ((K + 2) - K), per category."""
-    full = flash_config().num_hidden_layers
-    if args.layers >= full:
-        return {**trace(flash_config(), args.ranks, tokens, args.targets, args.keep_quantized), "layers": full}
-    if args.layers < 3 or (full - args.layers) % 2:
-        raise SystemExit(
-            f"--layers must be odd and at least 3 (the repeating pair starts at layer 3), got {args.layers}"
-        )
+    """The Flash step traced with its first `--layers` decoder layers (43: all). With `--extrapolate` (an odd
+    `--layers` K >= 3) also with K + 2 layers, and 43 extrapolated: past layer 2 the schedule repeats (HCA + top-k
+    MoE, CSA + top-k MoE) and, with activation checkpointing, each further pair adds only what it keeps through the
+    step (its shards, their gradients and AdamW state, its checkpointed input), so the peak of 43 is that of K + 2
+    plus (41 - K) / 2 times the difference K -> K + 2, per category."""
+    full = FLASH_LAYERS
+    if not args.extrapolate:
+        config = flash_config(args.layers)
+        result = trace(config, args.ranks, tokens, args.targets, args.keep_quantized)
+        return {**result, "layers": config.num_hidden_layers}
+    if args.layers < 3 or (full - args.layers) % 2 or args.layers + 2 > full:
+        raise SystemExit(f"--extrapolate needs an odd --layers from 3 to {full - 2}, got {args.layers}")
     short, long = (trace(flash_config(n), args.ranks, tokens, args.targets, args.keep_quantized)
                    for n in (args.layers, args.layers + 2))  # fmt: skip
     pairs = (full - args.layers - 2) // 2
@@ -384,11 +386,12 @@ def trace_flash(args: argparse.Namespace, tokens: int) -> dict[str, Any]:
             "layers": full, "extrapolated_from_layers": [args.layers, args.layers + 2]}  # fmt: skip
 
 
-def fit_tokens(args: argparse.Namespace, capacity_gb: float) -> dict[str, Any]:
+def fit_tokens(args: argparse.Namespace, capacity_gb: float, probes: dict[int, int] | None = None) -> dict[str, Any]:
     """The longest multiple of 1024 tokens per rank whose traced peak fits `capacity_gb` (1e9 bytes) per GPU: a
-    bracket over tokens narrowed by false position (the peak is close to linear in tokens), each probe a trace."""
+    bracket over tokens (from `--tokens`) narrowed by false position (the peak is close to linear in tokens), each
+    probe a trace; `probes` ({tokens: peak bytes}) carries the traces from one capacity to the next."""
     cap, step = capacity_gb * 1e9, 1024
-    probes: dict[int, int] = {}
+    probes = {} if probes is None else probes
 
     def peak(tokens: int) -> int:
         if tokens not in probes:
@@ -447,9 +450,13 @@ def main() -> None:
     parser.add_argument("--targets", default="all", choices=["attention", "attention+shared", "all"],
                         help="LoRA preset (hf_dsv4.training.lora)")  # fmt: skip
     parser.add_argument("--keep-quantized", action="store_true", help="the quantized-resident base (FP8 / FP4)")
-    parser.add_argument("--layers", type=int, default=43,
-                        help="Flash decoder layers to trace: 43 (all), or an odd K >= 3: K and K + 2 traced, 43 "
-                             "extrapolated (the schedule repeats past layer 2)")  # fmt: skip
+    parser.add_argument("--layers", type=int, default=FLASH_LAYERS, help="trace Flash's first N decoder layers")
+    parser.add_argument(
+        "--extrapolate",
+        action="store_true",
+        help="with an odd --layers K >= 3: trace K and K + 2 layers and extrapolate to all 43 (the schedule "
+        "repeats past layer 2); much faster than tracing 43",
+    )
     parser.add_argument(
         "--fit",
         type=float,
@@ -466,7 +473,8 @@ def main() -> None:
             parser.error("--check runs the real step beside the trace: only with --tiny")
         raise SystemExit(check(args))
     if args.fit:
-        fits = [fit_tokens(args, capacity) for capacity in args.fit]
+        probes: dict[int, int] = {}
+        fits = [fit_tokens(args, capacity, probes) for capacity in args.fit]
         print(json.dumps(fits) if args.json else "\n".join(
             f"{f['capacity_gb']:g} GB per GPU: {f['tokens']:,} tokens" for f in fits))  # fmt: skip
         return
