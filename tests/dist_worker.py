@@ -1026,6 +1026,56 @@ PG_TIMEOUT_S = 4
 scenario_hub_download.pg_timeout = PG_TIMEOUT_S  # shorter than the download: the default group would time out
 
 
+def scenario_rank_failures(ckpt: str, release_ckpt: str) -> dict:
+    """A failure injected at each step that one rank runs alone before a collective of `shard_model` (rank 0's
+    quantized plan, rank 0's part of a unit checked before DCP's broadcast, a rank's assignment of its shards after
+    its own reads or rank 0's pieces): every rank raises the same error at once, none waits for the process group's
+    timeout (30 s here)."""
+    from hf_dsv4.loading.stream import StreamedCheckpoint
+    from hf_dsv4.sharding import fill
+
+    rank = dist.get_rank()
+    real_plan, real_read, real_assign = StreamedCheckpoint.quantized_plan, StreamedCheckpoint.read, fill._assign
+
+    def plan_fails(self):
+        raise OSError("the quantization config cannot be read")
+
+    def read_misfits(self, *args, **kwargs):  # one tensor in the wrong dtype
+        part = real_read(self, *args, **kwargs)
+        first = min(part)
+        return {**part, first: part[first].double()}
+
+    def assign_fails_on_rank_1(*args):
+        if rank == 1:
+            raise RuntimeError("out of memory assigning the shards")
+        return real_assign(*args)
+
+    cases = {
+        "quantized_plan": (release_ckpt, {"keep_quantized": True}, (StreamedCheckpoint, "quantized_plan", plan_fails)),
+        "rank0_part": (ckpt, {}, (StreamedCheckpoint, "read", read_misfits)),
+        "own_rows": (ckpt, {"readers": "all"}, (fill, "_assign", assign_fails_on_rank_1)),
+        "pieces": (ckpt, {"read_budget": 2**14}, (fill, "_assign", assign_fails_on_rank_1)),
+    }
+    out = {}
+    for name, (source, stream, (owner, attr, failing)) in cases.items():
+        with memory_efficient_init(stream=True, **stream):
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        setattr(owner, attr, failing)
+        start = time.monotonic()
+        try:
+            shard_model(model)
+            out[name] = None
+        except Exception as exc:  # noqa: BLE001 - recorded for the test
+            out[name] = {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - start}
+        finally:
+            StreamedCheckpoint.quantized_plan, StreamedCheckpoint.read, fill._assign = real_plan, real_read, real_assign
+        dist.barrier()
+    return out
+
+
+scenario_rank_failures.pg_timeout = 30
+
+
 def main() -> None:
     scenario, out_dir, *args = sys.argv[1:]
     run = globals()[f"scenario_{scenario}"]

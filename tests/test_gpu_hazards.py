@@ -152,3 +152,23 @@ def test_flex_tiles_for_flash_head_dim_fit_the_shared_memory_of_an_h100():
     for m, n in (("BLOCK_M", "BLOCK_N"), ("BLOCK_M1", "BLOCK_N1"), ("BLOCK_M2", "BLOCK_N2")):
         assert (tiles[m] + 2 * tiles[n]) * 512 * 2 <= 228 * 1024 // 2, m  # half of the SM's: room for the rest
     assert 128 % tiles["BLOCK_N"] == 0 and 128 % tiles["BLOCK_M"] == 0  # the block mask's 128-row blocks
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_failure_where_one_rank_works_alone_is_raised_on_every_rank_at_once(tiny_ckpt, release_ckpt, tmp_path):
+    """The failure rule at each step of `shard_model` that one rank runs alone before a collective: the same error
+    on every rank within seconds, not after the process group's 30 s timeout."""
+    from dist_launch import run_ranks
+
+    ranks = run_ranks("rank_failures", tmp_path, str(tiny_ckpt), str(release_ckpt), timeout=240)
+    expected = {
+        "quantized_plan": "OSError: the quantization config cannot be read",
+        "rank0_part": "ShardingError: rank 0 cannot send 1 tensor(s): 'model.layers.0.",
+        "own_rows": "RuntimeError: out of memory assigning the shards",
+        "pieces": "RuntimeError: out of memory assigning the shards",
+    }
+    for name, text in expected.items():
+        errors = [result[name]["error"] for result in ranks]
+        assert errors[0] == errors[1] and errors[0].startswith(text), (name, errors)
+        assert max(result[name]["seconds"] for result in ranks) < 15, name

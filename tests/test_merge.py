@@ -65,3 +65,15 @@ def test_merge_refuses_an_adapter_of_another_model(tiny_ckpt, release_ckpt, tmp_
         ValueError, match=r"layers.0.self_attn.kv_proj.lora_A.weight' is \(4, 64\) but this base needs \(4, 256\)"
     ):
         merge_adapter(release_ckpt, adapter, tmp_path / "merged", dtype=torch.float32)
+
+
+def test_a_failed_merge_closes_the_base_checkpoint(tiny_ckpt, release_ckpt, tmp_path, monkeypatch):
+    """The base's open file handles are released whatever fails in the merge (here: an adapter of another model)."""
+    from hf_dsv4.loading import stream
+
+    opened, real = [], stream.StreamedCheckpoint.close
+    monkeypatch.setattr(stream.StreamedCheckpoint, "close", lambda self: opened.append(self) or real(self))
+    adapter = _adapter(tiny_ckpt, tmp_path / "adapter", targets="attention")
+    with pytest.raises(ValueError, match="the adapter was trained on another model"):
+        merge_adapter(release_ckpt, adapter, tmp_path / "merged", dtype=torch.float32)
+    assert len(opened) == 1

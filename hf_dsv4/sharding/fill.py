@@ -123,11 +123,28 @@ def load_from_source(
                     for key in list(full_state_dict)
                     if key.startswith(prefix)
                 }
+            with every_rank_raises():  # DCP's broadcast is a collective: check rank 0's part before it
+                if is_source:
+                    _check_part(prefix, module, part)
             set_model_state_dict(module, part, options=options)
             del part
     finally:
         if ahead is not None:
             ahead.close()
+
+
+def _check_part(prefix: str, module: nn.Module, part: dict[str, torch.Tensor]) -> None:
+    """Rank 0's part of a unit must fit the unit: every key one of its state-dict entries, with its (full) shape and
+    dtype. Raises ShardingError naming the first misfits."""
+    entries = module.state_dict(keep_vars=True)
+    problems = [f"'{prefix}{key}' is not in the model" for key in part if key not in entries]
+    problems += [
+        f"'{prefix}{key}' is {tuple(t.shape)} {t.dtype}, the model's {tuple(entries[key].shape)} {entries[key].dtype}"
+        for key, t in part.items()
+        if key in entries and (t.shape != entries[key].shape or t.dtype != entries[key].dtype)
+    ]
+    if problems:
+        raise ShardingError(f"rank 0 cannot send {len(problems)} tensor(s): " + "; ".join(problems[:5]))
 
 
 def own_rows(param: torch.Tensor) -> tuple[int, int] | None:
@@ -181,7 +198,7 @@ def load_own_rows(
                     for key in piece:
                         _into(local[key], own[key], piece[key], spans[key]).copy_(part.pop(key))
                     del part
-        _assign(module, own, local)
+            _assign(module, own, local)
 
 
 def _assign(module: nn.Module, own: dict[str, torch.Tensor], local: dict[str, torch.Tensor]) -> None:
@@ -311,7 +328,8 @@ def load_in_pieces(
                         dist.recv(view, src=0)
                 del part
         devices = placement(own, device, buffers_on)
-        _assign(module, own, {key: t.to(devices[key]) for key, t in local.items()})
+        with every_rank_raises():
+            _assign(module, own, {key: t.to(devices[key]) for key, t in local.items()})
         del local
 
 

@@ -87,8 +87,9 @@ def _streaming(
     mine = reader.readers if reader else ("rank0" if stream else None)
     budget = reader.read_budget if read_budget is None and reader else read_budget
     plan = None
-    if reader and reader.keep_quantized and dist.get_rank() == 0:
-        plan = (reader.quantized_plan(), reader.quantized_experts)
+    with every_rank_raises():  # rank 0 alone plans: its failure must not leave the others in the gather below
+        if reader and reader.keep_quantized and dist.get_rank() == 0:
+            plan = (reader.quantized_plan(), reader.quantized_experts)
     gathered = all_gather_object((mine, budget, plan))
     seen = [readers for readers, _, _ in gathered]
     if len(set(seen)) > 1:

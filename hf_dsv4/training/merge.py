@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,11 +28,14 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from .. import compat
 from ..loading.pretrained import _plan_streamed, resolve_dtype
-from ..loading.stream import open_streamed
+from ..loading.stream import StreamedCheckpoint, open_streamed
 from ..loading.units import layer_units
 from ..sharding.export import SHARD_FILE
 from ..sharding.streamed import reader_names
 from .adapter import adapter_folder
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -59,35 +63,18 @@ def _adapter_state(adapter_dir: Path, peft_model, adapter: str) -> dict[str, tor
     return {names[key]: tensor for key, tensor in saved.items()}
 
 
-def merge_adapter(
-    base: str | Path,
-    adapter_dir: str | Path,
-    out_dir: str | Path,
-    dtype: torch.dtype = torch.bfloat16,
-    effort_profile: str | None = None,
-) -> Path:
-    """Merge the PEFT adapter in `adapter_dir` into `base` (a local folder or hub id; Hub or release layout) and write
-    the merged model to `out_dir` in `dtype`, one decoder layer at a time (see the module docstring); returns
-    `out_dir`. `effort_profile` chooses the chat template written with the tokenizer (default: read from the base,
-    `detect_effort_profile`)."""
-    from peft import LoraConfig, get_peft_model
+def _write_merged_units(
+    model: PreTrainedModel, reader: StreamedCheckpoint, config: LoraConfig, adapter_dir: Path, out: Path
+) -> tuple[dict[str, str], int, int]:
+    """Merge the adapter into `model` (on meta) one unit at a time, the base read by `reader`, and write each unit's
+    merged tensors to its own file in `out`; returns (weight map, total bytes, number of files)."""
+    from peft import get_peft_model
 
-    from ..template import detect_effort_profile, install_chat_template
-
-    compat.require("peft", "transformers")
-    adapter_dir, out = adapter_folder(adapter_dir), Path(out_dir)
-    config = LoraConfig.from_pretrained(adapter_dir)
-    base_config = AutoConfig.from_pretrained(base)
-    if type(base_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise ValueError(f"{base}: {type(base_config).__name__} has no causal LM class in transformers")
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
-    model, kwargs, fp8_block = _plan_streamed(cls, base, (), {"dtype": dtype})
-    reader = open_streamed(cls, PreTrainedModel.__dict__["from_pretrained"], base, (), kwargs, fp8_block)
     peft_model = get_peft_model(model, config)  # on meta: the unit's tensors are put in, merged and taken out
     adapter = peft_model.active_adapter
     adapter_state = _adapter_state(adapter_dir, peft_model, adapter)
     with torch.device("meta"):  # names are written as save_pretrained writes a model of this config (no load's ops)
-        namer = compat.from_config(cls, model.config)
+        namer = compat.from_config(type(model), model.config)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / SAFE_WEIGHTS_INDEX_NAME]:
         stale.unlink(missing_ok=True)
@@ -126,7 +113,37 @@ def merge_adapter(
         size += sum(t.numel() * t.element_size() for t in tensors.values())
         del values, merged, tensors, base_part
         unit.to("meta")
-    reader.close()
+    return weight_map, size, len(units)
+
+
+def merge_adapter(
+    base: str | Path,
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    effort_profile: str | None = None,
+) -> Path:
+    """Merge the PEFT adapter in `adapter_dir` into `base` (a local folder or hub id; Hub or release layout) and write
+    the merged model to `out_dir` in `dtype`, one decoder layer at a time (see the module docstring); returns
+    `out_dir`. `effort_profile` chooses the chat template written with the tokenizer (default: read from the base,
+    `detect_effort_profile`)."""
+    from peft import LoraConfig
+
+    from ..template import detect_effort_profile, install_chat_template
+
+    compat.require("peft", "transformers")
+    adapter_dir, out = adapter_folder(adapter_dir), Path(out_dir)
+    config = LoraConfig.from_pretrained(adapter_dir)
+    base_config = AutoConfig.from_pretrained(base)
+    if type(base_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"{base}: {type(base_config).__name__} has no causal LM class in transformers")
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
+    model, kwargs, fp8_block = _plan_streamed(cls, base, (), {"dtype": dtype})
+    reader = open_streamed(cls, PreTrainedModel.__dict__["from_pretrained"], base, (), kwargs, fp8_block)
+    try:
+        weight_map, size, count = _write_merged_units(model, reader, config, adapter_dir, out)
+    finally:
+        reader.close()
     merged_config = model.config  # as the base's, without the release's quantization_config: the merge is dequantized
     merged_config.dtype = str(dtype).removeprefix("torch.")
     merged_config.architectures = [cls.__name__]
@@ -138,7 +155,7 @@ def merge_adapter(
     tokenizer = AutoTokenizer.from_pretrained(base)
     install_chat_template(tokenizer, effort_profile or detect_effort_profile(base))
     tokenizer.save_pretrained(out)
-    logger.info("merged %s into %s: %d files, %.1f MB, in %s", adapter_dir, base, len(units), size / 2**20, out)
+    logger.info("merged %s into %s: %d files, %.1f MB, in %s", adapter_dir, base, count, size / 2**20, out)
     return out
 
 
