@@ -26,7 +26,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .. import compat
-from .units import layer_units, non_persistent_buffers, pretrained_models
+from .units import in_unit, layer_units, non_persistent_buffers, pretrained_models
 
 logger = logging.getLogger(__name__)
 
@@ -241,11 +241,10 @@ class StreamedCheckpoint:
         return names
 
     def _collect(self, prefix: str, plan: _RowPlan) -> dict[str, torch.Tensor]:
-        other_units = [p for p in self.prefixes if p and p != prefix]
         state = self.twin.state_dict()
         unit = {}
         for key, tensor in state.items():
-            if not key.startswith(prefix) or any(key.startswith(p) for p in other_units):
+            if not in_unit(key, prefix, self.prefixes):
                 continue
             if plan.only is not None and key not in plan.only:
                 continue

@@ -3,11 +3,28 @@ final norm, head, ...). Shared by streamed loading, `shard_model`'s fill and the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from .. import compat
+
+
+def in_unit(name: str, prefix: str, prefixes: Iterable[str]) -> bool:
+    """Whether the state-dict entry `name` (its full name) belongs to the unit `prefix`: it is under `prefix` and
+    under no other unit's (`prefixes`: every unit's, as `layer_units` gives them; the rest, "", holds what no decoder
+    layer holds)."""
+    return name.startswith(prefix) and not any(p and p != prefix and name.startswith(p) for p in prefixes)
+
+
+def unit_entries(prefix: str, module: nn.Module, prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The unit `prefix`'s own state-dict entries (`keep_vars`), keyed as `module`'s state dict (the decoder layer's
+    own names; for the rest, the model's names without the decoder layers')."""
+    prefixes = list(prefixes)
+    entries = module.state_dict(keep_vars=True).items()
+    return {key: tensor for key, tensor in entries if in_unit(prefix + key, prefix, prefixes)}
 
 
 def pretrained_models(model: nn.Module) -> list[PreTrainedModel]:

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from tqdm.auto import tqdm
 
 from ..distributed import all_gather_object, every_rank_raises, on_source
-from ..loading.units import layer_units, non_persistent_buffers, pretrained_models, tensor_table
+from ..loading.units import layer_units, non_persistent_buffers, pretrained_models, tensor_table, unit_entries
 from .layout import ShardingError
 
 # ------------------------------------------------------------------------------------------------- validation
@@ -182,9 +182,9 @@ def load_own_rows(
     (`load_state_dict(assign=True)`, as DCP does), on `device`; buffers on `buffers_on` (default `device`;
     `placement`)."""
     units = layer_units(model)
-    inner = [p for p, _ in units if p]
+    prefixes = [p for p, _ in units]
     for prefix, module in tqdm(units, desc="reading this rank's rows into the shards", unit="layer", disable=None):
-        own = _unit_entries(prefix, module, inner)
+        own = unit_entries(prefix, module, prefixes)
         spans, devices = _spans(own), placement(own, device, buffers_on)
         local = {}
         with every_rank_raises():
@@ -215,12 +215,6 @@ def _assign(module: nn.Module, own: dict[str, torch.Tensor], local: dict[str, to
             )  # fmt: skip
         state[key] = value
     module.load_state_dict(state, strict=False, assign=True)
-
-
-def _unit_entries(prefix: str, module: nn.Module, inner: list[str]) -> dict[str, torch.Tensor]:
-    """The unit's own state-dict entries (for the rest, "", without the decoder layers)."""
-    entries = module.state_dict(keep_vars=True).items()
-    return {key: tensor for key, tensor in entries if prefix or not any(key.startswith(p) for p in inner)}
 
 
 def _spans(own: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
@@ -304,11 +298,11 @@ def load_in_pieces(
     rank, world = dist.get_rank(), dist.get_world_size()
     comm_device = comm_device or device
     units = layer_units(model)
-    inner = [p for p, _ in units if p]
+    prefixes = [p for p, _ in units]
     if rank == 0:
         units = tqdm(units, desc="streaming the checkpoint into the shards", unit="layer", disable=None)
     for prefix, module in units:
-        own = _unit_entries(prefix, module, inner)
+        own = unit_entries(prefix, module, prefixes)
         every_rank = all_gather_object(_spans(own))
         local = _allocate(own, every_rank[rank], dict.fromkeys(own, comm_device))
         for target in range(world):

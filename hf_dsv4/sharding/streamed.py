@@ -14,7 +14,7 @@ from torch import nn
 
 from ..distributed import local_device
 from ..loading.stream import StreamedCheckpoint
-from ..loading.units import layer_units, non_persistent_buffers, pretrained_models
+from ..loading.units import in_unit, layer_units, non_persistent_buffers, pretrained_models
 from .layout import ShardingError
 
 _WRAPPED = "base_layer"  # peft's name for the layer it wraps
@@ -160,11 +160,10 @@ def stream_reader(
         wanted = {checkpoint_name(prefix + key, outer): span for key, span in rows.items()}
         names = None if only is None else {checkpoint_name(prefix + key, outer) for key in only}
         unit = stream.read(unit_prefix, wanted, names)
-        inner = [p for p in units if p and p != prefix]
         part, unfilled = {}, []
         for key in units[prefix]:
             full = prefix + key
-            if not prefix and any(full.startswith(p) for p in inner):
+            if not in_unit(full, prefix, units):
                 continue  # the rest: decoder layers are units of their own
             if only is not None and key not in only:
                 continue

@@ -29,7 +29,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 from .. import compat
 from ..loading.pretrained import _plan_streamed, resolve_dtype
 from ..loading.stream import StreamedCheckpoint, open_streamed
-from ..loading.units import layer_units
+from ..loading.units import layer_units, unit_entries
 from ..sharding.export import SHARD_FILE
 from ..sharding.streamed import reader_names
 from .adapter import adapter_folder
@@ -80,15 +80,11 @@ def _write_merged_units(
         stale.unlink(missing_ok=True)
     name_of = reader_names(peft_model)  # the reader's (the base model's) name of a name of the PeftModel
     units = layer_units(peft_model)
+    prefixes = [p for p, _ in units]
     weight_map: dict[str, str] = {}
     size = 0
     for index, (prefix, unit) in enumerate(tqdm(units, desc="merging", unit="layer", disable=None)):
-        inner = [p for p, _ in units if p and p != prefix]
-        own = {
-            k: t
-            for k, t in unit.state_dict(keep_vars=True).items()
-            if prefix or not any(k.startswith(p) for p in inner)
-        }
+        own = unit_entries(prefix, unit, prefixes)
         unit_prefix = name_of(prefix) if prefix else ""
         base_part = reader.read(unit_prefix)
         values = {}
@@ -104,7 +100,7 @@ def _write_merged_units(
         merged = {
             name_of(prefix + key): tensor.detach().contiguous()
             for key, tensor in unit.state_dict().items()
-            if ".lora_" not in key and (prefix or not any(key.startswith(p) for p in inner))
+            if ".lora_" not in key and key in own
         }
         tensors = compat.revert_weight_conversion(namer, merged)
         name = SHARD_FILE.format(index=index + 1, total=len(units))
