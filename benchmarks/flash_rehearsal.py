@@ -219,16 +219,18 @@ def detached_indexer_inputs(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def layer_progress(model: nn.Module, total: int, desc: str) -> Iterator[None]:
-    """A tqdm bar over decoder-layer forwards (each layer runs twice a step: forward and its recompute)."""
+def layer_progress(model: nn.Module, desc: str) -> Iterator[None]:
+    """A tqdm bar over the decoder layers' MoE calls: each layer's forward, then its recompute in backward (activation
+    checkpointing calls the layer's forward function again, so hooks on the layer itself see only the first)."""
     from hf_dsv4.loading.units import decoder_layers
 
-    bar = tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False)
+    layers = decoder_layers(model)
+    bar = tqdm(total=2 * len(layers), desc=desc, unit="layer", file=sys.stderr, leave=False)
 
-    def tick(*_: Any) -> None:  # a pre-hook's return value would replace the layer's inputs
+    def tick(*_: Any) -> None:  # a pre-hook's return value would replace the module's inputs
         bar.update()
 
-    hooks = [layer.register_forward_pre_hook(tick) for layer in decoder_layers(model)]
+    hooks = [layer.mlp.register_forward_pre_hook(tick) for layer in layers]
     try:
         yield
     finally:
@@ -253,13 +255,12 @@ def train_step(model: nn.Module, tokens: int, vocab: int, desc: str) -> dict[str
     """One training step (batch 1 x `tokens`, TRL's fused-head loss, backward, AdamW step) under the memory tracker;
     its peak bytes per device and category (`compat.tracker_peak`)."""
     from hf_dsv4 import compat
-    from hf_dsv4.loading.units import decoder_layers
 
     optimizer = optimizer_with_state(model)
     model.train()
     ids = torch.randint(3, vocab, (1, tokens))
     tracker = compat.memory_tracker(model, optimizer)
-    with tracker, layer_progress(model, len(decoder_layers(model)), desc):
+    with tracker, layer_progress(model, desc):
         model(input_ids=ids, labels=ids, fused_lm_head=True).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -433,12 +434,14 @@ def check(args: argparse.Namespace) -> int:
 
 
 def describe(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    """One line saying what was traced, how, and how long it took."""
     base = "keep_quantized (FP8 / FP4 + scales)" if args.keep_quantized else "dequantized bf16"
     how = (f"traced with {result['layers']} layers" if "extrapolated_from_layers" not in result else
            "extrapolated from traces of {} and {} layers".format(*result["extrapolated_from_layers"]))  # fmt: skip
     stand_in = (f"; {result['balanced_stand_ins']} per-expert loops on balanced routing (stand-in)"
                 if result["balanced_stand_ins"] else "")  # fmt: skip
-    return (f"DeepSeek-V4-Flash, {args.ranks} ranks x {args.tokens:,} tokens, LoRA '{args.targets}' r=16, {base}, "
+    model = "the tiny DeepSeek-V4" if args.tiny else "DeepSeek-V4-Flash"
+    return (f"{model}, {args.ranks} ranks x {args.tokens:,} tokens, LoRA '{args.targets}' r=16, {base}, "
             f"sparse attention, activation checkpointing, FSDP2 bf16 / fp32 reduction, fused AdamW; {how}"
             f"{stand_in}; {result['trace_s']:.0f} s")  # fmt: skip
 
@@ -488,9 +491,9 @@ def main() -> None:
                           "keep_quantized": args.keep_quantized, **result}))  # fmt: skip
         return
     print(describe(args, result))
-    print(f"peak per rank: {result['peak_gib_per_rank']:,.2f} GiB ({result['peak_bytes_per_rank'] / 1e9:,.1f} GB)")
+    print(f"peak per rank: {result['peak_gib_per_rank']:,.3f} GiB ({result['peak_bytes_per_rank'] / 1e9:,.2f} GB)")
     for category, gib in sorted(result["by_category"].items(), key=lambda kv: -kv[1]):
-        print(f"  {category:16s} {gib:9,.2f} GiB")
+        print(f"  {category:16s} {gib:10,.3f} GiB")
 
 
 if __name__ == "__main__":
