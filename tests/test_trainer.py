@@ -194,3 +194,22 @@ def test_the_effort_profile_is_read_from_the_checkpoint_and_used_for_template_an
         train_dataset=Dataset.from_list(rows), peft_config=dsv4_lora_config(r=2, alpha=4),
     )  # fmt: skip
     assert given.args.effort_profile == "0424"
+
+
+def test_the_trainer_leaves_the_callers_config_and_callbacks_as_they_were(checkpoint, tmp_path):
+    """The trainer settles the effort profile and assistant-only loss, and switches its DSV4Callback's own adapter
+    saving off, on copies: the caller's objects (reused for a second trainer, say) are unchanged."""
+    from hf_dsv4 import DSV4Callback
+
+    args, callback = _args(tmp_path / "out", max_steps=1), DSV4Callback(save_adapter=True)
+    before = args.to_dict()
+    text_rows = Dataset.from_list([{"prompt": "Hi", "completion": " there"}] * 4)
+    trainer = DSV4SFTTrainer(
+        str(checkpoint), args=args, train_dataset=text_rows, callbacks=[callback],
+        peft_config=dsv4_lora_config(r=2, alpha=4),
+    )  # fmt: skip
+    assert args.to_dict() == before and args.effort_profile == "auto" and args.assistant_only_loss
+    assert trainer.args is not args and trainer.args.effort_profile == "0424" and not trainer.args.assistant_only_loss
+    assert callback.save_adapter
+    ours = [c for c in trainer.callback_handler.callbacks if isinstance(c, DSV4Callback)]
+    assert len(ours) == 1 and ours[0] is not callback and not ours[0].save_adapter

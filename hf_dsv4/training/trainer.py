@@ -25,6 +25,7 @@ What it adds to `SFTTrainer` (the user writes none of it):
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -172,6 +173,59 @@ def _refuse_unsharded_meta_model(model, args: SFTConfig) -> None:
     )
 
 
+def _own_args(model, args: SFTConfig | None) -> DSV4SFTConfig:
+    """The trainer's own `DSV4SFTConfig`: a copy of `args` (converted from a plain `SFTConfig` / `TrainingArguments`),
+    or the defaults named after the model; the trainer settles some fields (effort profile, assistant-only loss)."""
+    if args is None:
+        name = model if isinstance(model, str) else model.config.name_or_path
+        return DSV4SFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-SFT")
+    if isinstance(args, DSV4SFTConfig):
+        return copy.copy(args)
+    values = args.to_dict()
+    values["hub_token"] = args.hub_token
+    return DSV4SFTConfig(**values)
+
+
+def _refuse_keep_quantized_without_adapter(model, args: DSV4SFTConfig, peft_config) -> None:
+    """keep_quantized trains LoRA over a frozen base: a peft_config or a PeftModel is required."""
+    by_path = isinstance(model, (str, os.PathLike))
+    if args.keep_quantized and peft_config is None and (by_path or peft_model_of(model) is None):
+        raise ValueError(
+            "keep_quantized keeps the base frozen and trains LoRA adapters only: pass a peft_config (the recipe: "
+            "--use_peft) or a PeftModel; full fine-tuning needs the dequantized weights (drop keep_quantized)"
+        )
+
+
+def _loaded(model, args: DSV4SFTConfig) -> tuple[torch.nn.Module, str]:
+    """(the model, loaded by `load_dsv4_model` if a path or Hub id was given, with sparse attention if asked; the id
+    its tokenizer and chat format are read from). A model on meta that this run will not shard fails on every rank."""
+    if isinstance(model, (str, os.PathLike)):
+        model_id = str(model)
+        model = load_dsv4_model(model_id, args)
+    else:
+        model_id = model.config.name_or_path
+    with every_rank_raises():
+        _refuse_unsharded_meta_model(model, args)
+    if args.sparse_attention:
+        enable_sparse_attention(model, chunk_size=args.sparse_attention_chunk)
+    return model, model_id
+
+
+def _with_one_dsv4_callback(callbacks) -> list:
+    """`callbacks` with exactly one `DSV4Callback` that does not save the adapter itself (`save_model` writes it into
+    every checkpoint already): a given one is copied with `save_adapter=False`, else one is added. The caller's
+    callbacks are left as they were."""
+    ours = []
+    for callback in callbacks or []:
+        if isinstance(callback, DSV4Callback):
+            callback = copy.copy(callback)
+            callback.save_adapter = False
+        ours.append(callback)
+    if not any(isinstance(c, DSV4Callback) or c is DSV4Callback for c in ours):
+        ours.append(DSV4Callback(save_adapter=False))
+    return ours
+
+
 class DSV4SFTTrainer(SFTTrainer):
     """`trl.SFTTrainer` for DeepSeek-V4: memory-efficient loading, FSDP2 sharding, chat-format data, adapter-only
     checkpoints. Arguments are `SFTTrainer`'s; `args` should be a `DSV4SFTConfig` (a plain `SFTConfig` or
@@ -188,28 +242,9 @@ class DSV4SFTTrainer(SFTTrainer):
         callbacks=None,
         **kwargs,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else model.config.name_or_path
-            args = DSV4SFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-SFT")
-        elif not isinstance(args, DSV4SFTConfig):
-            values = args.to_dict()
-            values["hub_token"] = args.hub_token
-            args = DSV4SFTConfig(**values)
-        by_path = isinstance(model, (str, os.PathLike))
-        if args.keep_quantized and kwargs.get("peft_config") is None and (by_path or peft_model_of(model) is None):
-            raise ValueError(
-                "keep_quantized keeps the base frozen and trains LoRA adapters only: pass a peft_config (the recipe: "
-                "--use_peft) or a PeftModel; full fine-tuning needs the dequantized weights (drop keep_quantized)"
-            )
-        if isinstance(model, (str, os.PathLike)):
-            model_id = str(model)
-            model = load_dsv4_model(model_id, args)
-        else:
-            model_id = model.config.name_or_path
-        with every_rank_raises():
-            _refuse_unsharded_meta_model(model, args)
-        if args.sparse_attention:
-            enable_sparse_attention(model, chunk_size=args.sparse_attention_chunk)
+        args = _own_args(model, args)  # a copy: the caller's config is left as it was
+        _refuse_keep_quantized_without_adapter(model, args, kwargs.get("peft_config"))
+        model, model_id = _loaded(model, args)
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model_id)
         args.effort_profile = resolve_effort_profile(args.effort_profile, model_id)
@@ -220,18 +255,12 @@ class DSV4SFTTrainer(SFTTrainer):
                     "text prompt-completion rows: the completion is trained (assistant_only_loss does not apply)"
                 )
                 args.assistant_only_loss = False
-        callbacks = list(callbacks or [])
-        for callback in callbacks:
-            if isinstance(callback, DSV4Callback):
-                callback.save_adapter = False  # save_model writes the adapter into every checkpoint already
-        if not any(isinstance(c, DSV4Callback) or c is DSV4Callback for c in callbacks):
-            callbacks.append(DSV4Callback(save_adapter=False))
         super().__init__(
             model=model,
             args=args,
             train_dataset=train_dataset,
             processing_class=processing_class,
-            callbacks=callbacks,
+            callbacks=_with_one_dsv4_callback(callbacks),
             **kwargs,
         )
         peft_model = peft_model_of(self.model)
