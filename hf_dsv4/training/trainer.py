@@ -97,22 +97,22 @@ def resolve_resume_from_checkpoint(value: str | bool | None, output_dir: str | o
     return str(value)
 
 
-def load_dsv4_model(model_id: str, args: SFTConfig):
+def load_dsv4_model(model_id: str, args: DSV4SFTConfig):
     """`AutoModelForCausalLM.from_pretrained(model_id)` under `memory_efficient_init` (streamed with
-    `args.stream_weights`, read by `args.stream_readers` within `args.stream_read_budget_mb`), with `args.model_init_kwargs` (dtype default bf16; `device_map` dropped: rank 0 loads on
-    CPU and FSDP2 places the shards)."""
+    `args.stream_weights`, read by `args.stream_readers` within `args.stream_read_budget_mb`), with
+    `args.model_init_kwargs` (dtype default bf16; `device_map` dropped: rank 0 loads on CPU and FSDP2 places the
+    shards). The defaults are `DSV4SFTConfig`'s (the trainer converts any other config to one)."""
     kwargs = dict(args.model_init_kwargs or {})
     dtype = resolve_dtype(kwargs.pop("dtype", kwargs.pop("torch_dtype", None)), default=torch.bfloat16)
     if kwargs.pop("device_map", None) is not None:
         logger.info("device_map is ignored: rank 0 loads on CPU and FSDP2 places the shards")
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     _ = args.device  # joins the process group (accelerate's PartialState) before the collective load
-    stream = getattr(args, "stream_weights", False) and streamable(model_id, kwargs.get("subfolder", ""))
+    stream = args.stream_weights and streamable(model_id, kwargs.get("subfolder", ""))
     stream = all_gather_object(stream)[0]  # rank 0's view of its files decides for every rank
-    readers = getattr(args, "stream_readers", "rank0") if stream else "rank0"
-    budget = getattr(args, "stream_read_budget_mb", 0) if stream else 0
-    budget = int(budget * 2**20) or None
-    keep_quantized = getattr(args, "keep_quantized", False) and getattr(args, "quantized_experts", "per_expert")
+    readers = args.stream_readers if stream else "rank0"
+    budget = (int(args.stream_read_budget_mb * 2**20) or None) if stream else None
+    keep_quantized = args.keep_quantized and args.quantized_experts
     if keep_quantized and not stream:
         raise ValueError(
             f"keep_quantized reads {model_id} streamed into FSDP2 shards: set stream_weights (the default) and give a "
