@@ -140,7 +140,7 @@ def run_phase(args: argparse.Namespace) -> None:
 
     from hf_dsv4 import compat
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not args.tiny
     started = time.perf_counter()
     measured: dict = {}
 
@@ -204,8 +204,8 @@ def launch(args: argparse.Namespace, phase: str, ranks: int, cuda: bool) -> list
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                "--num_processes", str(ranks), __file__, *sys.argv[1:], "--phase", phase]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    if not cuda:
-        env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
+    if not cuda:  # CPU ranks, also on a machine with GPUs (the CPU config's note)
+        env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     log_path = args.out / f"{phase}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
