@@ -26,15 +26,16 @@ the weight gradients run), then `(out.float() @ probe).mean()` backward (`probe`
 
 "sparse" is the same model after `enable_sparse_attention(model, chunk_size=--chunk-size)`.
 
-Each (type, L, implementation) runs in a fresh process, one at a time. On CPU the process runs with glibc's mmap
-threshold fixed at 128 KB (`MALLOC_MMAP_THRESHOLD_`, as in bench_quantized.py: freed large buffers go back to the
-OS, so RSS is live memory) and `--threads` threads; after building the model and the inputs it resets VmHWM to the
-current RSS (Linux `clear_refs`), runs forward + backward once and reports VmHWM minus that RSS: the "peak rise"
-(activations, saved tensors, gradients, transients; not the model and inputs). On CUDA: max_memory_allocated minus
-memory_allocated before the run. The time is the wall time of a second, warm forward + backward for L <=
-`--warm-max-len` (4096), of the first (measured) one above it (marked `*`). Stock's memory is quadratic in L: stock
+Each (type, L, implementation) runs in a fresh process, one at a time, with `--threads` threads and glibc as it
+comes. After building the model and the inputs it runs forward + backward once under torch's memory tracker
+(`benchmarks/_memory.py`: `hf_dsv4.compat.memory_tracker`) and reports two peaks, each as a rise over the model's
+parameters and the inputs: the logical peak of live tensors (activations, saved tensors, gradients, transients: what
+a GPU would hold; the headline column) and, beside it, the peak RSS rise (VmHWM reset to the current RSS just before
+the run, minus that RSS; it includes freed memory glibc keeps). On CUDA the second figure is max_memory_allocated minus
+memory_allocated before the run. The time is the wall time of a second forward + backward, untracked (the tracker's
+dispatch hook slows the first; its time is kept in the JSON as `tracked_s`). Stock's memory is quadratic in L: stock
 runs above `--stock-max-len` (CPU default 8192) are skipped and shown with the peak projected quadratically from the
-largest measured L; a stock run whose projection (x1.25) exceeds MemAvailable is skipped too, and every CPU worker
+largest measured L; a stock run whose projected RSS (x1.25) exceeds MemAvailable is skipped too, and every CPU worker
 runs under RLIMIT_DATA = MemAvailable - 1 GiB, so an allocation that does not fit fails in the worker ("OOM")
 instead of pulling the machine into swap or the OOM killer. A crashed or killed worker is reported, not hidden.
 Each pair's loss and input-gradient norm are compared (stock and sparse compute the same function).
@@ -65,7 +66,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_load import _reset_peak, _status_kb, machine  # noqa: E402
+from _memory import MB, live_tensors, reset_rss_peak, rss_rise_mb, status_kb  # noqa: E402
+from bench_load import machine  # noqa: E402
 
 TYPES = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
 IMPLS = ("stock", "sparse")
@@ -125,9 +127,34 @@ def build(layer_type: str, dtype):
     return model
 
 
-def worker(args: argparse.Namespace) -> None:
+def attention_path(model):
+    """--scope attention as one module: the model's mask and rope, then `layers[0].self_attn` (projections,
+    compressor and indexer, attention, output projection). One root call, under which torch's memory tracker accepts
+    the rope module's two calls."""
     import torch
     from transformers.masking_utils import create_sliding_window_causal_mask
+
+    class AttentionPath(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, embeds, mask, positions):
+            causal = create_sliding_window_causal_mask(
+                config=model.config, inputs_embeds=embeds, attention_mask=mask, cache=None, position_ids=positions
+            )
+            rope = {
+                kind: model.model.rotary_emb(embeds, position_ids=positions, layer_type=kind)
+                for kind in ("main", "compress")
+            }
+            attention = model.model.layers[0].self_attn
+            return attention(embeds, position_embeddings=rope, position_ids=positions, attention_mask=causal)[0]
+
+    return AttentionPath()
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
 
     layer_type, length, impl = TYPES[args.one[0]], int(args.one[1]), args.one[2]
     torch.set_num_threads(args.threads)
@@ -143,7 +170,7 @@ def worker(args: argparse.Namespace) -> None:
     probe = torch.randn(model.config.hidden_size, generator=generator).to(device)  # loss: a random projection
     mask = torch.ones(1, length, dtype=torch.long, device=device)
     result: dict = {"type": args.one[0], "length": length, "impl": impl, "error": None}
-    attention, positions = model.model.layers[0].self_attn, torch.arange(length, device=device).unsqueeze(0)
+    path, positions = attention_path(model), torch.arange(length, device=device).unsqueeze(0)
 
     def step() -> tuple[float, float]:
         """Forward + backward from fresh gradients: (wall seconds, CPU seconds of the process, all threads)."""
@@ -152,15 +179,8 @@ def worker(args: argparse.Namespace) -> None:
         tick, cpu = time.perf_counter(), _cpu_s()
         if args.scope == "model":
             hidden = model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-        else:  # the attention path: the model's mask and rope, then the attention module
-            causal = create_sliding_window_causal_mask(
-                config=model.config, inputs_embeds=embeds, attention_mask=mask, cache=None, position_ids=positions
-            )
-            rope = {
-                kind: model.model.rotary_emb(embeds, position_ids=positions, layer_type=kind)
-                for kind in ("main", "compress")
-            }
-            hidden, _ = attention(embeds, position_embeddings=rope, position_ids=positions, attention_mask=causal)
+        else:
+            hidden = path(embeds, mask, positions)
         loss = (hidden.float() @ probe).mean()
         loss.backward()
         if device.type == "cuda":
@@ -169,7 +189,7 @@ def worker(args: argparse.Namespace) -> None:
         return time.perf_counter() - tick, _cpu_s() - cpu
 
     if device.type == "cpu" and args.data_limit_mb:
-        limit = (_status_kb("VmData") * 1024) + int(args.data_limit_mb * 2**20)
+        limit = (status_kb("VmData") * 1024) + int(args.data_limit_mb * MB)
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     try:
         if device.type == "cuda":
@@ -177,14 +197,15 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.reset_peak_memory_stats(device)
             baseline = torch.cuda.memory_allocated(device)
         else:
-            baseline = _reset_peak()
-        seconds = step()
+            baseline = reset_rss_peak()
+        with live_tensors(model, existing=[embeds, probe, mask, positions], device=str(embeds.device)) as live:
+            result["tracked_s"] = step()[0]
+        result["peak_mb"] = live.rise / MB
         if device.type == "cuda":
-            result["peak_mb"] = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+            result["process_mb"] = (torch.cuda.max_memory_allocated(device) - baseline) / MB
         else:
-            result["peak_mb"] = (_status_kb("VmHWM") - baseline) / 1024
-        result["warm"] = length <= args.warm_max_len
-        result["time_s"], result["cpu_s"] = step() if result["warm"] else seconds
+            result["process_mb"] = rss_rise_mb(baseline)
+        result["time_s"], result["cpu_s"] = step()  # untracked: the time without the tracker's dispatch hook
         result["finite"] = bool(torch.isfinite(torch.tensor([result["loss"], result["grad_norm"]])).all())
     except (torch.OutOfMemoryError, MemoryError) as exc:
         result["error"] = f"OOM ({type(exc).__name__})"
@@ -199,12 +220,10 @@ def worker(args: argparse.Namespace) -> None:
 
 def run_one(args: argparse.Namespace, kind: str, length: int, impl: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    if args.device == "cpu":
-        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     limit = max(_mem_available_mb() - 1024, 0) if args.device == "cpu" else 0
     forwarded = ["--scope", args.scope, "--device", args.device, "--dtype", args.dtype,
                  "--chunk-size", str(args.chunk_size), "--threads", str(args.threads),
-                 "--warm-max-len", str(args.warm_max_len), "--data-limit-mb", str(limit)]  # fmt: skip
+                 "--data-limit-mb", str(limit)]  # fmt: skip
     base = {"type": kind, "length": length, "impl": impl}
     try:
         proc = subprocess.run(
@@ -229,13 +248,13 @@ def _measured(results: list[dict], kind: str, impl: str) -> dict[int, dict]:
     return {r["length"]: r for r in results if r["type"] == kind and r["impl"] == impl and r.get("peak_mb") is not None}
 
 
-def _projected_mb(results: list[dict], kind: str, length: int) -> tuple[float, int] | None:
-    """Stock's peak at `length`, quadratic from the largest measured shorter length (and that length)."""
+def _projected_mb(results: list[dict], kind: str, length: int, field: str = "peak_mb") -> tuple[float, int] | None:
+    """Stock's `field` at `length`, quadratic from the largest measured shorter length (and that length)."""
     done = {n: r for n, r in _measured(results, kind, "stock").items() if n < length}
     if not done:
         return None
     largest = max(done)
-    return done[largest]["peak_mb"] * (length / largest) ** 2, largest
+    return done[largest][field] * (length / largest) ** 2, largest
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
@@ -249,7 +268,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                     skip = "over --stock-max-len"
                 elif impl == "stock" and projection and args.device == "cpu":
                     available = _mem_available_mb()
-                    if 1.25 * projection[0] > available:
+                    if 1.25 * _projected_mb(results, kind, length, "process_mb")[0] > available:
                         skip = f"memory: {available / 1024:.1f} GB available"
                 if skip:
                     result = {"type": kind, "length": length, "impl": impl, "error": None, "skipped": skip}
@@ -268,49 +287,56 @@ def _describe(result: dict) -> str:
         return f"skipped ({result['skipped']})" + (f", projected {projected / 1024:.1f} GB" if projected else "")
     if result.get("error"):
         return result["error"]
-    return f"peak {result['peak_mb']:,.0f} MB, {result['time_s']:.2f} s ({result['cpu_s']:.1f} CPU s)"
+    return (f"peak {result['peak_mb']:,.0f} MB (RSS {result['process_mb']:,.0f}), {result['time_s']:.2f} s "
+            f"({result['cpu_s']:.1f} CPU s; tracked {result['tracked_s']:.2f} s)")  # fmt: skip
 
 
-def _peak_cell(result: dict | None) -> str:
+def _peak_cell(result: dict | None, field: str = "peak_mb") -> str:
     if result is None:
         return "—"
     if result.get("skipped"):
         projected = result.get("projected_mb")
-        if projected is None:
-            return f"skipped ({result['skipped']})"
+        if projected is None or field != "peak_mb":
+            return f"skipped ({result['skipped']})" if projected is None else "skipped"
         return f"skipped (projected {projected / 1024:,.1f} GB)"
     if result.get("error"):
         return result["error"]
-    return f"{result['peak_mb']:,.0f}"
+    return f"{result[field]:,.0f}"
 
 
 def _time_cell(result: dict | None, field: str = "time_s") -> str:
     if result is None or result.get(field) is None:
         return "—"
-    return f"{result[field]:.2f}" + ("" if result.get("warm") else "*")
+    return f"{result[field]:.2f}"
 
 
 def tables(results: list[dict], args: argparse.Namespace) -> list[str]:
     """Print the two tables; return the goal lines."""
     index = {(r["type"], r["length"], r["impl"]): r for r in results}
-    print("| layer type | L | stock peak MB | sparse peak MB | ratio | stock s | sparse s | speedup | stock CPU s | "
-          "sparse CPU s |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    other = "RSS" if args.device == "cpu" else "allocated"
+    print(f"| layer type | L | stock peak MB | sparse peak MB | ratio | stock {other} MB | sparse {other} MB | "
+          f"{other} ratio | stock s | sparse s | speedup | stock CPU s | sparse CPU s |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for kind in args.types:
         for length in args.lengths:
             stock, sparse = index.get((kind, length, "stock")), index.get((kind, length, "sparse"))
-            ratio = speedup = "—"
+            ratio = other_ratio = speedup = "—"
             if stock and sparse and stock.get("peak_mb") is not None and sparse.get("peak_mb") is not None:
                 ratio = f"{sparse['peak_mb'] / stock['peak_mb']:.3f}x"
+                other_ratio = f"{sparse['process_mb'] / stock['process_mb']:.3f}x"
                 speedup = f"{stock['time_s'] / sparse['time_s']:.2f}x"
             elif stock and sparse and stock.get("projected_mb") and sparse.get("peak_mb") is not None:
                 ratio = f"{sparse['peak_mb'] / stock['projected_mb']:.3f}x (projected)"
-            cells = [_peak_cell(stock), _peak_cell(sparse), ratio, _time_cell(stock), _time_cell(sparse), speedup,
+            cells = [_peak_cell(stock), _peak_cell(sparse), ratio, _peak_cell(stock, "process_mb"),
+                     _peak_cell(sparse, "process_mb"), other_ratio, _time_cell(stock), _time_cell(sparse), speedup,
                      _time_cell(stock, "cpu_s"), _time_cell(sparse, "cpu_s")]  # fmt: skip
             print(f"| {kind} | {length} | {' | '.join(cells)} |")
-    print("\nspeedup: stock s / sparse s (wall). CPU s: the worker's user + system seconds over the same run, all "
-          "threads (steadier than the wall time on a shared machine). `*`: the single (cold) measured run (L > "
-          "--warm-max-len); otherwise a second, warm run.\n")  # fmt: skip
+    tracked = [r["tracked_s"] / r["time_s"] for r in results if r.get("tracked_s") and r.get("time_s")]
+    print(f"\npeak: the logical peak of live tensors, rise over the model and inputs (what a GPU would hold); {other}: "
+          f"{'the process peak RSS rise under default glibc (includes freed memory glibc keeps)' if other == 'RSS' else 'max_memory_allocated rise'}"
+          f". speedup: stock s / sparse s (wall) of a second, untracked run (the tracked one took "
+          f"{min(tracked, default=0):.2f}-{max(tracked, default=0):.2f}x as long). CPU s: the worker's user + system "
+          "seconds over the same run, all threads (steadier than the wall time on a shared machine).\n")  # fmt: skip
     print("Growth per doubling of L (peak(L) / peak(L/2); time(L) / time(L/2)):\n")
     print("| layer type | L | sparse peak | stock peak | sparse time | stock time |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -397,7 +423,7 @@ def flash(args: argparse.Namespace) -> None:
 
     measured = FLASH_LENGTHS
     per_type = {}
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     for kind in args.types:
         for impl in IMPLS:  # each in a fresh process: one model and its saved tensors at a time
             command = [sys.executable, __file__, "--flash-one", kind, impl, "--threads", str(args.threads)]
@@ -457,7 +483,6 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each worker")
     parser.add_argument("--stock-max-len", type=int, default=None, help="longest stock run (default: cpu 8192)")
-    parser.add_argument("--warm-max-len", type=int, default=4096, help="longest L timed on a second, warm run")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--scope", choices=["attention", "model"], default="attention", help="what runs (see above)")

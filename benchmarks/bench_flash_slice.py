@@ -31,8 +31,11 @@ single process; under FSDP2 the bf16 MixedPrecisionPolicy computes it in bf16 wi
 is used. AdamW on the trainable parameters, random token batches, loss = next-token cross-entropy on the inputs.
 
 Measured: tokens/s over the timed steps (after the warmup steps; `torch.cuda.synchronize` around each step; global =
-all ranks' tokens / the slowest rank's time), peak memory over warmup + timed steps (`max_memory_allocated` /
-`max_memory_reserved`, max over ranks; on CPU the process peak RSS), parameter counts (before sharding) and the MoE
+all ranks' tokens / the slowest rank's time), the logical peak of live tensors over the warmup steps (torch's memory
+tracker, `benchmarks/_memory.py`; the warmup steps run under it, the timed steps do not, so its dispatch hook is not
+timed; max over ranks), peak memory over warmup + timed steps (`max_memory_allocated` / `max_memory_reserved`, max over
+ranks; on CPU the process peak RSS under default glibc, which includes freed memory glibc keeps), parameter counts
+(before sharding) and the MoE
 routing imbalance over the timed steps from `hf_dsv4.DSV4Callback` (mean over MoE layers of max/mean tokens per
 expert; random weights and tokens, so it says that the metric works, not how real data routes). A CUDA OOM prints the
 memory stats and exits with status 3.
@@ -269,9 +272,10 @@ def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
 
 def train(args: argparse.Namespace, device: torch.device, result: dict) -> None:
     """Build, add LoRA, (shard), train; fills `result` as it goes (what is there is printed on an OOM)."""
+    from _memory import live_tensors
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from hf_dsv4 import DSV4Callback, shard_model
+    from hf_dsv4 import DSV4Callback, compat, shard_model
     from hf_dsv4.sharding import align_parameter_adapter_dtypes
 
     rank = dist.get_rank() if args.fsdp else 0
@@ -335,8 +339,12 @@ def train(args: argparse.Namespace, device: torch.device, result: dict) -> None:
     if device.type == "cuda":
         result["build_peak_gb"] = round(_max_over_ranks([torch.cuda.max_memory_allocated(device)], device)[0] / 1e9, 3)
         torch.cuda.reset_peak_memory_stats(device)  # the table's peak: warmup + timed steps
-    for index in range(1, args.warmup + 1):
-        step(index, timed=False)
+    with live_tensors(model, optimizer, device=str(device)) as live:  # the warmup steps: the logical peak
+        for index in range(1, args.warmup + 1):
+            if index > 1:
+                compat.end_of_step(live.tracker)
+            step(index, timed=False)
+    result["logical_peak_gb"] = round(_max_over_ranks([live.peak], device)[0] / 1e9, 3)
     callback.collect(step=0)  # resets the routing counts: the imbalance below is over the timed steps
     if args.fsdp:
         dist.barrier()
@@ -368,11 +376,12 @@ def report(result: dict, args: argparse.Namespace) -> None:
           f"build {result.get('build_s')} s, shard {result.get('shard_s', '-')} s, weights {result.get('weights_gb', '-')} GB "
           f"(rank 0), peak while building/sharding {result.get('build_peak_gb', '-')} GB, trainable tensors without a "
         f"gradient {result.get('trainable_without_grad', '-')}\n")  # fmt: skip
-    print("| mode | device | GPUs | seq len | batch | total params | trainable params | tokens/s | peak allocated GB "
-          "| peak reserved GB | moe_imbalance |")  # fmt: skip
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| mode | device | GPUs | seq len | batch | total params | trainable params | tokens/s | logical peak GB "
+          "| peak allocated GB | peak reserved GB | moe_imbalance |")  # fmt: skip
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     print(f"| {result['mode']} | {result['device']} | {result['gpus']} | {args.seq_len} | {args.batch_size} "
-          f"| {result['total_params']:,} | {result['trainable_params']:,} | {result.get('tokens_per_s', '-')} | {peak} "
+          f"| {result['total_params']:,} | {result['trainable_params']:,} | {result.get('tokens_per_s', '-')} "
+          f"| {result.get('logical_peak_gb', '-')} | {peak} "
           f"| {'-' if reserved is None else f'{reserved:.2f}'} | {'-' if imbalance is None else imbalance} |", flush=True)  # fmt: skip
 
 

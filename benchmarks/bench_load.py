@@ -20,10 +20,13 @@
 (s) for scale, not a goal: (a) followed by the same FSDP2 layout as (c) (`hf_dsv4.sharding.apply_fsdp` on every rank's
     full copy, each rank slicing its own shards), i.e. stock loading that ends, like (c), with a sharded model.
 
-Per rank it prints the peak RSS rise (VmHWM, reset just before loading, minus VmRSS at that moment), the wall time
-from a barrier before loading to a barrier after sharding, the CPU seconds of the process (all threads) and its
-minor page faults over the same span; for (c) also the wall time of the rank-aware `from_pretrained` alone. On a
-shared machine the CPU seconds and page faults are steadier than the wall time. A crash is reported, not hidden.
+Per rank (`benchmarks/_memory.py`) it prints the peak RSS rise (VmHWM, reset just before loading, minus VmRSS at that
+moment; under default glibc, so it includes freed memory glibc keeps), the wall time from a barrier before loading to
+a barrier after sharding, the CPU seconds of the process (all threads) and its minor page faults over the same span;
+for (c) also the wall time of the rank-aware `from_pretrained` alone. Then each rank loads a second time under torch's
+memory tracker, for the logical peak of live tensors over loading + sharding (tensors made by torch ops in the rank's
+main thread: what a GPU would hold; a loader that builds tensors in other threads is undercounted). On a shared
+machine the CPU seconds and page faults are steadier than the wall time. A crash is reported, not hidden.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _memory import MB, live_tensors, reset_rss_peak, rss_rise_mb  # noqa: E402
 
 # ~1 GB in bf16: 8 layers of every attention type, 16 experts of 1024x1024, vocab 32k.
 BENCH_CONFIG = dict(
@@ -76,25 +82,12 @@ MODES = {"a": "stock transformers (every rank from_pretrained)", "b": "stock acc
 PHASES: dict[str, float] = {}  # wall seconds of named phases of one run, filled by the loaders
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _cpu_and_faults() -> tuple[float, int]:
     """(CPU seconds of this process, all threads, user + system; minor page faults) so far."""
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime, usage.ru_minflt
-
-
-def _reset_peak() -> int:
-    """Reset VmHWM to the current RSS (Linux clear_refs 5); return the current RSS in kB."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_kb("VmRSS")
 
 
 # ---------------------------------------------------------------------------------------------- one rank
@@ -189,7 +182,7 @@ def _load_stock_and_shard(ckpt: str, dtype):
 
 
 def worker(mode: str, ckpt: str, out: str, backend: str) -> None:
-    """One rank: load with `mode`, write {rank, rise_mb, wall_s, error} to `out`/rank<r>.json."""
+    """One rank: load with `mode`, write {rank, logical_mb, rise_mb, wall_s, error, ...} to `out`/rank<r>.json."""
     import accelerate.utils.fsdp_utils  # noqa: F401 - every library is imported before the baseline
     import torch
     import torch.distributed as dist
@@ -207,10 +200,10 @@ def worker(mode: str, ckpt: str, out: str, backend: str) -> None:
             "g": _load_hf_dsv4_streamed_in_pieces, "h": _load_hf_dsv4_streamed_by_all_in_pieces,
             "s": _load_stock_and_shard}[mode]  # fmt: skip
     dist.barrier()
-    baseline = _reset_peak()
+    baseline = reset_rss_peak()
     cpu_start, faults_start = _cpu_and_faults()
     start = time.perf_counter()
-    error = None
+    error = model = None
     try:
         model = load(ckpt, torch.bfloat16)
     except Exception as exc:  # noqa: BLE001 - reported in the table
@@ -219,11 +212,16 @@ def worker(mode: str, ckpt: str, out: str, backend: str) -> None:
         dist.barrier()
     wall = time.perf_counter() - start
     cpu, faults = _cpu_and_faults()
-    peak = _status_kb("VmHWM")
-    result = {"rank": dist.get_rank(), "rise_mb": (peak - baseline) / 1024, "wall_s": wall, "error": error,
+    result = {"rank": dist.get_rank(), "rise_mb": rss_rise_mb(baseline), "wall_s": wall, "error": error,
               "cpu_s": cpu - cpu_start, "faults": faults - faults_start, **PHASES}  # fmt: skip
-    Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     del model
+    if error is None:  # a second load under the tracker: the logical peak (its dispatch hook is in no figure above)
+        with live_tensors() as live:
+            model = load(ckpt, torch.bfloat16)
+            dist.barrier()
+        result["logical_mb"] = live.rise / MB
+        del model
+    Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     if error is None:
         dist.destroy_process_group()
 
@@ -247,7 +245,7 @@ def run_mode(mode: str, ckpt: Path, ranks: int, backend: str, out: Path, port: i
         )
         for r in range(ranks)
     ]
-    return collect_ranks(procs, out, timeout, {"rise_mb": None, "wall_s": None})
+    return collect_ranks(procs, out, timeout, {"logical_mb": None, "rise_mb": None, "wall_s": None})
 
 
 def collect_ranks(procs: list[subprocess.Popen], out: Path, timeout: float, missing: dict | None = None) -> list[dict]:
@@ -338,9 +336,10 @@ def main() -> None:
     print(
         f"{args.repeats} runs per mode, interleaved; medians (wall: slowest rank of a run), every run's wall in brackets\n"
     )
-    print("| mode | " + " | ".join(f"rank {r} rise MB" for r in range(args.ranks))
+    print("| mode | " + " | ".join(f"rank {r} logical MB" for r in range(args.ranks)) + " | "
+          + " | ".join(f"rank {r} RSS rise MB" for r in range(args.ranks))
           + " | wall s | CPU s (all ranks) | page faults (all ranks) | note |")  # fmt: skip
-    print("|---" * (args.ranks + 5) + "|")
+    print("|---" * (2 * args.ranks + 5) + "|")
     runs = {mode: [] for mode in args.modes}
     for repeat in range(args.repeats):
         for i, mode in enumerate(args.modes):
@@ -348,10 +347,12 @@ def main() -> None:
             runs[mode].append(run_mode(mode, args.ckpt, args.ranks, args.backend, args.out / mode, port, args.timeout))
     for mode, results in runs.items():
         errors = {r["error"] for run in results for r in run if r["error"]}
-        rises = [statistics.median(run[r]["rise_mb"] for run in results if run[r]["rise_mb"] is not None)
-                 if not errors else None for r in range(args.ranks)]  # fmt: skip
+        rise_cells = " | ".join(
+            "-" if errors else f"{statistics.median(run[r][field] for run in results):,.0f}"
+            for field in ("logical_mb", "rise_mb")
+            for r in range(args.ranks)
+        )
         walls = [max(r["wall_s"] for r in run) for run in results] if not errors else []
-        rise_cells = " | ".join("-" if rise is None else f"{rise:.0f}" for rise in rises)
         wall = f"{statistics.median(walls):.2f} [{', '.join(f'{w:.2f}' for w in walls)}]" if walls else "-"
         cpu = f"{statistics.median(sum(r['cpu_s'] for r in run) for run in results):.2f}" if walls else "-"
         faults = f"{statistics.median(sum(r['faults'] for r in run) for run in results) / 1000:.0f}k" if walls else "-"

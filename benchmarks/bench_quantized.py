@@ -7,7 +7,7 @@
 
 Every mode loads the same release-layout checkpoint streamed into FSDP2 shards (`memory_efficient_init(stream=True)`
 + `shard_model`), adds the same LoRA adapter (`dsv4_lora_config(r=16, alpha=32, targets=--targets)`) and trains
-`--warmup` + `--steps` AdamW steps on random tokens (batch 1 x `--seq-len`):
+2 + `--steps` AdamW steps on random tokens (batch 1 x `--seq-len`):
 
 (q) keep_quantized, experts per expert (the default): FP8 / FP4 bytes + ue8m0 scales in the shards, each weight
     dequantized in its module's forward and again in backward, routed experts one at a time;
@@ -15,16 +15,20 @@ Every mode loads the same release-layout checkpoint streamed into FSDP2 shards (
 (d) the dequantized base (transformers dequantizes the checkpoint to `--dtype` while it streams): the stock weights;
 (e) as (d) with transformers' eager experts loop (what (q) computes), the like-for-like reference of (q).
 
-Per rank: the peak RSS rise (VmHWM, reset just before loading; on CUDA the peak allocated GPU memory) over loading and
-over the whole run, the bytes of the rank's shards, the load wall time and the median step time. `--layout release` is
+Per rank (`benchmarks/_memory.py`): the training peak, two ways: the logical peak of live tensors over the first 2
+steps (torch's FSDP2 memory tracker through `hf_dsv4.compat.memory_tracker(model, optimizer)`: shards, unsharded
+parameters, adapter, gradients, AdamW state, activations and transients; what a GPU would hold; the first step creates
+AdamW's state, the second runs with it) and, beside it, the peak RSS rise from just before loading over the whole run
+(VmHWM, under default glibc: it includes freed memory glibc keeps; on CUDA the peak allocated GPU memory); the peak
+RSS rise over loading; the bytes of the rank's shards; the load wall time and the median time of `--steps` further,
+untracked steps (the tracker's dispatch hook slows the steps it watches). `--layout release` is
 `bench_load.py`'s release checkpoint (8 layers, hidden 1024, 16 experts: 0.5 GB on disk, 1 GB in bf16);
 `--layout flash` the full-width DeepSeek-V4-Flash layer of `flash_release.py` (5.4 GB on disk, 15.3 GB in bf16). A
 mode that does not fit is reported with its error, not hidden.
 
-On CPU the workers run with glibc's mmap threshold fixed at 128 KB (`MALLOC_MMAP_THRESHOLD_`, every mode alike;
-`--malloc-default` to keep glibc's own): by default glibc raises the threshold each time a large block is freed, so
-the per-module dequantization temporaries (freed at once) are afterwards carved from the heap and kept there, and the
-peak RSS of the quantized modes then counts freed memory (measured: 1.9 GB of live peak read as 3.4 GB).
+The RSS of the quantized modes depends on glibc: by default it raises its mmap threshold each time a large block is
+freed, so the per-module dequantization temporaries (freed at once) are afterwards carved from the heap and kept
+there; the logical peak does not depend on the allocator.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_load import _reset_peak, _status_kb, build_checkpoint, collect_ranks, machine  # noqa: E402
+from _memory import MB, live_tensors, reset_rss_peak, rss_rise_mb  # noqa: E402
+from bench_load import build_checkpoint, collect_ranks, machine  # noqa: E402
 
 MODES = {"q": "keep_quantized, experts per expert", "s": "keep_quantized, experts as one stack",
          "d": "dequantized base (stock weights)", "e": "(d) with transformers' eager experts loop"}  # fmt: skip
@@ -53,12 +58,15 @@ KEEP = {"q": "per_expert", "s": "stack", "d": False, "e": False}
 # ---------------------------------------------------------------------------------------------- one rank
 
 
+TRACKED = 2  # steps under the tracker: the first creates AdamW's state, the second runs with it
+
+
 def _peak_mb(device, baseline_kb: int) -> float:
     import torch
 
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return (_status_kb("VmHWM") - baseline_kb) / 1024
+        return torch.cuda.max_memory_allocated(device) / MB
+    return rss_rise_mb(baseline_kb)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -68,7 +76,7 @@ def worker(args: argparse.Namespace) -> None:
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
 
-    from hf_dsv4 import memory_efficient_init, shard_model
+    from hf_dsv4 import compat, memory_efficient_init, shard_model
     from hf_dsv4.distributed import local_device
     from hf_dsv4.training.lora import dsv4_lora_config
 
@@ -80,7 +88,7 @@ def worker(args: argparse.Namespace) -> None:
     budget = int(args.read_budget_mb * 2**20) or None
     result: dict = {"rank": dist.get_rank(), "error": None}
     dist.barrier()
-    baseline = _reset_peak()
+    baseline = reset_rss_peak()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -94,13 +102,13 @@ def worker(args: argparse.Namespace) -> None:
         result["load_s"] = time.perf_counter() - start
         result["load_peak_mb"] = _peak_mb(device, baseline)
         local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
-        result["shard_mb"] = sum(t.numel() * t.element_size() for t in local) / 2**20
+        result["shard_mb"] = sum(t.numel() * t.element_size() for t in local) / MB
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-4)
         generator = torch.Generator().manual_seed(dist.get_rank())
         model.train()
-        times = []
-        for step in range(args.warmup + args.steps):
+
+        def step() -> float:
             ids = torch.randint(3, model.config.vocab_size, (1, args.seq_len), generator=generator).to(device)
             tick = time.perf_counter()
             model(ids, labels=ids).loss.backward()
@@ -108,8 +116,16 @@ def worker(args: argparse.Namespace) -> None:
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            if step >= args.warmup:
-                times.append(time.perf_counter() - tick)
+            return time.perf_counter() - tick
+
+        with live_tensors(model, optimizer, device=str(device)) as live:
+            for tracked in range(TRACKED):
+                if tracked:
+                    compat.end_of_step(live.tracker)
+                step()
+        result["live_mb"] = live.peak / MB
+        result["live_by_category_mb"] = {k: v / MB for k, v in live.by_category.items()}
+        times = [step() for _ in range(args.steps)]
         result["step_s"] = statistics.median(times) if times else None
         result["peak_mb"] = _peak_mb(device, baseline)
     except Exception as exc:  # noqa: BLE001 - reported in the table
@@ -130,11 +146,9 @@ def run_mode(mode: str, args: argparse.Namespace, port: int) -> list[dict]:
         stale.unlink()
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(args.ranks),
            "LOCAL_WORLD_SIZE": str(args.ranks), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
-    if not args.malloc_default:  # every mode alike: freed large blocks go back to the OS, so RSS is live memory
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     forwarded = ["--ckpt", str(args.ckpt), "--out", str(out), "--backend", args.backend, "--dtype", args.dtype,
                  "--targets", args.targets, "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-                 "--warmup", str(args.warmup), "--read_budget_mb", str(args.read_budget_mb)]  # fmt: skip
+                 "--read_budget_mb", str(args.read_budget_mb)]  # fmt: skip
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--worker", mode, *forwarded],
@@ -151,24 +165,33 @@ def _cell(values: list, fmt: str) -> str:
     return "/".join("—" if v is None else format(v, fmt) for v in values)
 
 
-def table(results: dict[str, list[dict]], tokens: int) -> None:
-    print(
-        "| mode | load peak MB/rank | run peak MB/rank | shards MB/rank | load s | step s | tokens/s | run peak vs (d) |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+def table(results: dict[str, list[dict]], tokens: int, device: str = "cpu") -> None:
+    other = "RSS" if device == "cpu" else "allocated"
+    print(f"| mode | run peak MB/rank | vs (d) | run peak {other} MB/rank | {other} vs (d) | load peak {other} MB/rank | "
+          "shards MB/rank | load s | step s | tokens/s |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     reference = results.get("d") or results.get("e")
     for mode, ranks in results.items():
         errors = [r["error"] for r in ranks if r.get("error")]
         if errors:
-            print(f"| ({mode}) {MODES[mode]} | failed: {errors[0]} | | | | | | |")
+            print(f"| ({mode}) {MODES[mode]} | failed: {errors[0]} | | | | | | | | |")
             continue
-        ratio = "—"
+        ratios = {field: "—" for field in ("live_mb", "peak_mb")}
         if reference and not any(r.get("error") for r in reference):
-            ratio = f"{max(r['peak_mb'] for r in ranks) / max(r['peak_mb'] for r in reference):.2f}x"
-        print(f"| ({mode}) {MODES[mode]} | {_cell([r['load_peak_mb'] for r in ranks], ',.0f')} | "
-              f"{_cell([r['peak_mb'] for r in ranks], ',.0f')} | {_cell([r['shard_mb'] for r in ranks], ',.0f')} | "
+            for field in ratios:
+                ratios[field] = f"{max(r[field] for r in ranks) / max(r[field] for r in reference):.2f}x"
+        print(f"| ({mode}) {MODES[mode]} | {_cell([r['live_mb'] for r in ranks], ',.0f')} | {ratios['live_mb']} | "
+              f"{_cell([r['peak_mb'] for r in ranks], ',.0f')} | {ratios['peak_mb']} | "
+              f"{_cell([r['load_peak_mb'] for r in ranks], ',.0f')} | {_cell([r['shard_mb'] for r in ranks], ',.0f')} | "
               f"{max(r['load_s'] for r in ranks):.2f} | {max(r['step_s'] for r in ranks):.2f} | "
-              f"{len(ranks) * tokens / max(r['step_s'] for r in ranks):,.0f} | {ratio} |")  # fmt: skip
+              f"{len(ranks) * tokens / max(r['step_s'] for r in ranks):,.0f} |")  # fmt: skip
+    print(f"\nrun peak: the logical peak of live tensors over the {TRACKED} tracked steps (what a GPU would hold); "
+          f"{other}: " + ("the process's peak RSS rise from just before loading, under default glibc (includes freed "
+          "memory glibc keeps)" if other == "RSS" else "max_memory_allocated") + "; step s: the median of the "
+          "untracked steps. Run peak by category, rank 0 (MB):")  # fmt: skip
+    for mode, ranks in results.items():
+        categories = ranks[0].get("live_by_category_mb") or {}
+        print(f"  ({mode}) " + ", ".join(f"{k} {v:,.0f}" for k, v in categories.items() if round(v)))
 
 
 # ---------------------------------------------------------------------------------------------- projection
@@ -283,17 +306,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--targets", default="all", help="LoRA preset: attention | attention+shared | all")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps, after the 2 tracked ones")
     parser.add_argument("--read_budget_mb", type=float, default=0.0, help="streamed read budget (0: whole layers)")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--out", type=Path, default=Path("/tmp/hf_dsv4_bench_quantized"))
     parser.add_argument("--projection", action="store_true", help="print the Flash projection table and exit")
-    parser.add_argument(
-        "--malloc-default",
-        action="store_true",
-        help="keep glibc's dynamic mmap threshold (default: fixed at 128 KB for every mode)",
-    )
     parser.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.projection:
@@ -306,7 +323,7 @@ def main() -> None:
     size = build_checkpoint(args.ckpt, args.layout)
     print(f"machine: {machine()}\ncheckpoint: {args.ckpt} ({args.layout} layout, {size:,.0f} MB on disk), {args.ranks} "
           f"{args.backend} ranks, {args.dtype}, LoRA r=16 '{args.targets}', batch 1 x {args.seq_len}, "
-          f"{args.warmup} + {args.steps} steps\n")  # fmt: skip
+          f"{TRACKED} tracked + {args.steps} timed steps\n")  # fmt: skip
     import socket
 
     results = {}
@@ -315,7 +332,7 @@ def main() -> None:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         results[mode] = run_mode(mode, args, port)
-    table(results, args.seq_len)
+    table(results, args.seq_len, "cpu" if args.backend == "gloo" else "cuda")
 
 
 if __name__ == "__main__":
