@@ -26,6 +26,8 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
+from .formats import QUANTIZED, quantized_parts
+
 logger = logging.getLogger(__name__)
 
 
@@ -568,8 +570,8 @@ def quantized_param_wrapper_class(cls: type, updates: str) -> type:
         import torch
 
         base = self.get_base_layer()
-        _, shape, dtype = base.__dict__["_hf_dsv4_quantized"][self.parameter_name]
-        device = base._parameters[self.parameter_name + "_q"].device
+        _, shape, dtype = base.__dict__[QUANTIZED][self.parameter_name]
+        device = base._parameters[quantized_parts(self.parameter_name)[0]].device
         return torch.zeros((), dtype=dtype, device=device).expand(shape)
 
     namespace = {"_activate_lora": _activate_lora, "get_param": get_param, "__module__": __name__}

@@ -26,8 +26,8 @@ from transformers import PreTrainedModel
 
 from .. import compat
 from ..distributed import all_gather_object, every_rank_raises, is_distributed, rank
+from ..formats import EXPERTS_MODES
 from .stream import (
-    EXPERTS_MODES,
     STREAM_ATTRIBUTE,
     dequantizing_config,
     fp8_block_size,

@@ -26,12 +26,12 @@ from safetensors import safe_open
 from torch import nn
 
 from .. import compat
+from ..formats import quantized_parts
 from .units import in_unit, layer_units, non_persistent_buffers, pretrained_models
 
 logger = logging.getLogger(__name__)
 
 STREAM_ATTRIBUTE = "_hf_dsv4_stream"
-EXPERTS_MODES = ("per_expert", "stack")  # how quantized routed experts compute (`hf_dsv4.sharding.quantize_base`)
 
 
 class StreamedCheckpoint:
@@ -178,7 +178,8 @@ class StreamedCheckpoint:
         """{part name: (model tensor, is the scale)} of the unit's quantized tensors: `<tensor>_q`, `<tensor>_scale`."""
         parts = {}
         for target in sorted(self._targets_of(prefix) & set(self.quantized)):
-            parts[target + "_q"], parts[target + "_scale"] = (target, False), (target, True)
+            codes, scales = quantized_parts(target)
+            parts[codes], parts[scales] = (target, False), (target, True)
         return parts
 
     def _families(self, target: str, scale: bool) -> list[list[str]]:
@@ -237,7 +238,7 @@ class StreamedCheckpoint:
         instead of the weight)."""
         names = set(self.twin.state_dict(keep_vars=True))
         if self.keep_quantized:
-            names = (names - set(self.quantized)) | {t + part for t in self.quantized for part in ("_q", "_scale")}
+            names = (names - set(self.quantized)) | {part for t in self.quantized for part in quantized_parts(t)}
         return names
 
     def _collect(self, prefix: str, plan: _RowPlan) -> dict[str, torch.Tensor]:

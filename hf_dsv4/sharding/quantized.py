@@ -34,11 +34,8 @@ import torch
 from torch import nn
 
 from .. import compat
-from ..loading.stream import EXPERTS_MODES
+from ..formats import DATA, EXPERTS_MODES, KINDS, QUANTIZED, SCALE
 
-KINDS = ("fp8", "fp4")  # FP8 e4m3 + ue8m0 128x128 blocks; FP4 e2m1 (two per byte) + ue8m0 1x32 blocks
-DATA, SCALE = "_q", "_scale"  # the two uint8 parameters that replace a quantized weight `<leaf>`
-QUANTIZED = "_hf_dsv4_quantized"  # on a quantized module: {leaf: (kind, logical shape, dtype)}
 _SCOPE = "_hf_dsv4_forward_scope"
 _RECIPE = "_hf_dsv4_recipe"  # on a dequantized weight: how to make it again
 LOGICAL_NUMEL = "_hf_dsv4_logical_numel"  # on a quantized weight's parameters, until sharded
