@@ -223,7 +223,9 @@ def _indexer_topk(
     """`DeepseekV4Indexer.forward` with `cache=None`, its scores computed `chunk` queries at a time: `[B, L, k]`.
 
     Stock's top-k indices are not differentiable (the indexer gets no gradient from the loss), so nothing here is
-    recorded for backward."""
+    recorded for backward. The inputs are detached: under no_grad a slice of a tensor that requires grad still says
+    it does, with no gradient function (which torch's memory tracker, for one, cannot follow)."""
+    hidden_states, q_residual = hidden_states.detach(), q_residual.detach()
     batch, seq_len, _ = hidden_states.shape
     compressed = _overlap_compress(indexer, hidden_states)
     cos_q, sin_q = indexer.rotary_emb(hidden_states, position_ids=position_ids, layer_type=indexer.rope_layer_type)
