@@ -206,14 +206,5 @@ def main(script_args, training_args, model_args, callbacks=None) -> DSV4SFTTrain
     return trainer
 
 
-def end_processes() -> None:
-    """Leave the process group on every rank once all are done (a rank that exits with gloo's threads still running
-    can abort at interpreter teardown)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 if __name__ == "__main__":
     main(*parse_args())
-    end_processes()

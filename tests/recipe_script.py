@@ -126,5 +126,4 @@ if __name__ == "__main__":
         rank = trainer.args.process_index
         (Path(training_args.output_dir) / f"collectives_rank{rank}.json").write_text(json.dumps(records))
     print(f"recipe_script: rank {trainer.args.process_index} finished", flush=True)  # each rank's output is in the log
-    sft_dsv4.end_processes()
     exit_without_teardown()
