@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DeepseekV4ForCausalLM
 
 from hf_dsv4 import compat
-from hf_dsv4.modeling import SparseAttentionError, enable_sparse_attention, sparse_attention_enabled
+from hf_dsv4.modeling import SparseAttentionError, enable_sparse_attention, sparse_attention_enabled, sparse_layer
 from hf_dsv4.modeling import sparse_attention as sparse_module
 from hf_dsv4.testing.model import tiny_dsv4_config
 
@@ -155,11 +155,14 @@ def test_with_a_cache_it_is_stock_bit_for_bit():
 def test_enable_is_idempotent_and_refuses_what_it_cannot_serve():
     model = _model(TYPES, torch.float32)
     assert enable_sparse_attention(model, chunk_size=7) is model
-    classes = [type(m.self_attn.compressor) for m in model.model.layers[1:]]
+    layers = [sparse_layer(m.self_attn) for m in model.model.layers]
+    hooks = [len(m.self_attn._forward_pre_hooks) for m in model.model.layers]
     enable_sparse_attention(model, chunk_size=9)
-    assert [type(m.self_attn.compressor) for m in model.model.layers[1:]] == classes
-    assert all(c.__name__.startswith("SparseDeepseekV4") for c in classes)
-    assert {m.self_attn._hf_dsv4_chunk for m in model.model.layers} == {9}
+    assert [sparse_layer(m.self_attn) for m in model.model.layers] == layers and {x.chunk for x in layers} == {9}
+    assert [len(m.self_attn._forward_pre_hooks) for m in model.model.layers] == hooks  # hooked once
+    for m in model.model.layers[1:]:  # the compressor shares its layer's hand-off; its class stays transformers'
+        assert sparse_layer(m.self_attn.compressor) is sparse_layer(m.self_attn)
+        assert type(m.self_attn.compressor).__module__.startswith("transformers.")
     with pytest.raises(SparseAttentionError, match="chunk_size must be positive, got 0"):
         enable_sparse_attention(model, chunk_size=0)
     with pytest.raises(SparseAttentionError, match="Linear has no DeepSeek-V4 attention layer"):

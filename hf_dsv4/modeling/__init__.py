@@ -4,15 +4,19 @@ Needs transformers and torch only."""
 from .sparse_attention import (
     IMPLEMENTATION,
     SparseAttentionError,
+    SparseLayer,
     SparseMask,
     enable_sparse_attention,
     sparse_attention_enabled,
+    sparse_layer,
 )
 
 __all__ = [
     "IMPLEMENTATION",
     "SparseAttentionError",
+    "SparseLayer",
     "SparseMask",
     "enable_sparse_attention",
     "sparse_attention_enabled",
+    "sparse_layer",
 ]

@@ -11,11 +11,12 @@ sink. `enable_sparse_attention(model)` makes every DeepSeek-V4 attention layer c
 - the mask: transformers' mask interface (`AttentionMaskInterface`, registered under `hf_dsv4_sparse`) returns a
   `SparseMask` that keeps the mask *function* transformers composed (sliding window, causal, padding, packed
   sequences) and evaluates it one block of queries at a time (never `L x L`);
-- the compressors (the one fenced replacement, `_SparseCSACompressor` / `_SparseHCACompressor`, checked against
-  the installed transformers by `hf_dsv4.compat.require("transformers.attention")`): the compressed entries are
-  computed as stock computes them, the indexer scores queries in chunks (no gradient flows through its top-k in
-  stock either), and instead of a dense block bias the layer keeps its selection (the top-k indices, or the
-  per-query count of visible HCA entries);
+- the compressors (the one fenced replacement: each compressor's `forward`, an instance attribute, `_csa_forward` /
+  `_hca_forward`, checked against the installed transformers by `hf_dsv4.compat.require("transformers.attention")`):
+  the compressed entries are computed as stock computes them, the indexer scores queries in chunks (no gradient
+  flows through its top-k in stock either), and instead of a dense block bias the layer keeps its selection (the
+  top-k indices, or the per-query count of visible HCA entries) in its `SparseLayer`, the one object its compressor
+  and attention share;
 - the attention (`AttentionInterface`, registered under `hf_dsv4_sparse`): queries in chunks of `chunk_size`; a
   chunk reads the `chunk + window - 1` keys around it, its gathered compressed entries and the sinks, and softmaxes
   them as stock does (same dtypes, same max subtraction); each chunk is recomputed in backward
@@ -29,6 +30,7 @@ ones, so LoRA, a quantized base and FSDP2 work unchanged.
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,9 +44,9 @@ logger = logging.getLogger(__name__)
 
 IMPLEMENTATION = "hf_dsv4_sparse"
 DEFAULT_CHUNK_SIZE = 256
-_SELECTION = "_hf_dsv4_selection"  # where a compressor leaves its selection for the attention of the same layer
-_CACHED = "_hf_dsv4_cached"  # set on an attention module called with a cache (generation): the stock path
-_HOOKED = "_hf_dsv4_hooked"
+# the one attribute hf_dsv4 sets here: a layer's `SparseLayer` on its attention and compressor; on `DeepseekV4Model`
+# True once its pre-hook (`_no_implicit_cache`) is registered
+SPARSE = "_hf_dsv4_sparse"
 _GATHER_ABOVE = 2  # CSA reads the gathered picks once there are more than this many entries per pick
 
 
@@ -249,49 +251,64 @@ def _indexer_topk(
     return torch.cat(picks, dim=1)
 
 
-class _SparseCSACompressor:
-    """Mixed into `DeepseekV4CSACompressor`: without a cache, the compressed entries and the indexer's picks, no
-    dense block bias (the attention reads the picks). With a cache, the stock forward."""
+@dataclass
+class SparseLayer:
+    """One DeepSeek-V4 layer's sparse attention: its settings, and the hand-off transformers' interfaces force (the
+    attention module calls its compressor, then the attention function, separately): the compressor leaves its
+    selection here and the attention takes it, in the same forward; a forward with a cache (generation) is marked
+    `cached` by the attention's pre-hook. One object, shared by the layer's attention and compressor (`SPARSE`)."""
 
-    _hf_dsv4_chunk = DEFAULT_CHUNK_SIZE
+    chunk: int = DEFAULT_CHUNK_SIZE
+    kernel: str = "portable"
+    selection: Any = None
+    cached: bool = False
 
-    def forward(self, hidden_states, q_residual, position_ids, cache=None, layer_idx=None):
-        if cache is not None:
-            compressed_kv, block_bias = super().forward(hidden_states, q_residual, position_ids, cache, layer_idx)
-            setattr(self, _SELECTION, _Dense(block_bias))
-            return compressed_kv, block_bias
-        compressed_kv = _overlap_compress(self, hidden_states).unsqueeze(1)
-        picks = _indexer_topk(self.indexer, hidden_states, q_residual, position_ids, self._hf_dsv4_chunk)
-        setattr(self, _SELECTION, _TopK(picks))
-        return compressed_kv, None
-
-
-class _SparseHCACompressor:
-    """Mixed into `DeepseekV4HCACompressor`: without a cache, the stock forward's compressed entries (asked for one
-    query position, which returns before the dense block bias is built) and the per-query visible count."""
-
-    _hf_dsv4_chunk = DEFAULT_CHUNK_SIZE
-
-    def forward(self, hidden_states, q_residual, position_ids, cache=None, layer_idx=None):
-        if cache is not None:
-            compressed_kv, block_bias = super().forward(hidden_states, q_residual, position_ids, cache, layer_idx)
-            setattr(self, _SELECTION, _Dense(block_bias))
-            return compressed_kv, block_bias
-        compressed_kv, _ = super().forward(hidden_states, q_residual, position_ids[:, :1], None, layer_idx)
-        threshold = ((position_ids + 1) // self.compress_rate).expand(hidden_states.shape[0], -1)
-        setattr(self, _SELECTION, _Causal(threshold))
-        return compressed_kv, None
+    def take(self) -> tuple[Any, bool]:
+        """(the selection, whether this forward has a cache), cleared for the next forward."""
+        selection, cached = self.selection, self.cached
+        self.selection, self.cached = None, False
+        return selection, cached
 
 
-_MIXINS = {"DeepseekV4CSACompressor": _SparseCSACompressor, "DeepseekV4HCACompressor": _SparseHCACompressor}
-_SPARSE_CLASSES: dict[type, type] = {}
+def sparse_layer(module: Any) -> SparseLayer | None:
+    """The `SparseLayer` of a DeepSeek-V4 attention or compressor under `enable_sparse_attention`, else None."""
+    return module.__dict__.get(SPARSE)
 
 
-def _sparse_class(cls: type) -> type:
-    if cls not in _SPARSE_CLASSES:
-        mixin = next(m for name, m in _MIXINS.items() if any(c.__name__ == name for c in cls.__mro__))
-        _SPARSE_CLASSES[cls] = type(f"Sparse{cls.__name__}", (mixin, cls), {})
-    return _SPARSE_CLASSES[cls]
+def _csa_forward(self, hidden_states, q_residual, position_ids, cache=None, layer_idx=None):
+    """`DeepseekV4CSACompressor.forward` under sparse attention: without a cache, the compressed entries and the
+    indexer's picks, no dense block bias (the attention reads the picks). With a cache, the stock forward."""
+    layer = sparse_layer(self)
+    if cache is not None:
+        compressed_kv, block_bias = type(self).forward(self, hidden_states, q_residual, position_ids, cache, layer_idx)
+        layer.selection = _Dense(block_bias)
+        return compressed_kv, block_bias
+    compressed_kv = _overlap_compress(self, hidden_states).unsqueeze(1)
+    layer.selection = _TopK(_indexer_topk(self.indexer, hidden_states, q_residual, position_ids, layer.chunk))
+    return compressed_kv, None
+
+
+def _hca_forward(self, hidden_states, q_residual, position_ids, cache=None, layer_idx=None):
+    """`DeepseekV4HCACompressor.forward` under sparse attention: without a cache, the stock forward's compressed
+    entries (asked for one query position, which returns before the dense block bias is built) and the per-query
+    visible count."""
+    layer, stock = sparse_layer(self), type(self).forward
+    if cache is not None:
+        compressed_kv, block_bias = stock(self, hidden_states, q_residual, position_ids, cache, layer_idx)
+        layer.selection = _Dense(block_bias)
+        return compressed_kv, block_bias
+    compressed_kv, _ = stock(self, hidden_states, q_residual, position_ids[:, :1], None, layer_idx)
+    layer.selection = _Causal(((position_ids + 1) // self.compress_rate).expand(hidden_states.shape[0], -1))
+    return compressed_kv, None
+
+
+_FORWARDS = {"DeepseekV4CSACompressor": _csa_forward, "DeepseekV4HCACompressor": _hca_forward}
+
+
+def _sparse_forward(compressor: Any) -> Any:
+    """The compressor's sparse forward, bound to it (an instance attribute: its class stays transformers')."""
+    forward = next(f for name, f in _FORWARDS.items() if any(c.__name__ == name for c in type(compressor).__mro__))
+    return types.MethodType(forward, compressor)
 
 
 # ------------------------------------------------------------------------------------------------ attention
@@ -355,8 +372,8 @@ def sparse_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """The attention interface of `hf_dsv4_sparse` (called by the stock `DeepseekV4Attention.forward`)."""
     compressor = getattr(module, "compressor", None)
-    selection = compressor.__dict__.pop(_SELECTION, None) if compressor is not None else None
-    cached = module.__dict__.pop(_CACHED, False)
+    layer = sparse_layer(module) or SparseLayer()
+    selection, cached = layer.take()
     sparse = (
         not cached
         and isinstance(attention_mask, SparseMask)
@@ -371,10 +388,10 @@ def sparse_attention_forward(
         return _dense_fallback(module, query, key, value, attention_mask, selection, scaling, dropout, **kwargs)
 
     differentiable = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
-    if module.__dict__.get("_hf_dsv4_kernel") == "flex" and dropout == 0 and (query.is_cuda or not differentiable):
+    if layer.kernel == "flex" and dropout == 0 and (query.is_cuda or not differentiable):
         return _flex_attention(module, query, key, attention_mask, selection, scaling), None
     batch, heads, seq_len, dim = query.shape
-    chunk = getattr(compressor, "_hf_dsv4_chunk", None) or getattr(module, "_hf_dsv4_chunk", DEFAULT_CHUNK_SIZE)
+    chunk = layer.chunk
     window_len = chunk + sliding_window - 1
     n_chunks = -(-seq_len // chunk)
     # every chunk's window of keys, as views of one padded copy (backward: one unfold, no per-chunk full-size grads)
@@ -532,7 +549,7 @@ def _modules_of(model: Any, class_name: str):
 
 def _note_cache(module: Any, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook of an attention module: with a cache (generation) the layer runs the stock way."""
-    module.__dict__[_CACHED] = kwargs.get("cache", kwargs.get("past_key_values")) is not None
+    sparse_layer(module).cached = kwargs.get("cache", kwargs.get("past_key_values")) is not None
 
 
 def _no_implicit_cache(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -568,20 +585,20 @@ def enable_sparse_attention(model: Any, chunk_size: int = DEFAULT_CHUNK_SIZE, ke
     if not attentions:
         raise SparseAttentionError(f"{type(model).__name__} has no DeepSeek-V4 attention layer (DeepseekV4Attention)")
     _registered()
-    for module in [*attentions, *_modules_of(model, "DeepseekV4Model")]:
-        if not module.__dict__.get(_HOOKED):
-            hook = _note_cache if module in attentions else _no_implicit_cache
-            module.register_forward_pre_hook(hook, with_kwargs=True)
-            module.__dict__[_HOOKED] = True
+    for decoder in _modules_of(model, "DeepseekV4Model"):
+        if SPARSE not in decoder.__dict__:
+            decoder.register_forward_pre_hook(_no_implicit_cache, with_kwargs=True)
+            decoder.__dict__[SPARSE] = True
     for attention in attentions:
-        attention._hf_dsv4_chunk = chunk_size
-        attention._hf_dsv4_kernel = kernel
+        layer = sparse_layer(attention)
+        if layer is None:
+            layer = attention.__dict__[SPARSE] = SparseLayer()
+            attention.register_forward_pre_hook(_note_cache, with_kwargs=True)
+            if attention.compressor is not None:
+                attention.compressor.__dict__[SPARSE] = layer
+                attention.compressor.forward = _sparse_forward(attention.compressor)
+        layer.chunk, layer.kernel = chunk_size, kernel
         attention.config._attn_implementation = IMPLEMENTATION
-        compressor = attention.compressor
-        if compressor is not None:
-            if type(compressor) not in _SPARSE_CLASSES.values():
-                compressor.__class__ = _sparse_class(type(compressor))
-            compressor._hf_dsv4_chunk = chunk_size
     for config in {id(a.config): a.config for a in attentions}.values():
         config._attn_implementation = IMPLEMENTATION
     logger.info(
