@@ -574,8 +574,18 @@ def enable_sparse_attention(model: Any, chunk_size: int = DEFAULT_CHUNK_SIZE, ke
     are faster and take more transient memory. `kernel="flex"`: `torch.nn.attention.flex_attention` with a block mask
     instead of the portable blocks, on CUDA (and on CPU without gradients: torch has no flex backward on CPU); with
     attention dropout, the portable path.
-    Raises `SparseAttentionError` for a model without DeepSeek-V4
-    attention, and `hf_dsv4.compat.UpstreamCompatError` if the installed transformers changed what is replaced."""
+
+    Args:
+        model: a transformers model, a `PeftModel`, FSDP2-sharded or not.
+        chunk_size: queries per block.
+        kernel: "portable" (any device) or "flex".
+
+    Returns:
+        `model`, changed in place.
+
+    Raises:
+        SparseAttentionError: a model without DeepSeek-V4 attention, a bad `chunk_size` or `kernel`.
+        hf_dsv4.compat.UpstreamCompatError: the installed transformers changed what is replaced."""
     if chunk_size < 1:
         raise SparseAttentionError(f"chunk_size must be positive, got {chunk_size}")
     if kernel not in KERNELS:

@@ -126,6 +126,21 @@ def shard_model(
     parameters on the CPU (also on CPU-only machines). LoRA factors that peft applies through `target_parameters`
     (routed experts) are cast to the dtype of the weight they adapt first (`align_parameter_adapter_dtypes`). Raises
     `ShardingError` on every rank if any rank's model differs from rank 0's.
+
+    Args:
+        model: the model (a transformers model or a PeftModel of one), on every rank.
+        mesh: the device mesh (1-D: FSDP; 2-D: HSDP); default all ranks on this rank's device.
+        reshard_after_forward: FSDP2's `reshard_after_forward` for the decoder layers.
+        mixed_precision: FSDP2's `MixedPrecisionPolicy` for bf16/fp32 groups.
+        cpu_offload: keep the sharded parameters on the CPU (buffers stay on the compute device).
+        read_ahead: streamed from rank 0: read the next unit while one is sent.
+        read_budget: bytes per piece read (see above); default the one given to `memory_efficient_init`.
+
+    Returns:
+        `model`, sharded in place.
+
+    Raises:
+        ShardingError: not under torch.distributed, or the ranks' models or load settings differ (on every rank).
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise ShardingError("shard_model needs torch.distributed; start with torchrun or `accelerate launch`")

@@ -82,8 +82,19 @@ def dsv4_lora_config(
 ) -> LoraConfig:
     """A causal-LM `LoraConfig` for DeepSeek-V4 with one of the `LORA_TARGETS` presets (or explicit module names).
 
-    Extra keyword arguments go to `LoraConfig` (for example `use_rslora=True`); `target_parameters` given there is
-    added to the preset's.
+    Args:
+        r: the LoRA rank.
+        alpha: `lora_alpha` (the update is scaled by alpha / r).
+        dropout: `lora_dropout`.
+        targets: a preset of `LORA_TARGETS` ("attention", "attention+shared", "all"), or module names.
+        **kwargs: more `LoraConfig` fields (e.g. `use_rslora=True`); a `target_parameters` given here is added to the
+            preset's (routed experts are adapted through `target_parameters`).
+
+    Returns:
+        `peft.LoraConfig` with `task_type="CAUSAL_LM"`.
+
+    Raises:
+        ValueError: an unknown preset name.
     """
     modules, parameters = resolve_lora_targets(targets)
     extra = kwargs.pop("target_parameters", None)

@@ -119,10 +119,23 @@ def merge_adapter(
     dtype: torch.dtype = torch.bfloat16,
     effort_profile: str | None = None,
 ) -> Path:
-    """Merge the PEFT adapter in `adapter_dir` into `base` (a local folder or hub id; Hub or release layout) and write
-    the merged model to `out_dir` in `dtype`, one decoder layer at a time (see the module docstring); returns
-    `out_dir`. `effort_profile` chooses the chat template written with the tokenizer (default: read from the base,
-    `detect_effort_profile`)."""
+    """Merge a PEFT adapter into its base and write the merged model, one decoder layer at a time (see the module
+    docstring): the base is read one layer at a time, never held whole.
+
+    Args:
+        base: the base model, a local folder or Hub id, in the Hub or the release (FP8 / FP4) layout.
+        adapter_dir: the adapter, a folder or Hub id, as peft / `DSV4SFTTrainer` saved it.
+        out_dir: where the merged model (config, safetensors files, index, tokenizer) is written.
+        dtype: the merged weights' dtype.
+        effort_profile: the chat template's effort profile written with the tokenizer (default: read from the base,
+            `detect_effort_profile`).
+
+    Returns:
+        `out_dir`, as a Path.
+
+    Raises:
+        ValueError: the base has no causal-LM class, or the adapter was trained on another model (its shapes say so).
+    """
     from peft import LoraConfig
 
     from ..template import detect_effort_profile, install_chat_template
