@@ -31,9 +31,9 @@ single process; under FSDP2 the bf16 MixedPrecisionPolicy computes it in bf16 wi
 is used. AdamW on the trainable parameters, random token batches, loss = next-token cross-entropy on the inputs.
 
 Measured: tokens/s over the timed steps (after the warmup steps; `torch.cuda.synchronize` around each step; global =
-all ranks' tokens / the slowest rank's time), the logical peak of live tensors over the warmup steps (torch's memory
-tracker, `benchmarks/_memory.py`; the warmup steps run under it, the timed steps do not, so its dispatch hook is not
-timed; max over ranks), peak memory over warmup + timed steps (`max_memory_allocated` / `max_memory_reserved`, max over
+all ranks' tokens / the slowest rank's time), the logical peak of live tensors over one more step after the timed ones
+(torch's memory tracker, `benchmarks/_memory.py`; its dispatch hook is not in the timed steps; max over ranks), peak
+memory over warmup + timed + tracked steps (`max_memory_allocated` / `max_memory_reserved`, max over
 ranks; on CPU the process peak RSS under default glibc, which includes freed memory glibc keeps), parameter counts
 (before sharding) and the MoE
 routing imbalance over the timed steps from `hf_dsv4.DSV4Callback` (mean over MoE layers of max/mean tokens per
@@ -275,7 +275,7 @@ def train(args: argparse.Namespace, device: torch.device, result: dict) -> None:
     from _memory import live_tensors
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from hf_dsv4 import DSV4Callback, compat, shard_model
+    from hf_dsv4 import DSV4Callback, shard_model
     from hf_dsv4.sharding import align_parameter_adapter_dtypes
 
     rank = dist.get_rank() if args.fsdp else 0
@@ -339,12 +339,8 @@ def train(args: argparse.Namespace, device: torch.device, result: dict) -> None:
     if device.type == "cuda":
         result["build_peak_gb"] = round(_max_over_ranks([torch.cuda.max_memory_allocated(device)], device)[0] / 1e9, 3)
         torch.cuda.reset_peak_memory_stats(device)  # the table's peak: warmup + timed steps
-    with live_tensors(model, optimizer, device=str(device)) as live:  # the warmup steps: the logical peak
-        for index in range(1, args.warmup + 1):
-            if index > 1:
-                compat.end_of_step(live.tracker)
-            step(index, timed=False)
-    result["logical_peak_gb"] = round(_max_over_ranks([live.peak], device)[0] / 1e9, 3)
+    for index in range(1, args.warmup + 1):
+        step(index, timed=False)
     callback.collect(step=0)  # resets the routing counts: the imbalance below is over the timed steps
     if args.fsdp:
         dist.barrier()
@@ -352,6 +348,11 @@ def train(args: argparse.Namespace, device: torch.device, result: dict) -> None:
     elapsed, step_median = _max_over_ranks([sum(times), statistics.median(times)], device)
     routing = callback.collect(step=1)
     callback.detach()
+    # one more step under the tracker, last: torch's FSDP2 tracker leaves its forward hooks on a module group of
+    # several modules when it exits, so no step may follow it
+    with live_tensors(model, optimizer, device=str(device)) as live:
+        step(args.warmup + 1, timed=False)
+    result["logical_peak_gb"] = round(_max_over_ranks([live.peak], device)[0] / 1e9, 3)
     allocated, reserved = _max_over_ranks(list(_peak_bytes(device)), device)
     result.update(
         tokens_per_s=round(world * args.batch_size * args.seq_len * args.steps / elapsed, 1),

@@ -7,7 +7,7 @@
 
 Every mode loads the same release-layout checkpoint streamed into FSDP2 shards (`memory_efficient_init(stream=True)`
 + `shard_model`), adds the same LoRA adapter (`dsv4_lora_config(r=16, alpha=32, targets=--targets)`) and trains
-2 + `--steps` AdamW steps on random tokens (batch 1 x `--seq-len`):
+1 + `--steps` + 1 AdamW steps on random tokens (batch 1 x `--seq-len`):
 
 (q) keep_quantized, experts per expert (the default): FP8 / FP4 bytes + ue8m0 scales in the shards, each weight
     dequantized in its module's forward and again in backward, routed experts one at a time;
@@ -15,13 +15,13 @@ Every mode loads the same release-layout checkpoint streamed into FSDP2 shards (
 (d) the dequantized base (transformers dequantizes the checkpoint to `--dtype` while it streams): the stock weights;
 (e) as (d) with transformers' eager experts loop (what (q) computes), the like-for-like reference of (q).
 
-Per rank (`benchmarks/_memory.py`): the training peak, two ways: the logical peak of live tensors over the first 2
-steps (torch's FSDP2 memory tracker through `hf_dsv4.compat.memory_tracker(model, optimizer)`: shards, unsharded
-parameters, adapter, gradients, AdamW state, activations and transients; what a GPU would hold; the first step creates
-AdamW's state, the second runs with it) and, beside it, the peak RSS rise from just before loading over the whole run
-(VmHWM, under default glibc: it includes freed memory glibc keeps; on CUDA the peak allocated GPU memory); the peak
-RSS rise over loading; the bytes of the rank's shards; the load wall time and the median time of `--steps` further,
-untracked steps (the tracker's dispatch hook slows the steps it watches). `--layout release` is
+Per rank (`benchmarks/_memory.py`): the training peak, two ways: the logical peak of live tensors over a last step
+run under torch's FSDP2 memory tracker (`hf_dsv4.compat.memory_tracker(model, optimizer)`: shards, unsharded
+parameters, adapter, gradients, AdamW state, activations and transients; what a GPU would hold) and, beside it, the
+peak RSS rise from just before loading over the whole run (VmHWM, under default glibc: it includes freed memory glibc
+keeps; on CUDA the peak allocated GPU memory); the peak RSS rise over loading; the bytes of the rank's shards; the
+load wall time and the median time of the `--steps` untracked steps after the first (which creates AdamW's state;
+the tracker's dispatch hook slows the step it watches, so that one is not timed). `--layout release` is
 `bench_load.py`'s release checkpoint (8 layers, hidden 1024, 16 experts: 0.5 GB on disk, 1 GB in bf16);
 `--layout flash` the full-width DeepSeek-V4-Flash layer of `flash_release.py` (5.4 GB on disk, 15.3 GB in bf16). A
 mode that does not fit is reported with its error, not hidden.
@@ -58,9 +58,6 @@ KEEP = {"q": "per_expert", "s": "stack", "d": False, "e": False}
 # ---------------------------------------------------------------------------------------------- one rank
 
 
-TRACKED = 2  # steps under the tracker: the first creates AdamW's state, the second runs with it
-
-
 def _peak_mb(device, baseline_kb: int) -> float:
     import torch
 
@@ -76,7 +73,7 @@ def worker(args: argparse.Namespace) -> None:
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
 
-    from hf_dsv4 import compat, memory_efficient_init, shard_model
+    from hf_dsv4 import memory_efficient_init, shard_model
     from hf_dsv4.distributed import local_device
     from hf_dsv4.training.lora import dsv4_lora_config
 
@@ -118,15 +115,14 @@ def worker(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize(device)
             return time.perf_counter() - tick
 
+        times = [step() for _ in range(1 + args.steps)][1:]  # the first creates AdamW's state: not timed
+        result["step_s"] = statistics.median(times) if times else None
+        # one more step under the tracker, last: torch's FSDP2 tracker leaves its forward hooks on a module group of
+        # several modules when it exits, so no step may follow it
         with live_tensors(model, optimizer, device=str(device)) as live:
-            for tracked in range(TRACKED):
-                if tracked:
-                    compat.end_of_step(live.tracker)
-                step()
+            step()
         result["live_mb"] = live.peak / MB
         result["live_by_category_mb"] = {k: v / MB for k, v in live.by_category.items()}
-        times = [step() for _ in range(args.steps)]
-        result["step_s"] = statistics.median(times) if times else None
         result["peak_mb"] = _peak_mb(device, baseline)
     except Exception as exc:  # noqa: BLE001 - reported in the table
         result["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
@@ -185,7 +181,7 @@ def table(results: dict[str, list[dict]], tokens: int, device: str = "cpu") -> N
               f"{_cell([r['load_peak_mb'] for r in ranks], ',.0f')} | {_cell([r['shard_mb'] for r in ranks], ',.0f')} | "
               f"{max(r['load_s'] for r in ranks):.2f} | {max(r['step_s'] for r in ranks):.2f} | "
               f"{len(ranks) * tokens / max(r['step_s'] for r in ranks):,.0f} |")  # fmt: skip
-    print(f"\nrun peak: the logical peak of live tensors over the {TRACKED} tracked steps (what a GPU would hold); "
+    print(f"\nrun peak: the logical peak of live tensors over the tracked step (what a GPU would hold); "
           f"{other}: " + ("the process's peak RSS rise from just before loading, under default glibc (includes freed "
           "memory glibc keeps)" if other == "RSS" else "max_memory_allocated") + "; step s: the median of the "
           "untracked steps. Run peak by category, rank 0 (MB):")  # fmt: skip
@@ -323,7 +319,7 @@ def main() -> None:
     size = build_checkpoint(args.ckpt, args.layout)
     print(f"machine: {machine()}\ncheckpoint: {args.ckpt} ({args.layout} layout, {size:,.0f} MB on disk), {args.ranks} "
           f"{args.backend} ranks, {args.dtype}, LoRA r=16 '{args.targets}', batch 1 x {args.seq_len}, "
-          f"{TRACKED} tracked + {args.steps} timed steps\n")  # fmt: skip
+          f"1 + {args.steps} timed + 1 tracked steps\n")  # fmt: skip
     import socket
 
     results = {}
