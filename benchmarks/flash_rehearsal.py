@@ -60,11 +60,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bench_flash_slice import FLASH_LAYERS  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 GIB = 2**30
-FLASH_LAYERS = 43  # bench_flash_slice.FLASH_LAYERS
 CHECK_RANKS = 2
 TOLERANCE = 0.05
 TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what DSV4SFTTrainer (TRL's SFTTrainer) asks the fused head for
