@@ -111,13 +111,13 @@ def release_plan(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...], tupl
 def build(config, targets: str, keep_quantized: bool) -> nn.Module:
     """The training model on meta, as the recipe makes it before sharding: bf16, activation checkpointing, the fused
     LM head, LoRA, sparse attention, and with `keep_quantized` the quantized-resident base (`shard_model`'s first
-    steps: `quantize_base`, recipes off under activation checkpointing)."""
+    step, `quantize_base`: each weight saved for backward as its recipe, also under activation checkpointing)."""
     from peft import get_peft_model
     from transformers import DeepseekV4ForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
     from hf_dsv4 import dsv4_lora_config, enable_sparse_attention
-    from hf_dsv4.sharding.quantized import quantize_base, set_recompute_in_backward
+    from hf_dsv4.sharding.quantized import quantize_base
     from hf_dsv4.sharding.streamed import reader_names
 
     with torch.device("meta"):  # a copy: enable_sparse_attention names its attention in the model's config
@@ -130,7 +130,6 @@ def build(config, targets: str, keep_quantized: bool) -> nn.Module:
     enable_sparse_attention(model)
     if plan:
         quantize_base(model, plan, reader_names(model))
-        set_recompute_in_backward(model, False)  # shard_model's rule: whole layers are recomputed anyway
     return model
 
 
@@ -193,26 +192,6 @@ def balanced_per_expert(model: nn.Module) -> Iterator[int]:
     finally:
         for module in modules:
             del module.forward
-
-
-@contextlib.contextmanager
-def detached_indexer_inputs(model: nn.Module) -> Iterator[None]:
-    """Within: the lightning indexers' scorers get their inputs detached. The sparse attention calls each scorer
-    under `no_grad` with a slice of the hidden states, a view that still says `requires_grad` with no `grad_fn`, and
-    torch's module tracker (which the memory tracker runs) fails on such an input ("Expected gradient function to
-    be set"); under `no_grad` the detached input computes the same. The scorer module itself runs unchanged."""
-    scorers = [m for m in model.modules() if type(m).__name__ == "DeepseekV4Indexer"]
-
-    def detached(scorer: nn.Module):
-        return lambda *args: scorer(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
-
-    for indexer in scorers:  # an instance attribute shadows the registered child for calls, not for FSDP or state
-        indexer.__dict__["scorer"] = detached(indexer._modules["scorer"])
-    try:
-        yield
-    finally:
-        for indexer in scorers:
-            del indexer.__dict__["scorer"]
 
 
 # ---------------------------------------------------------------------------------------------- one step
@@ -293,7 +272,7 @@ def trace(config, ranks: int, tokens: int, targets: str, keep_quantized: bool) -
         mesh = init_device_mesh("cpu", (ranks,))  # before FakeTensorMode: the mesh holds real rank tensors
         model = build(config, targets, keep_quantized)
         shard(model, mesh)
-        with compat.fake_tensor_mode(), balanced_per_expert(model) as stand_ins, detached_indexer_inputs(model):
+        with compat.fake_tensor_mode(), balanced_per_expert(model) as stand_ins:
             model.to_empty(device="cpu")
             peak = train_step(model, tokens, config.vocab_size, f"trace {ranks} ranks x {tokens} tokens")
     finally:
@@ -316,8 +295,7 @@ def _measure_rank(rank: int, ranks: int, store: str, config, tokens: int, target
     model.to_empty(device="cpu")
     fill_random(model)
     randomize_hash_routes(model, seed=0)
-    with detached_indexer_inputs(model):
-        peak = train_step(model, tokens, config.vocab_size, f"rank {rank}")
+    peak = train_step(model, tokens, config.vocab_size, f"rank {rank}")
     Path(out, f"rank{rank}.json").write_text(json.dumps(summary(peak)))
     dist.barrier()
     dist.destroy_process_group()

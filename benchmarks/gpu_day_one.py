@@ -45,7 +45,6 @@ exits with status 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -149,7 +148,7 @@ def run_phase(args: argparse.Namespace) -> None:
         live tensors' (torch's FSDP2 memory tracker, entered once for the whole run: its exit leaves hooks behind on
         FSDP2 groups of several modules, so it cannot measure one step of a run that goes on)."""
 
-        tracker, workaround = None, contextlib.ExitStack()
+        tracker = None
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
             measured.update(to_first_step_s=time.perf_counter() - started, device="cpu")
@@ -161,15 +160,8 @@ def run_phase(args: argparse.Namespace) -> None:
             self.tracker = compat.memory_tracker(model, optimizer)
             self.tracker.__enter__()
 
-        def on_step_begin(self, args, state, control, model=None, **kwargs):
-            if self.tracker is not None:  # torch's module tracker fails on the indexer scorers' no_grad view inputs:
-                from flash_rehearsal import detached_indexer_inputs  # the rehearsal's workaround, for the step only
-
-                self.workaround.enter_context(detached_indexer_inputs(model))
-
         def on_step_end(self, args, state, control, **kwargs):
-            if self.tracker is not None:  # before the checkpoint save: the workaround hides the scorers' names
-                self.workaround.close()
+            if self.tracker is not None:
                 compat.end_of_step(self.tracker)
 
         def on_train_end(self, args, state, control, **kwargs):
