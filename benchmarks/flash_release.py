@@ -79,10 +79,11 @@ def _encoded(config, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, values.to(torch.float32 if _FP32.search(name) else torch.bfloat16).contiguous()
 
 
-def build_flash_release(path: Path, seed: int = 0, max_shard_bytes: int = 1 << 30) -> float:
-    """Write the slice to `path` (config.json, shards, index); return its size in MB."""
+def build_flash_release(path: Path, seed: int = 0, max_shard_bytes: int = 1 << 30, config=None) -> float:
+    """Write the slice (`config`, default `flash_slice_config()`) to `path` (config.json, shards, index), one tensor
+    encoded at a time; return its size in MB."""
     path.mkdir(parents=True, exist_ok=True)
-    config = flash_slice_config()
+    config = config or flash_slice_config()
     written, shard, size, total, weight_map = [], {}, 0, 0, {}
 
     def flush() -> None:

@@ -85,25 +85,18 @@ def flash_slice_config():
 
 def build_release(path: Path, tiny: bool, seed: int = 0) -> None:
     """Write the release-layout checkpoint with a tokenizer (the tiny one for the Flash slice too: the data's token ids
-    are all below its vocabulary); the Flash slice's tensors are encoded one at a time (`flash_release._encoded`)."""
+    are all below its vocabulary); the Flash slice's tensors are encoded and written one at a time
+    (`flash_release.build_flash_release`)."""
     from hf_dsv4.testing import build_release_dsv4
 
     if tiny:
         build_release_dsv4(path, seed=seed)
         return
-    from flash_release import _encoded
+    from flash_release import build_flash_release
 
-    from hf_dsv4.testing.model import _write_safetensors
-    from hf_dsv4.testing.release import _release_config_json
     from hf_dsv4.testing.tokenizer import tiny_tokenizer
 
-    config = flash_slice_config()
-    path.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(path, dict(_encoded(config, seed)), max_shard_bytes=1 << 30)
-    fields = _release_config_json(config)  # no MTP block: drop its layer, keep the release's YaRN
-    fields.update(num_nextn_predict_layers=0, compress_ratios=fields["compress_ratios"][:-1],
-                  rope_scaling=dict(FLASH["rope_parameters"]))  # fmt: skip
-    (path / "config.json").write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    build_flash_release(path, seed=seed, config=flash_slice_config())
     tiny_tokenizer().save_pretrained(path)
 
 

@@ -175,7 +175,7 @@ class _ForwardScope:
 class QuantizedModule:
     """Mixin of the classes `quantize_base` gives quantized modules (see the module docstring)."""
 
-    recompute_in_backward = True  # per instance via `set_recompute_in_backward` (off: autograd keeps the weights)
+    recompute_in_backward = True  # per instance (off: autograd keeps the dequantized weights; tests compare)
 
     def _quantized_leaf(self, leaf: str, expert: int | None = None) -> Any:
         """The weight `leaf` dequantized (with the routed-expert LoRA update peft handed over, if any), made once per
@@ -389,11 +389,3 @@ def _refuse_trainable_base(model: nn.Module) -> None:
             f"parameter(s) are trainable ({shown}): full fine-tuning needs the dequantized weights (load without "
             "keep_quantized)"
         )
-
-
-def set_recompute_in_backward(model: nn.Module, recompute: bool) -> None:
-    """Whether the quantized modules of `model` save recipes instead of dequantized weights for backward (default,
-    with or without activation checkpointing: a recomputed layer would otherwise keep every routed expert's weight
-    until its backward ends)."""
-    for module in quantized_modules(model).values():
-        module.recompute_in_backward = recompute
