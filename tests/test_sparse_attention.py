@@ -17,26 +17,15 @@ from transformers import DeepseekV4ForCausalLM
 from hf_dsv4 import compat
 from hf_dsv4.modeling import SparseAttentionError, enable_sparse_attention, sparse_attention_enabled, sparse_layer
 from hf_dsv4.modeling import sparse_attention as sparse_module
-from hf_dsv4.testing.model import tiny_dsv4_config
+from hf_dsv4.testing.model import tiny_dsv4_model
 
 TYPES = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
 
 
 def _model(layer_types: list[str], dtype: torch.dtype, seed: int = 0, **overrides) -> DeepseekV4ForCausalLM:
-    """The tiny model with random sinks / position biases (init leaves them at zero) and real top-k selection."""
-    torch.manual_seed(seed)
+    """The tiny model with random sinks / position biases and real top-k selection (the indexer keeps 3)."""
     overrides.setdefault("index_topk", 3)
-    config = tiny_dsv4_config(
-        layer_types=layer_types, num_hidden_layers=len(layer_types),
-        mlp_layer_types=["hash_moe", *["moe"] * (len(layer_types) - 1)], **overrides,
-    )  # fmt: skip
-    model = DeepseekV4ForCausalLM(config)
-    model.set_experts_implementation("eager")  # grouped_mm has no float64
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("sinks", "position_bias")):
-                param.normal_(0, 0.5)
-    return model.to(dtype)
+    return tiny_dsv4_model(layer_types, dtype, seed, **overrides)
 
 
 def _inputs(length: int, seed: int = 1, left_pad: int = 7, vocab: int = 1000) -> dict:
@@ -82,9 +71,10 @@ def test_float64_logits_and_every_gradient_are_stocks(layer_type, length, chunk,
 
 def test_packed_sequences_and_the_stock_mask_function_are_followed():
     """No attention mask and position ids that restart: without a cache transformers builds a packed-sequence mask
-    (each sequence's window sees only itself); the sparse mask evaluates the same mask function. (With a cache, which
-    stock builds by default, transformers skips packed-sequence detection.)"""
-    stock, sparse = _pair(TYPES, torch.float64, 7)
+    (each sequence's window sees only itself); the sparse mask evaluates the same mask function. Sliding-window layers
+    only: there stock keeps packed samples apart too (its compressors read the whole row; ours read each sample's own
+    tokens, `test_packing`)."""
+    stock, sparse = _pair(["sliding_attention"] * 2, torch.float64, 7)
     inputs = _inputs(40, left_pad=0)
     del inputs["attention_mask"]
     inputs["position_ids"] = torch.cat([torch.arange(17), torch.arange(23)]).expand(2, -1)

@@ -7,11 +7,13 @@ from .sparse_attention import (
     SparseLayer,
     SparseMask,
     enable_sparse_attention,
+    packed_samples,
     sparse_attention_enabled,
     sparse_layer,
 )
 
 __all__ = [
+    "packed_samples",
     "IMPLEMENTATION",
     "SparseAttentionError",
     "SparseLayer",

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import types
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,13 +169,16 @@ class _TopK:
 
 @dataclass
 class _Causal:
-    """HCA: query `t` sees the compressed entries `w < threshold[t] = (position + 1) // m` (stock's block bias)."""
+    """HCA: query `t` sees the compressed entries `w < threshold[t] = (position + 1) // m` (stock's block bias); in a
+    packed row, only its own sample's: `lower[t] <= w < lower[t] + (position + 1) // m`."""
 
     threshold: torch.Tensor  # [B, L]
+    lower: torch.Tensor | None = None  # [B, L]: the first entry of the query's sample (packed rows)
 
     def allowed(self, start: int, stop: int, compressed_len: int) -> torch.Tensor:
-        entries = torch.arange(compressed_len, device=self.threshold.device)
-        return entries.view(1, 1, -1) < self.threshold[:, start:stop, None]
+        entries = torch.arange(compressed_len, device=self.threshold.device).view(1, 1, -1)
+        allowed = entries < self.threshold[:, start:stop, None]
+        return allowed if self.lower is None else allowed & (entries >= self.lower[:, start:stop, None])
 
     def dense_bias(self, compressed_len: int, dtype: torch.dtype) -> torch.Tensor:
         allowed = self.allowed(0, self.threshold.shape[1], compressed_len).unsqueeze(1)
@@ -251,6 +255,92 @@ def _indexer_topk(
     return torch.cat(picks, dim=1)
 
 
+# ------------------------------------------------------------------------------------------------ packed rows
+
+_LAST_SAMPLES: list[Any] = [None, None]  # (weak reference to position ids, (key, samples)): every layer asks
+
+
+def packed_samples(position_ids: torch.Tensor, batch: int) -> list[list[tuple[int, int]]] | None:
+    """The samples of packed rows: per row, the `(start, stop)` token span of each sample, a sample starting where a
+    position does not follow the one before (transformers' `find_packed_sequence_indices` rule: what TRL's packing
+    and padding-free batches produce, each sample's positions restarting at 0); None when no row is packed.
+
+    Args:
+        position_ids: `[B, L]` or `[1, L]`.
+        batch: B.
+
+    Returns:
+        Per row, the spans of its samples, or None."""
+    ref, cached = _LAST_SAMPLES
+    key = (batch, position_ids.shape, position_ids._version)
+    if ref is not None and ref() is position_ids and cached[0] == key:
+        return cached[1]
+    positions = position_ids.expand(batch, -1)
+    restarts = positions[:, 1:] - positions[:, :-1] != 1
+    samples = None
+    if bool(restarts.any()):
+        length = positions.shape[1]
+        starts = [[0, *(torch.nonzero(row).flatten() + 1).tolist()] for row in restarts]
+        samples = [list(zip(row, [*row[1:], length], strict=True)) for row in starts]
+    _LAST_SAMPLES[:] = [weakref.ref(position_ids), (key, samples)]
+    return samples
+
+
+def _rows(parts: list[list[torch.Tensor]], dim: int, fill: float) -> torch.Tensor:
+    """Each row's parts (`[1, ...]` tensors) concatenated along `dim`, the rows padded with `fill` along `dim` and
+    along the last dimension to the longest, and stacked."""
+    width = max(part.shape[-1] for row in parts for part in row)
+    rows = [torch.cat([F.pad(part, (0, width - part.shape[-1]), value=fill) for part in row], dim=dim) for row in parts]
+    longest = max(row.shape[dim] for row in rows)
+    pad = [0, 0] * (rows[0].dim() - dim - 1)
+    return torch.cat([F.pad(row, [*pad, 0, longest - row.shape[dim]], value=fill) for row in rows])
+
+
+def _packed_csa(
+    compressor: Any, hidden_states: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor, samples, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSA over packed rows, each sample as if alone: its compressed entries from its own tokens (blocks aligned to
+    its start, the first without an overlap), its indexer's picks among them; the entries of a row's samples one
+    after the other (the picks shifted to them). Returns (entries `[B, T, D]`, picks `[B, L, k]`, -1 where none)."""
+    rate, entries, picks = compressor.compress_rate, [], []
+    for row, spans in enumerate(samples):
+        row_entries, row_picks, offset = [hidden_states.new_zeros((1, 0, compressor.head_dim))], [], 0
+        for start, stop in spans:
+            if stop - start < rate:  # no entry, nothing to pick
+                row_picks.append(positions.new_full((1, stop - start, 0), -1))
+                continue
+            own = (slice(row, row + 1), slice(start, stop))
+            row_entries.append(_overlap_compress(compressor, hidden_states[own]))
+            chosen = _indexer_topk(compressor.indexer, hidden_states[own], q_residual[own], positions[own], chunk)
+            row_picks.append(torch.where(chosen >= 0, chosen + offset, chosen))
+            offset += row_entries[-1].shape[1]
+        entries.append(row_entries)
+        picks.append(row_picks)
+    return _rows(entries, 1, 0.0), _rows(picks, 1, -1)
+
+
+def _packed_hca(
+    compressor: Any, hidden_states: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor, samples
+) -> tuple[torch.Tensor, _Causal]:
+    """HCA over packed rows, each sample as if alone: its entries from its own tokens (stock's forward on the
+    sample), a query seeing its own sample's entries causally. Returns (entries `[B, T, D]`, the selection)."""
+    rate, stock, entries = compressor.compress_rate, type(compressor).forward, []
+    lower, upper = torch.zeros_like(positions), torch.zeros_like(positions)
+    for row, spans in enumerate(samples):
+        row_entries, offset = [hidden_states.new_zeros((1, 0, compressor.head_dim))], 0
+        for start, stop in spans:
+            lower[row, start:stop] = offset
+            if stop - start >= rate:
+                own = (slice(row, row + 1), slice(start, stop))
+                first = positions[row : row + 1, start : start + 1]
+                row_entries.append(stock(compressor, hidden_states[own], q_residual[own], first, None, None)[0][:, 0])
+                offset += row_entries[-1].shape[1]
+            upper[row, start:stop] = offset  # a sample not starting at position 0 sees no entry past its own
+        entries.append(row_entries)
+    threshold = torch.minimum(lower + (positions + 1) // rate, upper)
+    return _rows(entries, 1, 0.0), _Causal(threshold, lower)
+
+
 @dataclass
 class SparseLayer:
     """One DeepSeek-V4 layer's sparse attention: its settings, and the hand-off transformers' interfaces force (the
@@ -283,6 +373,12 @@ def _csa_forward(self, hidden_states, q_residual, position_ids, cache=None, laye
         compressed_kv, block_bias = type(self).forward(self, hidden_states, q_residual, position_ids, cache, layer_idx)
         layer.selection = _Dense(block_bias)
         return compressed_kv, block_bias
+    samples = packed_samples(position_ids, hidden_states.shape[0])
+    if samples is not None:
+        positions = position_ids.expand(hidden_states.shape[0], -1)
+        entries, picks = _packed_csa(self, hidden_states, q_residual, positions, samples, layer.chunk)
+        layer.selection = _TopK(picks)
+        return entries.unsqueeze(1), None
     compressed_kv = _overlap_compress(self, hidden_states).unsqueeze(1)
     layer.selection = _TopK(_indexer_topk(self.indexer, hidden_states, q_residual, position_ids, layer.chunk))
     return compressed_kv, None
@@ -297,6 +393,11 @@ def _hca_forward(self, hidden_states, q_residual, position_ids, cache=None, laye
         compressed_kv, block_bias = stock(self, hidden_states, q_residual, position_ids, cache, layer_idx)
         layer.selection = _Dense(block_bias)
         return compressed_kv, block_bias
+    samples = packed_samples(position_ids, hidden_states.shape[0])
+    if samples is not None:
+        positions = position_ids.expand(hidden_states.shape[0], -1)
+        entries, layer.selection = _packed_hca(self, hidden_states, q_residual, positions, samples)
+        return entries.unsqueeze(1), None
     compressed_kv, _ = stock(self, hidden_states, q_residual, position_ids[:, :1], None, layer_idx)
     layer.selection = _Causal(((position_ids + 1) // self.compress_rate).expand(hidden_states.shape[0], -1))
     return compressed_kv, None
@@ -460,6 +561,7 @@ def flex_mask_mod(attention_mask: SparseMask, selection: Any, seq_len: int, comp
     if isinstance(selection, _TopK) and compressed_len:
         picked = selection.mask(0, seq_len, compressed_len)
     threshold = selection.threshold if isinstance(selection, _Causal) else None
+    lower = selection.lower if isinstance(selection, _Causal) else None
     keys = torch.tensor(seq_len, device=device)
     last_entry = torch.tensor(max(compressed_len - 1, 0), device=device)
 
@@ -468,6 +570,8 @@ def flex_mask_mod(attention_mask: SparseMask, selection: Any, seq_len: int, comp
         entry = torch.minimum((kv - keys).clamp(min=0), last_entry)
         if picked is not None:
             return in_window | ((kv >= keys) & picked[b, q, entry])
+        if threshold is not None and lower is not None:
+            return in_window | ((kv >= keys) & (entry < threshold[b, q]) & (entry >= lower[b, q]))
         if threshold is not None:
             return in_window | ((kv >= keys) & (entry < threshold[b, q]))
         return in_window
@@ -559,7 +663,26 @@ def _no_implicit_cache(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, d
     `use_cache=True` (or a cache) and get the stock computation."""
     if kwargs.get("use_cache") is None and kwargs.get("cache", kwargs.get("past_key_values")) is None and len(args) < 4:
         kwargs["use_cache"] = False
+    if kwargs.get("use_cache") is False and kwargs.get("cache", kwargs.get("past_key_values")) is None:
+        _packed_rows_without_mask(kwargs)
     return args, kwargs
+
+
+def _packed_rows_without_mask(kwargs: dict) -> None:
+    """Packed rows (position ids restarting) keep each sample to itself only without a 2-D attention mask:
+    transformers looks for packed samples only then (TRL's padding-free batches pass none). A mask of ones says
+    nothing more and is dropped; one with padding in packed rows is refused."""
+    mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(position_ids, torch.Tensor)):
+        return
+    if packed_samples(position_ids, mask.shape[0]) is None:
+        return
+    if not bool(mask.all()):
+        raise SparseAttentionError(
+            "packed rows (position_ids restarting at 0) with padding in attention_mask: pass position_ids and no "
+            "attention_mask (TRL's padding-free batches), padding positions restarting at 0 as their own samples"
+        )
+    kwargs["attention_mask"] = None
 
 
 KERNELS = ("portable", "flex")

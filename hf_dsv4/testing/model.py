@@ -88,6 +88,36 @@ def tiny_dsv4_config(**overrides) -> DeepseekV4Config:
     return DeepseekV4Config(**{**TINY_CONFIG, **overrides})
 
 
+def tiny_dsv4_model(
+    layer_types: list[str], dtype: torch.dtype = torch.float32, seed: int = 0, **overrides
+) -> DeepseekV4ForCausalLM:
+    """The tiny DeepSeek-V4 in memory, for numerical tests: `layer_types` (its first layer hash-routed, the others
+    top-k routed), random sinks and compressor position biases (their init leaves them at zero, which would hide
+    mistakes), the eager experts loop (grouped_mm has no float64), in `dtype`; deterministic in `seed`.
+
+    Args:
+        layer_types: one attention type per layer ("sliding_attention", "compressed_sparse_attention",
+            "heavily_compressed_attention").
+        dtype: the model's dtype.
+        seed: the random seed of the weights.
+        **overrides: fields of `TINY_CONFIG` to replace (e.g. `index_topk`).
+
+    Returns:
+        The model, in training mode."""
+    torch.manual_seed(seed)
+    config = tiny_dsv4_config(
+        layer_types=layer_types, num_hidden_layers=len(layer_types),
+        mlp_layer_types=["hash_moe", *["moe"] * (len(layer_types) - 1)], **overrides,
+    )  # fmt: skip
+    model = DeepseekV4ForCausalLM(config)
+    model.set_experts_implementation("eager")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("sinks", "position_bias")):
+                param.normal_(0, 0.5)
+    return model.to(dtype)
+
+
 def hub_name(name: str) -> str:
     """The Hub checkpoint name of a non-expert transformers state-dict key (`model.layers.0.self_attn.q_a_proj.weight`
     -> `layers.0.attn.wq_a.weight`)."""
