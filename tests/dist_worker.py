@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, DeepseekV4ForCausalLM, PreTrainedModel
 
 from hf_dsv4 import CheckpointLoadError, ShardingError, memory_efficient_init, shard_model
+from hf_dsv4.loading.stream import stream_source
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -105,7 +106,7 @@ def scenario_stream(ckpt: str, blind_ckpt: str, release_ckpt: str) -> dict:
             with units_held() as held:
                 shard_model(model, read_ahead=dtype_name == "float32")  # bf16: each unit read in turn
             result["units_read"], result["held_from_earlier_units"] = len(held), held
-            result["stream_released"] = not any("_hf_dsv4_stream" in vars(m) for m in model.modules())
+            result["stream_released"] = stream_source(model) is None
             out[f"{layout}_{dtype_name}"] = {**result, **compare_to_reference(model, ref)}
     out["release_not_streamed"] = release_not_streamed(release_ckpt)
     out["lora"] = streamed_lora(ckpt)
@@ -118,7 +119,6 @@ def scenario_stream_all(ckpt: str, release_ckpt: str, scratch: str) -> dict:
     """memory_efficient_init(stream=True, readers="all") + shard_model vs plain from_pretrained: every rank reads only
     its own rows of the checkpoint (whole, or in pieces within a read budget of a third of the largest tensor's
     shard), and no floating-point tensor crosses ranks while the shards are filled."""
-    from hf_dsv4.loading.stream import STREAM_ATTRIBUTE, StreamedCheckpoint
 
     out = {}
     runs = [(layout, dtype, False) for layout in ("hub", "release") for dtype in ("float32", "bfloat16")]
@@ -132,12 +132,12 @@ def scenario_stream_all(ckpt: str, release_ckpt: str, scratch: str) -> dict:
         result = {
             "all_meta": all(t.is_meta for _, t in named),
             "same_table": table(model) == table(ref),
-            "reads_here": isinstance(getattr(model, STREAM_ATTRIBUTE, None), StreamedCheckpoint),
+            "reads_here": stream_source(model).checkpoint is not None,
         }
         with CollectiveRecorder() as recorder, recording_reads() as reads:
             shard_model(model)
         result.update(floating_sent=recorder.floating_elements(), reads=reads, budget=budget, **_row_sizes(ref))
-        result["stream_released"] = not any(STREAM_ATTRIBUTE in vars(m) for m in model.modules())
+        result["stream_released"] = stream_source(model) is None
         out[f"{layout}_{dtype_name}{'_budget' if in_pieces else ''}"] = {**result, **compare_to_reference(model, ref)}
     out["lora"] = streamed_lora(ckpt, readers="all")
     out["torn"] = torn_stream_error(ckpt, Path(scratch) / "torn", readers="all")
@@ -815,16 +815,14 @@ def quantized_lora(
     from_pretrained."""
     from peft import get_peft_model
 
-    from hf_dsv4.sharding.streamed import ADAPTER_SEED
-    from hf_dsv4.training.lora import dsv4_lora_config
+    from hf_dsv4.training.lora import dsv4_lora_config, seeded_lora_init
 
     with memory_efficient_init(stream=True, keep_quantized=keep, **(stream or {})):
         model = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=dtype, **kwargs)
     if checkpointing:  # activation checkpointing per decoder layer, as the Trainer turns it on before sharding
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, dsv4_lora_config(r=4, alpha=8, targets=targets))
-    model.__dict__[ADAPTER_SEED] = 3
-    shard_model(model)
+    shard_model(model, init_adapter=seeded_lora_init(3))
     _nonzero_lora_b(model)
     return model
 
@@ -1004,12 +1002,12 @@ def scenario_hub_download(cache_dir: str, repo_id: str) -> dict:
                 model = AutoModelForCausalLM.from_pretrained(repo_id, **hub)
         finally:
             pretrained._download = real
-        stream_of = getattr(model, "_hf_dsv4_stream", None)
+        source = stream_source(model)
         result[name] = {
             "downloads": list(calls),
             "name_or_path": model.config.name_or_path,
             "on_meta": all(p.is_meta for p in model.parameters()),
-            "reads": stream_of is not None and stream_of is not True,
+            "reads": source is not None and source.checkpoint is not None,
         }
     pretrained._download = lambda repo, kwargs: slow_download(repo, kwargs, fail=dist.get_rank() == 0)
     try:

@@ -34,12 +34,12 @@ def test_the_release_plan_is_the_one_the_release_checkpoints_reader_gives(releas
     from transformers import AutoModelForCausalLM
 
     from hf_dsv4 import memory_efficient_init
-    from hf_dsv4.loading.stream import streamed_checkpoint
+    from hf_dsv4.loading.stream import stream_source
 
     with memory_efficient_init(stream=True, keep_quantized=True):
         model = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=torch.bfloat16)
     plan = _rehearsal().release_plan(model)
-    assert plan == streamed_checkpoint(model).quantized_plan()
+    assert plan == stream_source(model).checkpoint.quantized_plan()
     assert {kind for kind, _, _ in plan.values()} == {"fp8", "fp4"}
 
 

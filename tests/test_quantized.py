@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from hf_dsv4 import DSV4SFTConfig, DSV4SFTTrainer, memory_efficient_init
-from hf_dsv4.loading.stream import streamed_checkpoint
+from hf_dsv4.loading.stream import stream_source
 from hf_dsv4.sharding import QuantizationError, dequantize, quantize_base, quantized_modules
 from hf_dsv4.sharding import quantized as quantized_module
 from hf_dsv4.testing import release
@@ -37,7 +37,7 @@ def streamed_quantized(release_ckpt):
     """The release checkpoint opened in one process as keep_quantized does: the model on meta and its reader."""
     with memory_efficient_init(stream=True, keep_quantized=True):
         model = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=torch.bfloat16)
-    reader = streamed_checkpoint(model)
+    reader = stream_source(model).checkpoint
     assert reader is not None and reader.keep_quantized
     return model, reader
 
@@ -139,7 +139,7 @@ def _meta_peft_model(model, targets="all"):
 def test_quantize_base_gives_the_model_its_quantized_form(release_ckpt, streamed_quantized):
     with memory_efficient_init(stream=True, keep_quantized=True):
         model = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=torch.bfloat16)
-    plan = streamed_checkpoint(model).quantized_plan()
+    plan = stream_source(model).checkpoint.quantized_plan()
     peft_model = _meta_peft_model(model)
     from hf_dsv4.sharding.streamed import reader_names
 
@@ -169,7 +169,7 @@ def test_quantize_base_gives_the_model_its_quantized_form(release_ckpt, streamed
 def test_keep_quantized_refuses_a_trainable_base_and_what_it_cannot_keep(release_ckpt, tiny_ckpt, tmp_path):
     with memory_efficient_init(stream=True, keep_quantized=True):
         model = AutoModelForCausalLM.from_pretrained(release_ckpt, dtype=torch.bfloat16)
-    plan = streamed_checkpoint(model).quantized_plan()
+    plan = stream_source(model).checkpoint.quantized_plan()
     with pytest.raises(QuantizationError, match=r"'model.layers.0.[a-z_.]+' is trainable, but keep_quantized keeps"):
         quantize_base(model, plan)  # full fine-tuning: every base parameter trainable
     model.requires_grad_(False)

@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, DeepseekV4ForCausalLM, PreTrainedModel
 
-from hf_dsv4.loading.pretrained import _attach_reader, _plan_streamed
-from hf_dsv4.loading.stream import STREAM_ATTRIBUTE, StreamedCheckpoint
+from hf_dsv4.loading.pretrained import _open_reader, _plan_streamed
+from hf_dsv4.loading.stream import StreamedCheckpoint
 
 ORIGINAL = PreTrainedModel.__dict__["from_pretrained"]
 
@@ -26,8 +26,7 @@ ORIGINAL = PreTrainedModel.__dict__["from_pretrained"]
 def streamed(path: Path, dtype: torch.dtype = torch.float32):
     """(meta model, reader) as rank 0 gets them."""
     model, kwargs, fp8_block = _plan_streamed(DeepseekV4ForCausalLM, path, (), {"dtype": dtype})
-    _attach_reader(model, ORIGINAL, DeepseekV4ForCausalLM, path, (), kwargs, fp8_block, "rank0")
-    return model, getattr(model, STREAM_ATTRIBUTE)
+    return model, _open_reader(model, ORIGINAL, DeepseekV4ForCausalLM, path, (), kwargs, fp8_block)
 
 
 def read_all(stream: StreamedCheckpoint) -> dict[str, torch.Tensor]:
@@ -238,10 +237,11 @@ def _lora(model):
 
 
 def test_a_streamed_adapter_starts_from_the_same_draw_as_one_on_loaded_weights(tiny_ckpt):
-    """`draw_lora_factors` (what DSV4SFTTrainer applies to the adapter it adds) gives every LoRA pair from its own
+    """`draw_lora_factors` (what DSV4SFTTrainer applies to the adapter it adds; `seeded_lora_init` at shard time) gives every LoRA pair from its own
     seeded generator, so rank 0 of a streamed load, which allocates the factors only when sharding, draws the same
     adapter as a process that loaded the weights."""
-    from hf_dsv4.sharding.streamed import ADAPTER_SEED, draw_lora_factors, initial_adapter
+    from hf_dsv4.sharding.streamed import initial_adapter
+    from hf_dsv4.training.lora import draw_lora_factors, seeded_lora_init
 
     loaded = _lora(AutoModelForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32))
     assert draw_lora_factors(loaded, 42) == len([n for n, _ in loaded.named_modules() if n.endswith(".lora_A")])
@@ -249,8 +249,7 @@ def test_a_streamed_adapter_starts_from_the_same_draw_as_one_on_loaded_weights(t
     model, _ = streamed(tiny_ckpt)
     meta = _lora(model)
     assert draw_lora_factors(meta, 42) == 0  # factors on meta are left for the shard-time draw
-    meta.__dict__[ADAPTER_SEED] = 42
-    initial = initial_adapter(meta)
+    initial = initial_adapter(meta, seeded_lora_init(42))
     assert sorted(initial) == sorted(expected)
     assert all(torch.equal(initial[k], expected[k]) for k in expected)
     a = {k: v for k, v in expected.items() if ".lora_A." in k}

@@ -28,10 +28,12 @@ from .. import compat
 from ..distributed import all_gather_object, every_rank_raises, is_distributed, rank
 from ..formats import EXPERTS_MODES
 from .stream import (
-    STREAM_ATTRIBUTE,
+    StreamedCheckpoint,
+    StreamSource,
     dequantizing_config,
     fp8_block_size,
     open_streamed,
+    register_stream_source,
     without_hub_kernels,
 )
 from .units import tensor_table
@@ -189,7 +191,7 @@ def _plan_streamed(cls: type, path: Any, args: tuple, kwargs: dict[str, Any]) ->
     return model, kwargs, fp8_block
 
 
-def _attach_reader(
+def _open_reader(
     model: Any,
     original: classmethod,
     cls: type,
@@ -197,18 +199,13 @@ def _attach_reader(
     args: tuple,
     kwargs: dict,
     fp8_block: Any,
-    readers: str,
-    keep_quantized: bool | str = False,
-) -> None:
-    """Open the checkpoint (stock `from_pretrained` without reading weights) and attach its `StreamedCheckpoint` to
-    `model`; its twin (what stock `from_pretrained` builds) must have the same tensors as the model built from the
-    config."""
+    keep_quantized: bool = False,
+) -> StreamedCheckpoint:
+    """Open the checkpoint (stock `from_pretrained` without reading weights) as a `StreamedCheckpoint`; its twin
+    (what stock `from_pretrained` builds) must have the same tensors as `model`, built from the config."""
     with _threads_of_idle_ranks():
         stream = open_streamed(cls, original, path, args, kwargs, fp8_block)
-    stream.readers = readers
-    stream.keep_quantized = bool(keep_quantized)
-    if keep_quantized:
-        stream.quantized_experts = keep_quantized if isinstance(keep_quantized, str) else "per_expert"
+    stream.keep_quantized = keep_quantized
     if keep_quantized and not stream.quantized:
         raise ValueError(
             f"keep_quantized: {path} holds no quantized (FP8 / FP4) weights; load it without keep_quantized"
@@ -220,7 +217,7 @@ def _attach_reader(
             f"from_pretrained builds {len(differ)} tensor(s) differently from the config (e.g. {differ[0]}: "
             f"{planned.get(differ[0])} vs {built.get(differ[0])}); a quantized model cannot be streamed yet"
         )
-    setattr(model, STREAM_ATTRIBUTE, stream)
+    return stream
 
 
 @contextlib.contextmanager
@@ -256,17 +253,18 @@ def _load_streamed(
     read_budget: int | None,
     keep_quantized: bool | str = False,
 ) -> Any:
-    """The meta model on every rank, carrying a reader of the checkpoint on the ranks that read it (rank 0, or every
-    rank with `readers="all"`; True elsewhere). A collective: each step's failure is raised on every rank."""
+    """The meta model on every rank, its `StreamSource` registered for `shard_model`: with a reader of the checkpoint
+    on the ranks that read it (rank 0, or every rank with `readers="all"`). A collective: each step's failure is
+    raised on every rank."""
     with every_rank_raises(), _load_errors():
         model, kwargs, fp8_block = _plan_streamed(cls, path, args, kwargs)
+    experts = keep_quantized if isinstance(keep_quantized, str) else "per_expert"
+    source = StreamSource(readers, read_budget, bool(keep_quantized), experts)
     with every_rank_raises(), _load_errors():  # a Hub id is on every reading machine by now (`_downloaded_first`)
         if readers == "all" or rank() == 0:
-            _attach_reader(model, original, cls, path, args, kwargs, fp8_block, readers, keep_quantized)
-    if getattr(model, STREAM_ATTRIBUTE, None) is None:
-        setattr(model, STREAM_ATTRIBUTE, True)
-    else:
-        getattr(model, STREAM_ATTRIBUTE).read_budget = read_budget
+            reader = _open_reader(model, original, cls, path, args, kwargs, fp8_block, source.keep_quantized)
+            source.checkpoint = reader
+    register_stream_source(model, source)
     return model
 
 
@@ -325,9 +323,10 @@ def memory_efficient_init(
 ) -> Iterator[None]:
     """Scope under which `from_pretrained` reads the checkpoint on the source rank (global rank 0) only.
 
-    With `stream=True` no rank reads weights in `from_pretrained`: every rank gets the model on the meta device
-    (rank 0's carries a reader of the checkpoint: files, transformers' conversion plan) and `shard_model` streams
-    the checkpoint into the shards one decoder layer at a time, so rank 0 never holds the whole model
+    With `stream=True` no rank reads weights in `from_pretrained`: every rank gets the model on the meta device, with
+    a `StreamSource` registered for it (`hf_dsv4.loading.stream.stream_source(model)`; rank 0's holds a reader of the
+    checkpoint: files, transformers' conversion plan), and `shard_model` streams the checkpoint into the shards one
+    decoder layer at a time, so rank 0 never holds the whole model
     (`hf_dsv4.loading.stream`). The checkpoint must be safetensors files; a LoRA adapter may be added before
     `shard_model` (its factors are drawn on rank 0 when the shards are filled).
 

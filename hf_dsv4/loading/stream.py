@@ -1,8 +1,9 @@
 """Streamed loading: the checkpoint is read into the FSDP2 shards one unit (decoder layer, then the rest) at a time,
 so no rank ever holds the whole model, rank 0 included.
 
-Under `memory_efficient_init(stream=True)` every rank's `from_pretrained` returns the model on the meta device. On
-rank 0 the model also carries a `StreamedCheckpoint`: stock `from_pretrained` was run with its weight reading left
+Under `memory_efficient_init(stream=True)` every rank's `from_pretrained` returns the model on the meta device and
+registers a `StreamSource` for it (`stream_source(model)`), which `shard_model` takes as its `stream` argument. On
+rank 0 the source holds a `StreamedCheckpoint`: stock `from_pretrained` was run with its weight reading left
 out (`compat.weights_not_read`), which builds a meta twin of the model exactly as transformers would (quantizer,
 dtypes, fp32-kept modules, non-persistent buffers computed) and records the checkpoint files and the load plan.
 `shard_model` then asks it for one unit at a time: the unit's checkpoint tensors are opened as safetensors slices
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,6 @@ from .units import in_unit, layer_units, non_persistent_buffers, pretrained_mode
 
 logger = logging.getLogger(__name__)
 
-STREAM_ATTRIBUTE = "_hf_dsv4_stream"
-
 
 class StreamedCheckpoint:
     """Rank 0's reader of one checkpoint, unit by unit (see the module docstring). `read(prefix)` returns the unit's
@@ -42,10 +43,7 @@ class StreamedCheckpoint:
         self, twin: nn.Module, checkpoint_files: list[str], load_config: Any, fp8_block: tuple[int, int] | None = None
     ):
         self.twin = twin
-        self.readers = "rank0"  # or "all": every rank has a reader and reads its own rows
-        self.read_budget: int | None = None  # bytes per read for `shard_model` (None: whole units)
         self.keep_quantized = False  # quantized weights read as stored (`read_quantized`), not dequantized
-        self.quantized_experts = "per_expert"  # how `shard_model` makes quantized routed experts compute
         self.load_config = load_config
         self.files = [Path(f) for f in checkpoint_files]
         self._handles: dict[Path, Any] = {}
@@ -444,18 +442,60 @@ def open_streamed(
     return StreamedCheckpoint(twin, capture["checkpoint_files"], capture["load_config"], fp8_block)
 
 
-def streamed_checkpoint(model: nn.Module) -> StreamedCheckpoint | bool | None:
-    """What a model built under `memory_efficient_init(stream=True)` carries: rank 0's `StreamedCheckpoint`, True on
-    the other ranks; None for a model that was not."""
-    found = [getattr(m, STREAM_ATTRIBUTE, None) for m in pretrained_models(model)]
-    return next((f for f in found if f is not None), None)
+@dataclass
+class StreamSource:
+    """What `from_pretrained` under `memory_efficient_init(stream=True)` hands to `shard_model` (its `stream`
+    argument): how the checkpoint is read into the shards and, on the ranks that read it, the reader. Every rank of a
+    streamed load has one (`stream_source(model)`); `shard_model` checks that the ranks agree on it.
+
+    Args:
+        readers: "rank0" (rank 0 reads each unit and sends it) or "all" (every rank reads its own rows).
+        read_budget: bytes per piece read (None: whole units); see `shard_model`.
+        keep_quantized: the weights stored as FP8 / FP4 stay so in the shards (`hf_dsv4.sharding.quantize_base`).
+        quantized_experts: with `keep_quantized`, how routed experts compute ("per_expert" or "stack").
+        checkpoint: this rank's reader of the checkpoint; None on the ranks that do not read (`readers="rank0"`).
+    """
+
+    readers: str = "rank0"
+    read_budget: int | None = None
+    keep_quantized: bool = False
+    quantized_experts: str = "per_expert"
+    checkpoint: StreamedCheckpoint | None = None
 
 
-def release_stream(model: nn.Module) -> None:
-    """Drop what a streamed model carried (rank 0: the reader, its twin and open files) once its shards are filled."""
+# The source of each model built under `memory_efficient_init(stream=True)`, until `shard_model` has filled it:
+# `from_pretrained` must return the model alone, so the source is registered beside it (weakly: a model dropped
+# unsharded takes its reader with it) instead of being left on it.
+_SOURCES: weakref.WeakKeyDictionary[nn.Module, StreamSource] = weakref.WeakKeyDictionary()
+
+
+def register_stream_source(model: nn.Module, source: StreamSource) -> None:
+    """Record `source` as the way to fill `model` (what `from_pretrained` does under a streamed load)."""
+    _SOURCES[model] = source
+
+
+def stream_source(model: nn.Module) -> StreamSource | None:
+    """The `StreamSource` registered for `model` (or for the transformers model inside a wrapper such as a
+    PeftModel) by `from_pretrained` under `memory_efficient_init(stream=True)`; None for a model that was not loaded
+    so, or whose shards are filled already.
+
+    Args:
+        model: a transformers model, or a module that holds one.
+
+    Returns:
+        The source, or None.
+    """
+    return next((_SOURCES[m] for m in pretrained_models(model) if m in _SOURCES), None)
+
+
+def release_stream(model: nn.Module, source: StreamSource) -> None:
+    """Drop `source` once `model`'s shards are filled: unregistered, and on a reading rank the reader, its twin and
+    open files closed."""
     for pretrained in pretrained_models(model):
-        found = pretrained.__dict__.pop(STREAM_ATTRIBUTE, None)
-        if isinstance(found, StreamedCheckpoint):
+        if _SOURCES.get(pretrained) is source:
+            del _SOURCES[pretrained]
+        if source.checkpoint is not None:
             # the conversions the reads used, for save_pretrained to revert, as on a model from_pretrained loaded
-            compat.set_weight_conversions(pretrained, compat.weight_conversions(found.twin))
-            found.close()
+            compat.set_weight_conversions(pretrained, compat.weight_conversions(source.checkpoint.twin))
+    if source.checkpoint is not None:
+        source.checkpoint.close()

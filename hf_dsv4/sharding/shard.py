@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
 from .. import compat
 from ..distributed import all_gather_object, every_rank_raises, local_device
-from ..loading.stream import StreamedCheckpoint, release_stream, streamed_checkpoint
+from ..loading.stream import StreamSource, release_stream, stream_source
 from ..loading.units import non_persistent_buffers
 from .fill import (
     broadcast_non_persistent_buffers,
@@ -78,18 +79,17 @@ def _nothing(prefix: str) -> dict[str, torch.Tensor]:
 
 
 def _streaming(
-    stream: StreamedCheckpoint | bool | None, read_budget: int | None
+    stream: StreamSource | None, read_budget: int | None
 ) -> tuple[str | None, int | None, tuple[QuantizedPlan, str] | None]:
     """(who reads a streamed checkpoint: "rank0" or "all", None if not streamed; the read budget: `read_budget` or
-    the reader's; the quantized weights to keep so and how experts compute, or None), as rank 0 has them: every rank takes rank 0's path
-    (a collective)."""
-    reader = stream if isinstance(stream, StreamedCheckpoint) else None
-    mine = reader.readers if reader else ("rank0" if stream else None)
-    budget = reader.read_budget if read_budget is None and reader else read_budget
+    the source's; the quantized weights to keep so and how experts compute, or None), as rank 0 has them: every rank
+    takes rank 0's path (a collective)."""
+    mine = stream.readers if stream else None
+    budget = stream.read_budget if read_budget is None and stream else read_budget
     plan = None
     with every_rank_raises():  # rank 0 alone plans: its failure must not leave the others in the gather below
-        if reader and reader.keep_quantized and dist.get_rank() == 0:
-            plan = (reader.quantized_plan(), reader.quantized_experts)
+        if stream and stream.keep_quantized and stream.checkpoint and dist.get_rank() == 0:
+            plan = (stream.checkpoint.quantized_plan(), stream.quantized_experts)
     gathered = all_gather_object((mine, budget, plan))
     seen = [readers for readers, _, _ in gathered]
     if len(set(seen)) > 1:
@@ -108,6 +108,8 @@ def shard_model(
     cpu_offload: bool = False,
     read_ahead: bool = True,
     read_budget: int | None = None,
+    stream: StreamSource | None = None,
+    init_adapter: Callable[[nn.Module], object] | None = None,
 ) -> nn.Module:
     """Shard `model` with FSDP2 and fill every shard with rank 0's weights, in place; returns `model`.
 
@@ -135,6 +137,13 @@ def shard_model(
         cpu_offload: keep the sharded parameters on the CPU (buffers stay on the compute device).
         read_ahead: streamed from rank 0: read the next unit while one is sent.
         read_budget: bytes per piece read (see above); default the one given to `memory_efficient_init`.
+        stream: how to fill a model built on meta under `memory_efficient_init(stream=True)`; default the
+            `StreamSource` its `from_pretrained` registered (`hf_dsv4.loading.stream.stream_source(model)`), None for
+            a model loaded otherwise. Released (its reader closed) once the shards are filled.
+        init_adapter: for a streamed model wrapped after loading (a PEFT LoRA adapter, its factors on meta): called
+            with the model on each reading rank to allocate (on CPU) and draw the adapter's factors, the same values
+            on every rank (e.g. `hf_dsv4.training.lora.seeded_lora_init(seed)`, what `DSV4SFTTrainer` passes).
+            Default: peft's own initialisation on rank 0, sent to the other ranks when every rank reads.
 
     Returns:
         `model`, sharded in place.
@@ -146,7 +155,7 @@ def shard_model(
         raise ShardingError("shard_model needs torch.distributed; start with torchrun or `accelerate launch`")
     device = local_device()
     mesh = mesh or init_device_mesh(device.type, (dist.get_world_size(),))
-    stream = streamed_checkpoint(model)  # rank 0: its reader; True elsewhere; None unless loaded streamed
+    stream = stream_source(model) if stream is None else stream  # None unless loaded streamed
     readers, read_budget, quantized = _streaming(stream, read_budget)
     if quantized:  # before validation: every rank gives the model the same quantized form
         with every_rank_raises():
@@ -163,12 +172,12 @@ def shard_model(
     else:  # rank 0 holds nothing but a new adapter's initial values; its checks fail on every rank
         state_dict, buffers, read = {}, {}, _nothing
         with every_rank_raises():
-            if isinstance(stream, StreamedCheckpoint):
-                buffers = streamed_buffers(model, stream)
-                initial = initial_adapter(model)
-                if every_rank_reads:
-                    broadcast_initial_adapter(model, initial)
-                read = stream_reader(model, stream, initial)
+            if stream.checkpoint is not None:
+                buffers = streamed_buffers(model, stream.checkpoint)
+                initial = initial_adapter(model, init_adapter)
+                if every_rank_reads and init_adapter is None:  # peft's own draw differs from rank to rank
+                    broadcast_initial_adapter(initial)
+                read = stream_reader(model, stream.checkpoint, initial)
     # Every rank shards a meta model the same way; rank 0's real tensors live on in `state_dict` only.
     model.to("meta")
     tie_weights(model)
@@ -187,6 +196,6 @@ def shard_model(
     broadcast_non_persistent_buffers(model, buffers, local=every_rank_reads)
     tie_weights(model)
     if stream is not None:
-        release_stream(model)
+        release_stream(model, stream)
     logger.info("rank %d: model sharded over %d ranks", dist.get_rank(), dist.get_world_size())
     return model

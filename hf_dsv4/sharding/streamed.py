@@ -5,8 +5,6 @@ base layers are named `...base_layer...`, its new tensors are not in the checkpo
 
 from __future__ import annotations
 
-import math
-import zlib
 from collections.abc import Callable
 
 import torch
@@ -38,11 +36,9 @@ def reader_names(model: nn.Module) -> Callable[[str], str]:
     return lambda name: checkpoint_name(name, outer)
 
 
-ADAPTER_SEED = "_hf_dsv4_adapter_seed"  # set on a PeftModel whose LoRA factors are drawn by `draw_lora_factors`
-
-
-def _lora_layers(model: nn.Module):
-    """(name inside the transformers model, LoRA layer, adapter name, init_lora_weights) for every LoRA factor pair."""
+def lora_layers(model: nn.Module):
+    """(name inside the transformers model, LoRA layer, adapter name, init_lora_weights) for every LoRA factor pair
+    of the PeftModel `model`."""
     from peft.tuners.lora.layer import LoraLayer
 
     outer, configs = _outer_prefix(model), getattr(model, "peft_config", {})
@@ -53,55 +49,34 @@ def _lora_layers(model: nn.Module):
                 yield name[len(outer) :], module, adapter, init
 
 
-@torch.no_grad()
-def draw_lora_factors(model: nn.Module, seed: int, allocate: bool = False) -> int:
-    """Draw every LoRA factor pair of the PeftModel `model` as peft initialises it (`init_lora_weights` True: A
-    kaiming-uniform with a = sqrt(5); "gaussian": A normal with std 1/r; B zero), each from its own generator seeded by
-    `seed` and the layer's name: the same adapter whatever the number of ranks, the order of creation or whether the
-    base was loaded streamed. Factors on meta are left alone unless `allocate` (allocated on CPU first). Adapters
-    with another init are left as peft made them. Returns the number of pairs drawn."""
-    drawn = 0
-    for name, module, adapter, init in _lora_layers(model):
-        a, b = module.lora_A[adapter], module.lora_B[adapter]
-        if init not in (True, "gaussian") or (a.weight.is_meta and not allocate):
-            continue
-        if a.weight.is_meta:
-            a.to_empty(device="cpu")
-            b.to_empty(device="cpu")
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(f"{name}/{adapter}".encode())) % 2**63)
-        if init is True:
-            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5), generator=generator)
-        else:
-            nn.init.normal_(a.weight, std=1 / module.r[adapter], generator=generator)
-        nn.init.zeros_(b.weight)
-        if getattr(b, "bias", None) is not None:
-            nn.init.zeros_(b.bias)
-        drawn += 1
-    return drawn
+def _peft_init(model: nn.Module) -> None:
+    """peft's own initialisation of every LoRA pair on meta, allocated on CPU (`reset_lora_parameters`: A as peft
+    draws it, B zero)."""
+    for _, module, adapter, init in lora_layers(model):
+        module.lora_A[adapter].to_empty(device="cpu")
+        module.lora_B[adapter].to_empty(device="cpu")
+        module.reset_lora_parameters(adapter, init)
 
 
 @torch.no_grad()
-def initial_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rank 0's initial values of the tensors a wrapper added after a streamed `from_pretrained` (on meta, as their
-    base was): PEFT LoRA factors, allocated on CPU and drawn by `draw_lora_factors` from the seed the model carries
-    (`DSV4SFTTrainer` sets it: the same adapter as a run that does not stream), else by peft's own
-    `reset_lora_parameters` (A as peft draws it, B zero). {} for an unwrapped model."""
+def initial_adapter(model: nn.Module, init: Callable[[nn.Module], object] | None = None) -> dict[str, torch.Tensor]:
+    """The initial values of the tensors a wrapper added after a streamed `from_pretrained` (on meta, as their base
+    was): PEFT LoRA factors, allocated on CPU and drawn by `init(model)` (the caller's policy, e.g. the trainer's
+    seeded draw), else by peft's own initialisation. {} for an unwrapped model.
+
+    Raises:
+        ShardingError: an adapter's `init_lora_weights` is neither True nor "gaussian", or a new tensor was left on
+            meta.
+    """
     if pretrained_models(model)[0] is model:
         return {}
-    for name, _, _, init in _lora_layers(model):
-        if init not in (True, "gaussian"):
+    for name, _, _, how in lora_layers(model):
+        if how not in (True, "gaussian"):
             raise ShardingError(
-                f"'{name}': init_lora_weights={init!r} is not supported for a streamed model (its base weights are "
+                f"'{name}': init_lora_weights={how!r} is not supported for a streamed model (its base weights are "
                 "not there when the adapter is added): use True or 'gaussian', or load without stream=True"
             )
-    seed = next((m.__dict__[ADAPTER_SEED] for m in model.modules() if ADAPTER_SEED in m.__dict__), None)
-    if seed is not None:
-        draw_lora_factors(model, seed, allocate=True)
-    else:
-        for _, module, adapter, init in _lora_layers(model):
-            module.lora_A[adapter].to_empty(device="cpu")
-            module.lora_B[adapter].to_empty(device="cpu")
-            module.reset_lora_parameters(adapter, init)
+    (init or _peft_init)(model)
     state = model.state_dict(keep_vars=True)
     unknown = [key for key, tensor in state.items() if tensor.is_meta and ".lora_" in key]
     if unknown:
@@ -110,13 +85,11 @@ def initial_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def broadcast_initial_adapter(model: nn.Module, initial: dict[str, torch.Tensor]) -> None:
-    """Make every rank's `initial` adapter values rank 0's, when each rank reads its own rows (`readers="all"`). An
-    adapter drawn from the seed `DSV4SFTTrainer` sets is the same on every rank already; peft's own draw is not."""
+def broadcast_initial_adapter(initial: dict[str, torch.Tensor]) -> None:
+    """Make every rank's `initial` adapter values rank 0's, when each rank reads its own rows (`readers="all"`) and
+    drew them with peft's own initialisation, which differs from rank to rank. A collective."""
     import torch.distributed as dist
 
-    if any(ADAPTER_SEED in m.__dict__ for m in model.modules()):
-        return
     device = local_device()  # the factors are drawn on CPU; NCCL broadcasts only CUDA tensors (GPU-only path)
     for key in sorted(initial):
         tensor = initial[key]

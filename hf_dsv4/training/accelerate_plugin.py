@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -112,14 +112,26 @@ class DSV4Accelerator(Accelerator):
     parameters (create the optimizer before `prepare`, without state). Activation checkpointing and
     `torch.compile` are not applied on this path.
 
-    `fsdp_plugin_args` (class attribute): keyword arguments for a `DSV4FSDP2Plugin` built in place of any
-    `fsdp_plugin` passed in; set on the subclass that `dsv4_trainer_accelerator` hands to the Trainer.
+    `init_adapter`: how `prepare` draws a new LoRA adapter's factors on a streamed base (`shard_model`'s
+    `init_adapter`, e.g. `hf_dsv4.training.lora.seeded_lora_init(seed)`); default peft's own initialisation.
+
+    `fsdp_plugin_args` and `adapter_initializer` (class attributes): keyword arguments for a `DSV4FSDP2Plugin` built
+    in place of any `fsdp_plugin` passed in, and the default `init_adapter`; set on the subclass that
+    `dsv4_trainer_accelerator` hands to the Trainer.
     """
 
     fsdp_plugin_args: ClassVar[dict[str, Any] | None] = None
+    adapter_initializer: ClassVar[Callable[[nn.Module], object] | None] = None
 
-    def __init__(self, *args, fsdp_plugin: FullyShardedDataParallelPlugin | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        fsdp_plugin: FullyShardedDataParallelPlugin | None = None,
+        init_adapter: Callable[[nn.Module], object] | None = None,
+        **kwargs,
+    ) -> None:
         self._restore_partial_state: weakref.finalize | None = None
+        self.init_adapter = init_adapter or self.adapter_initializer
         if self.fsdp_plugin_args is not None:
             fsdp_plugin = DSV4FSDP2Plugin(**self.fsdp_plugin_args)
         elif fsdp_plugin is None and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
@@ -174,6 +186,7 @@ class DSV4Accelerator(Accelerator):
             reshard_after_forward=plugin.reshard_after_forward,
             mixed_precision=fp32_reduction(plugin.mixed_precision_policy),
             cpu_offload=isinstance(plugin.cpu_offload, CPUOffloadPolicy),
+            init_adapter=self.init_adapter,
         )
         for optimizer in optimizers:
             _switch_to_sharded(optimizer, model, names)
@@ -208,7 +221,9 @@ def _switch_to_sharded(optimizer: torch.optim.Optimizer, model: nn.Module, names
 
 
 @contextmanager
-def dsv4_trainer_accelerator(fsdp_plugin_args: dict[str, Any] | None = None) -> Iterator[type[DSV4Accelerator]]:
+def dsv4_trainer_accelerator(
+    fsdp_plugin_args: dict[str, Any] | None = None, init_adapter: Callable[[nn.Module], object] | None = None
+) -> Iterator[type[DSV4Accelerator]]:
     """Scope under which a `transformers.Trainer` (or any subclass, e.g. TRL's `SFTTrainer`) built inside it uses
     `DSV4Accelerator` instead of `Accelerator`, so that under an FSDP launch config its model is sharded with
     `hf_dsv4.shard_model`, on GPU and CPU processes alike:
@@ -218,9 +233,12 @@ def dsv4_trainer_accelerator(fsdp_plugin_args: dict[str, Any] | None = None) -> 
 
     `fsdp_plugin_args` (what `TrainingArguments(fsdp=..., fsdp_config=...)` produces, `args.fsdp_plugin_args`)
     builds the `DSV4FSDP2Plugin` when given; otherwise the plugin comes from the launch config's environment.
+    `init_adapter` is the accelerator's (`DSV4Accelerator`): how a new adapter on a streamed base is drawn.
     The Trainer module's `Accelerator` is swapped for a `DSV4Accelerator` subclass (yielded) and restored on exit,
     also on error.
     """
-    accelerator_class = type("DSV4TrainerAccelerator", (DSV4Accelerator,), {"fsdp_plugin_args": fsdp_plugin_args})
+    initializer = staticmethod(init_adapter) if init_adapter else None  # a plain function would become a method
+    settings = {"fsdp_plugin_args": fsdp_plugin_args, "adapter_initializer": initializer}
+    accelerator_class = type("DSV4TrainerAccelerator", (DSV4Accelerator,), settings)
     with compat.trainer_accelerator_class(accelerator_class):
         yield accelerator_class

@@ -1,4 +1,5 @@
-"""LoRA presets for DeepSeek-V4: which projections to adapt, as `peft.LoraConfig`s.
+"""LoRA for DeepSeek-V4: which projections to adapt, as `peft.LoraConfig`s, and how a new adapter starts
+(`draw_lora_factors`, `seeded_lora_init`).
 
 Named target sets (`dsv4_lora_config(targets=...)`), from smallest to largest:
 
@@ -31,10 +32,17 @@ Choices, and why:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import math
+import zlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from peft import LoraConfig
+from torch import nn
+
+from ..sharding.streamed import lora_layers
 
 ATTENTION = r".*\.self_attn\.(q_a_proj|q_b_proj|kv_proj|o_b_proj)"
 SHARED_EXPERTS = r".*\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)"
@@ -109,3 +117,45 @@ def dsv4_lora_config(
         task_type="CAUSAL_LM",
         **kwargs,
     )
+
+
+@torch.no_grad()
+def draw_lora_factors(model: nn.Module, seed: int, allocate: bool = False) -> int:
+    """Draw every LoRA factor pair of a PeftModel as peft initialises it, from `seed` and the layer's name.
+
+    `init_lora_weights` True: A kaiming-uniform with a = sqrt(5); "gaussian": A normal with std 1/r; B zero; each pair
+    from its own generator seeded by `seed` and the layer's name: the same adapter whatever the number of ranks, the
+    order of creation or whether the base was loaded streamed. Adapters with another init are left as peft made them.
+
+    Args:
+        model: the PeftModel.
+        seed: the seed (`DSV4SFTTrainer` uses `args.seed`).
+        allocate: factors on meta (a streamed base) are allocated on CPU and drawn too; else they are left alone.
+
+    Returns:
+        The number of pairs drawn.
+    """
+    drawn = 0
+    for name, module, adapter, init in lora_layers(model):
+        a, b = module.lora_A[adapter], module.lora_B[adapter]
+        if init not in (True, "gaussian") or (a.weight.is_meta and not allocate):
+            continue
+        if a.weight.is_meta:
+            a.to_empty(device="cpu")
+            b.to_empty(device="cpu")
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(f"{name}/{adapter}".encode())) % 2**63)
+        if init is True:
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5), generator=generator)
+        else:
+            nn.init.normal_(a.weight, std=1 / module.r[adapter], generator=generator)
+        nn.init.zeros_(b.weight)
+        if getattr(b, "bias", None) is not None:
+            nn.init.zeros_(b.bias)
+        drawn += 1
+    return drawn
+
+
+def seeded_lora_init(seed: int) -> Callable[[nn.Module], int]:
+    """The adapter initializer `shard_model(..., init_adapter=...)` takes for a streamed base: `draw_lora_factors`
+    with `seed`, factors on meta allocated on CPU first (the same values on every rank)."""
+    return functools.partial(draw_lora_factors, seed=seed, allocate=True)

@@ -6,7 +6,8 @@ What it adds to `SFTTrainer` (the user writes none of it):
   builds on meta and rank 0 streams the checkpoint into the shards one decoder layer at a time; without streaming,
   rank 0 loads it whole on CPU first), in the configured dtype (`model_init_kwargs["dtype"]`, default bf16), never
   with a `device_map`; LoRA from `peft_config` (see `hf_dsv4.dsv4_lora_config`) is added by `SFTTrainer` as usual,
-  its factors drawn per layer from `args.seed` (`draw_lora_factors`: the same start on any number of ranks);
+  its factors drawn per layer from `args.seed` (`hf_dsv4.training.lora.draw_lora_factors`: the same start on any
+  number of ranks; on a streamed base the accelerator draws them when it shards, `seeded_lora_init`);
 - the DeepSeek-V4 chat template installed on the tokenizer, and the data tokenized by `hf_dsv4.training.data` (messages +
   tools, prompt-completion, ReAct agent rows) with assistant-only labels and the multi-turn thinking policy of
   `turns`; no packing or padding-free batches (DeepSeek-V4's compressors read the raw token stream);
@@ -43,7 +44,6 @@ from ..distributed import all_gather_object, every_rank_raises, rank
 from ..loading import memory_efficient_init, resolve_dtype
 from ..modeling import enable_sparse_attention
 from ..sharding import save_pretrained_sharded
-from ..sharding.streamed import ADAPTER_SEED, draw_lora_factors
 from ..template import ChatFormatError, ConversationTokenizer, detect_effort_profile, install_chat_template
 from .accelerate_plugin import DSV4FSDP2Plugin, dsv4_trainer_accelerator
 from .adapter import load_adapter, peft_model_of, save_adapter
@@ -60,6 +60,7 @@ from .checkpoint import (
 )
 from .config import DSV4SFTConfig
 from .data import SFTRowTokenizer, tokenize_dataset
+from .lora import draw_lora_factors, seeded_lora_init
 from .model_card import model_card
 
 logger = logging.getLogger(__name__)
@@ -229,7 +230,8 @@ def _with_one_dsv4_callback(callbacks) -> list:
 class DSV4SFTTrainer(SFTTrainer):
     """`trl.SFTTrainer` for DeepSeek-V4: memory-efficient loading, FSDP2 sharding, chat-format data, adapter-only
     checkpoints. Arguments are `SFTTrainer`'s; `args` should be a `DSV4SFTConfig` (a plain `SFTConfig` or
-    `TrainingArguments` is converted)."""
+    `TrainingArguments` is converted). `init_adapter`: how the adapter it adds from `peft_config` starts
+    (`seeded_lora_init(args.seed)`; None without one), handed to its accelerator for a streamed base."""
 
     _tag_names = ["trl", "sft", "hf_dsv4", "deepseek-v4"]
 
@@ -244,6 +246,9 @@ class DSV4SFTTrainer(SFTTrainer):
     ):
         args = _own_args(model, args)  # a copy: the caller's config is left as it was
         _refuse_keep_quantized_without_adapter(model, args, kwargs.get("peft_config"))
+        # the adapter this trainer adds starts from the same draw on any number of ranks, streamed or not: each LoRA
+        # pair from its own generator (args.seed, layer name); factors on meta are drawn by the accelerator's shard
+        self.init_adapter = seeded_lora_init(args.seed) if kwargs.get("peft_config") is not None else None
         model, model_id = _loaded(model, args)
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model_id)
@@ -264,11 +269,8 @@ class DSV4SFTTrainer(SFTTrainer):
             **kwargs,
         )
         peft_model = peft_model_of(self.model)
-        if peft_model is not None and kwargs.get("peft_config") is not None:
-            # the adapter this trainer added starts from the same draw on any number of ranks, streamed or not:
-            # each LoRA pair from its own generator (args.seed, layer name); factors on meta are drawn when sharded
-            draw_lora_factors(peft_model, args.seed)
-            peft_model.__dict__[ADAPTER_SEED] = args.seed
+        if peft_model is not None and self.init_adapter is not None:
+            draw_lora_factors(peft_model, args.seed)  # the factors not on meta
 
     # ------------------------------------------------------------------------------------------------------ data
     # Overrides of upstream internals (TRL's `_prepare_dataset`, the Trainer's checkpoint hooks) are checked at import
@@ -299,7 +301,7 @@ class DSV4SFTTrainer(SFTTrainer):
 
     # ----------------------------------------------------------------------------------------------- accelerator
     def create_accelerator_and_postprocess(self) -> None:
-        with dsv4_trainer_accelerator(self.args.fsdp_plugin_args):
+        with dsv4_trainer_accelerator(self.args.fsdp_plugin_args, self.init_adapter):
             super().create_accelerator_and_postprocess()
 
     @property
