@@ -164,11 +164,13 @@ class DSV4SFTConfig(SFTConfig):
     def _resolve_device_and_precision(self) -> None:
         """Defaults that work on any machine: with no GPU-like accelerator, run on CPU (`use_cpu`); weights loaded in
         float32 (`model_init_kwargs["dtype"]`) compute in float32 unless `bf16`/`fp16` is given; otherwise TRL's
-        default (bf16 unless fp16)."""
+        default (bf16 unless fp16). `precision_given` says whether `bf16`/`fp16` was given: a copy made with a new
+        `model_init_kwargs` (`dataclasses.replace(args, model_init_kwargs=..., bf16=None)`) decides again."""
         import torch
 
         if not self.use_cpu and not torch.accelerator.is_available():
             self.use_cpu = True
+        self.precision_given = self.bf16 is not None or bool(self.fp16)
         if self.bf16 is None:
             dtype = (self.model_init_kwargs or {}).get("dtype", (self.model_init_kwargs or {}).get("torch_dtype"))
             self.bf16 = not self.fp16 and dtype not in ("float32", torch.float32)
