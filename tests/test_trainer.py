@@ -154,9 +154,82 @@ def test_text_prompt_completion_rows_train_the_completion(checkpoint, tmp_path):
     trainer.train()
 
 
-def test_config_rejects_packing_and_unknown_options(tmp_path):
-    with pytest.raises(ValueError, match="packing"):
-        DSV4SFTConfig(output_dir=str(tmp_path), packing=True, report_to=[])
+def _first_step(checkpoint, out: Path, rows: list[dict], **overrides) -> tuple[DSV4SFTTrainer, float, float]:
+    """A trainer after one step on `rows`, the step's logged loss, and the loss of its first batch's samples each
+    run alone (one row each, before the step), per trained token."""
+    trainer = DSV4SFTTrainer(
+        str(checkpoint),
+        args=_args(out, max_steps=1, logging_steps=1, **overrides),
+        train_dataset=Dataset.from_list(rows),
+        peft_config=dsv4_lora_config(r=4, alpha=8, targets="all"),
+    )
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for sample in trainer.train_dataset:
+            for ids, labels in _samples_of(sample):
+                logits = trainer.model(input_ids=torch.tensor([ids])).logits[0, :-1].double()
+                labels = torch.tensor(labels[1:])
+                total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+                count += int((labels != -100).sum())
+    trainer.train()
+    return trainer, next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry), total / count
+
+
+def _samples_of(row: dict) -> list[tuple[list[int], list[int]]]:
+    """The samples of a dataset row: the row, or the samples a packed row holds (`seq_lengths`)."""
+    if "seq_lengths" not in row:
+        return [(row["input_ids"], row["labels"])]
+    out, start = [], 0
+    for length in row["seq_lengths"]:
+        out.append((row["input_ids"][start : start + length], row["labels"][start : start + length]))
+        start += length
+    return out
+
+
+def test_packed_and_padding_free_steps_train_each_sample_as_alone(checkpoint, tmp_path):
+    """Eight conversations (tool calls, thinking; 2837 tokens) in one step, padding-free (one row, positions
+    restarting) and packed by TRL's BFD into one row of max_length 4096: the step's loss is the loss of the samples
+    each run alone, per trained token as TRL normalises it, and both SGD steps leave the same LoRA weights, up to float32
+    roundings at other matrix shapes (a few ulps; a packed sample's logits are < 1 ulp from its own, `test_packing`).
+    (A padded batch is not exactly "alone" in stock either: the indexer's top-k breaks ties between ReLU scores of
+    0 by the row's length, and the padded rows here pick other entries from token 107 on.)"""
+    from numerics import ulps_off
+
+    rows = _rows()
+    free, got_free, alone_free = _first_step(
+        checkpoint,
+        tmp_path / "free",
+        rows,
+        per_device_train_batch_size=8,
+        padding_free=True,
+        max_length=None,
+        optim="sgd",
+    )  # TRL: padding-free without packing takes no max_length
+    packed, got_packed, alone_packed = _first_step(
+        checkpoint, tmp_path / "packed", rows, per_device_train_batch_size=1, packing=True, max_length=4096, optim="sgd"
+    )
+    assert len(packed.train_dataset) == 1 and sorted(packed.train_dataset[0]["seq_lengths"]) == sorted(
+        len(sample["input_ids"]) for sample in free.train_dataset
+    )
+    batch = next(iter(packed.get_train_dataloader()))
+    assert "attention_mask" not in batch and int((batch["position_ids"] == 0).sum()) == 8
+    assert abs(alone_free - alone_packed) < 1e-12
+    for got in (got_free, got_packed):
+        assert ulps_off(torch.tensor(got), torch.tensor(alone_free, dtype=torch.float64)) <= 32, (got, alone_free)
+    weights = {n: p.detach().double() for n, p in free.model.named_parameters() if p.requires_grad}
+    worst = {n: ulps_off(p.detach(), weights[n]) for n, p in packed.model.named_parameters() if p.requires_grad}
+    assert len(worst) > 40 and max(worst.values()) <= 32, max(worst.items(), key=lambda item: item[1])
+
+
+def test_config_rejects_inexact_packing_and_unknown_options(tmp_path):
+    """Packing needs hf_dsv4's attention (transformers' compressors read the whole row) and whole samples."""
+    assert DSV4SFTConfig(output_dir=str(tmp_path), packing=True, report_to=[]).packing
+    assert DSV4SFTConfig(output_dir=str(tmp_path), padding_free=True, report_to=[]).padding_free
+    for flag in ("packing", "padding_free"):
+        with pytest.raises(ValueError, match="needs sparse_attention=True"):
+            DSV4SFTConfig(output_dir=str(tmp_path), sparse_attention=False, report_to=[], **{flag: True})
+    with pytest.raises(ValueError, match="'wrapped' cuts samples"):
+        DSV4SFTConfig(output_dir=str(tmp_path), packing=True, packing_strategy="wrapped", report_to=[])
     with pytest.raises(ValueError, match="turns"):
         DSV4SFTConfig(output_dir=str(tmp_path), turns="every", report_to=[])
     with pytest.raises(ValueError, match="overlong"):

@@ -198,12 +198,22 @@ class DSV4SFTConfig(SFTConfig):
         clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return clone
 
+    def _refuse_inexact_packing(self) -> None:
+        """Packed rows are exact per sample only in hf_dsv4's attention, and only when samples stay whole."""
+        if (self.packing or self.padding_free) and not self.sparse_attention:
+            raise ValueError(
+                "packing / padding_free needs sparse_attention=True: hf_dsv4's attention keeps each packed sample to "
+                "its own tokens, while transformers' DeepSeek-V4 compressors read the whole row (packed samples "
+                "would see each other)"
+            )
+        if self.packing and self.packing_strategy == "wrapped":
+            raise ValueError(
+                "packing_strategy='wrapped' cuts samples across rows, so a sample sees the end of another: use "
+                "'bfd' (the default; samples whole, each trained as if alone) or 'bfd_split'"
+            )
+
     def __post_init__(self) -> None:
         validate_policies(self.turns, self.overlong)
         self._resolve_device_and_precision()
-        if self.packing or self.padding_free:
-            raise ValueError(
-                "packing / padding_free is not supported for DeepSeek-V4: its attention is eager-only and its "
-                "compressors run over the raw token stream, so samples packed into one row would see each other"
-            )
+        self._refuse_inexact_packing()
         super().__post_init__()
