@@ -977,6 +977,63 @@ def scenario_sparse_attention(ckpt: str) -> dict:
     return result
 
 
+def scenario_packed(ckpt: str) -> dict:
+    """FSDP2 (2 ranks, LoRA "all", float64 throughout: `numerics.float64_throughout`), sparse attention: each rank's
+    four samples (lengths off and on the compression ratios, one shorter than a block) packed into one row, vs the
+    same samples each run alone; the logits per sample and every gradient (reduced over ranks, summed over the
+    samples); and the packed row with decoder layers checkpointed (recomputed in backward) against the same without,
+    bit for bit (as transformers computes: a checkpoint's recompute runs outside `float64_throughout`)."""
+    from numerics import float64_throughout
+
+    from hf_dsv4 import enable_sparse_attention
+
+    rank = dist.get_rank()
+    lengths = [[13, 32, 3, 21], [8, 40, 1, 19]][rank]
+    generator = torch.Generator().manual_seed(50 + rank)
+    samples = [torch.randint(3, 600, (n,), generator=generator) for n in lengths]
+    weights = [torch.randn(n, 1024, generator=generator, dtype=torch.float64) for n in lengths]
+    runs = {}
+    for name in ("alone", "packed", "packed_plain", "packed_checkpointed"):
+        model = lora_model(ckpt, torch.float64)
+        model.get_base_model().set_experts_implementation("eager")
+        enable_sparse_attention(model, chunk_size=6)
+        if name == "packed_checkpointed":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        shard_model(model)
+        model.train()
+        logits = []
+        with float64_throughout() if name in ("alone", "packed") else contextlib.nullcontext():
+            if name == "alone":
+                for ids, weight in zip(samples, weights, strict=True):
+                    out = model(input_ids=ids[None]).logits[0]
+                    (out[:, : weight.shape[1]] * weight).sum().backward()
+                    logits.append(out.detach())
+            else:
+                positions = torch.cat([torch.arange(n) for n in lengths])[None]
+                out = model(input_ids=torch.cat(samples)[None], position_ids=positions).logits[0]
+                parts = out.split(lengths)
+                sum((part[:, : w.shape[1]] * w).sum() for part, w in zip(parts, weights, strict=True)).backward()
+                logits = [part.detach() for part in parts]
+        runs[name] = (logits, {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
+        del model
+
+    def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+        return ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item()
+
+    (want, want_grads), (got, got_grads) = runs["alone"], runs["packed"]
+    checked = [n for n in want_grads if want_grads[n].abs().max() > 1e-12]
+    plain = ("packed_plain", "packed_checkpointed")
+    return {
+        "logits": max(rel(a, b) for a, b in zip(got, want, strict=True)),
+        "same_grads": sorted(got_grads) == sorted(want_grads),
+        "grads": len(checked),
+        "lora_grads": sum(".lora_" in n for n in checked),
+        "worst_grad": max(rel(got_grads[n], want_grads[n]) for n in checked),
+        "checkpointed_equal": all(torch.equal(a, b) for a, b in zip(*(runs[k][0] for k in plain), strict=True))
+        and all(torch.equal(runs[plain[0]][1][n], runs[plain[1]][1][n]) for n in got_grads),
+    }
+
+
 def scenario_hub_download(cache_dir: str, repo_id: str) -> dict:
     """A Hub id whose download (a stand-in for huggingface_hub's: sleeps past the process group's timeout, then
     resolves the id in a local Hugging Face cache) outlasts the default group's timeout: every way of loading must

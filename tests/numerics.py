@@ -59,19 +59,18 @@ def num_threads(threads: int) -> Iterator[None]:
 
 
 class _Float64Throughout(torch.overrides.TorchFunctionMode):
-    """Keeps float64 tensors in float64 where code asks for float32 (`t.float()`, `t.to(torch.float32)`,
-    `softmax(..., dtype=torch.float32)`)."""
+    """Turns every request for float32 into float64: `t.float()`, `t.to(torch.float32)`, `softmax(...,
+    dtype=torch.float32)`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        wide = any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args[:1])
-        if wide and func is torch.Tensor.float:
-            return args[0]
-        if wide and func is torch.Tensor.to:
+        if func is torch.Tensor.float:
+            return args[0].double()
+        if func is torch.Tensor.to:
             args = tuple(torch.float64 if a is torch.float32 else a for a in args)
             if kwargs.get("dtype") is torch.float32:
                 kwargs["dtype"] = torch.float64
-        if wide and kwargs.get("dtype") is torch.float32 and "softmax" in getattr(func, "__name__", ""):
+        if kwargs.get("dtype") is torch.float32 and "softmax" in getattr(func, "__name__", ""):
             kwargs["dtype"] = torch.float64
         return func(*args, **kwargs)
 
@@ -79,9 +78,10 @@ class _Float64Throughout(torch.overrides.TorchFunctionMode):
 @contextlib.contextmanager
 def float64_throughout() -> Iterator[None]:
     """A float64 model computed in float64 everywhere. transformers' DeepSeek-V4 computes its hyper-connections,
-    norms, rope, compressor gates and indexer scores in float32 whatever the model's dtype, so a float64 model still
-    rounds to float32 there, and two exact evaluations of the same sample at different matrix shapes (a sample alone,
-    the same sample packed in a row) differ by float32 roundings (~1 ulp of float32 in the logits; far more in
-    gradients that sum cancelling terms). Inside this block they do not: what remains is float64 rounding."""
+    norms, rope, compressor gates and indexer scores in float32 whatever the model's dtype (and `from_pretrained`
+    keeps those modules' weights in float32), so a float64 model still rounds to float32 there, and two exact
+    evaluations of the same sample at different matrix shapes (a sample alone, the same sample packed in a row)
+    differ by float32 roundings (~1 ulp of float32 in the logits; far more in gradients that sum cancelling terms).
+    Inside this block every float32 request is a float64 one: what remains is float64 rounding."""
     with _Float64Throughout():
         yield

@@ -172,3 +172,17 @@ def test_a_mask_of_ones_is_dropped_and_padding_in_packed_rows_is_refused():
         mask[0, -2:] = 0
         with pytest.raises(SparseAttentionError, match="packed rows"):
             model(input_ids=ids, position_ids=positions, attention_mask=mask)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_under_fsdp2_each_ranks_packed_samples_get_their_logits_and_gradients_alone(tiny_ckpt, tmp_path):
+    """2 gloo ranks, FSDP2, LoRA on every target, float64 throughout: each rank packs its own four samples into one
+    row; the logits of every sample and every gradient (reduced over ranks) are those of the samples run alone, to
+    1e-10; with decoder layers checkpointed the packed step is the same bit for bit."""
+    from dist_launch import run_ranks
+
+    for result in run_ranks("packed", tmp_path, str(tiny_ckpt), timeout=280):
+        assert result["same_grads"] and result["grads"] == result["lora_grads"] > 40, result
+        assert result["logits"] < 1e-10 and result["worst_grad"] < 1e-10, result
+        assert result["checkpointed_equal"], result

@@ -10,7 +10,9 @@ What it adds to `SFTTrainer` (the user writes none of it):
   number of ranks; on a streamed base the accelerator draws them when it shards, `seeded_lora_init`);
 - the DeepSeek-V4 chat template installed on the tokenizer, and the data tokenized by `hf_dsv4.training.data` (messages +
   tools, prompt-completion, ReAct agent rows) with assistant-only labels and the multi-turn thinking policy of
-  `turns`; no packing or padding-free batches (DeepSeek-V4's compressors read the raw token stream);
+  `turns`; with `packing` (TRL's BFD packing into `max_length` rows) or `padding_free`, rows of several samples,
+  each trained exactly as if alone (`enable_sparse_attention` keeps a sample's window, compressed entries and
+  indexer picks to its own tokens);
 - an accelerator that shards with `hf_dsv4.shard_model` under an FSDP launch config (`DSV4Accelerator`, also on CPU
   processes) and a `DSV4Callback` for throughput / memory / routing-load logs;
 - checkpoints that follow the launch config's `fsdp_state_dict_type` (`hf_dsv4.training.checkpoint`): with
@@ -38,7 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
-from trl.data_utils import is_conversational
+from trl.data_utils import is_conversational, pack_dataset
 
 from ..distributed import all_gather_object, every_rank_raises, rank
 from ..loading import memory_efficient_init, resolve_dtype
@@ -156,6 +158,20 @@ def streamable(model_id: str, subfolder: str = "") -> bool:
         return True
     logger.info("%s has no safetensors files: loaded whole on rank 0, not streamed", folder)
     return False
+
+
+def packed_rows(dataset: Dataset, args: SFTConfig, dataset_name: str = "train") -> Dataset:
+    """Tokenized samples packed into rows of at most `args.max_length` tokens by TRL's `pack_dataset`
+    (`args.packing_strategy`, shuffled first as TRL does); each row keeps its samples' lengths (`seq_lengths`), from
+    which TRL's padding-free collator makes position ids that restart per sample."""
+    if args.max_length is None:
+        raise ValueError("packing needs max_length: the length of a packed row")
+    columns = ["input_ids", "labels"] if "labels" in dataset.column_names else ["input_ids"]
+    dataset = dataset.select_columns(columns)
+    if args.shuffle_dataset:
+        dataset = dataset.shuffle(seed=args.seed)
+    kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Packing {dataset_name} dataset"}
+    return pack_dataset(dataset, args.max_length, args.packing_strategy, kwargs)
 
 
 def _refuse_unsharded_meta_model(model, args: SFTConfig) -> None:
@@ -282,8 +298,8 @@ class DSV4SFTTrainer(SFTTrainer):
             )
         if not isinstance(dataset, Dataset):
             raise TypeError(f"DSV4SFTTrainer needs a map-style datasets.Dataset, got {type(dataset).__name__}")
-        if "input_ids" in dataset.column_names:
-            return dataset  # already tokenized (labels, if present, are used as they are)
+        if "input_ids" in dataset.column_names:  # already tokenized (labels, if present, are used as they are)
+            return packed_rows(dataset, args, dataset_name) if packing else dataset
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         conversations = ConversationTokenizer(
             tokenizer,
@@ -297,7 +313,8 @@ class DSV4SFTTrainer(SFTTrainer):
         )
         rows = SFTRowTokenizer(conversations, assistant_only_loss=args.assistant_only_loss, react=args.react)
         with args.main_process_first(desc=f"tokenizing the {dataset_name} dataset"):
-            return tokenize_dataset(dataset, rows, num_proc=args.dataset_num_proc, desc=f"Tokenizing {dataset_name}")
+            dataset = tokenize_dataset(dataset, rows, num_proc=args.dataset_num_proc, desc=f"Tokenizing {dataset_name}")
+            return packed_rows(dataset, args, dataset_name) if packing else dataset
 
     # ----------------------------------------------------------------------------------------------- accelerator
     def create_accelerator_and_postprocess(self) -> None:
