@@ -88,6 +88,8 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
             # gradients agree as closely (2 ranks vs 1 process: 1.4e-6 relative, stock 9.8e-7), but the losses drift
             # apart from step 3 (up to 2.5e-4 by step 20; stock 1e-7 in the same run): a near-tie flips earlier
             "--sparse_attention", "false"]  # fmt: skip
+    # sparse attention (the default), rows packed to 512 tokens
+    packed = [*fp32[:-2], "--max_steps", "4", "--max_length", "512", "--per_device_train_batch_size", "1"]
     full = [*fp32, "--use_peft", "false", "--max_steps", str(FULL_STEPS), "--save_steps", str(FULL_SAVE_AT)]
     stop, full_stop = {"HF_DSV4_STOP_AT": str(SAVE_AT)}, {"HF_DSV4_STOP_AT": str(FULL_SAVE_AT)}
     no_stream = ["--stream_weights", "false"]  # rank 0 loads the whole model, then sends it
@@ -101,6 +103,14 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
                 "--output_dir", str(out / "bf16")], out),
         _start("fsdp", CPU_2PROC, RECIPE, [*fp32, "--output_dir", str(out / "fsdp")], out),
         _start("single", ONE_PROC, RECIPE, [*fp32, "--gradient_accumulation_steps", "2", "--output_dir", str(out / "single")], out),
+        # TRL's BFD packing on 2 ranks and on 1 process (2 rows per step both ways); padding-free batches on 2 ranks
+        _start("packed", CPU_2PROC, RECIPE, [*packed, "--packing", "true", "--output_dir", str(out / "packed")], out),
+        _start("packed_single", ONE_PROC, RECIPE,
+               [*packed, "--packing", "true", "--gradient_accumulation_steps", "2", "--output_dir", str(out / "packed_single")],
+               out),
+        _start("padding_free", CPU_2PROC, RECIPE,
+               [*packed, "--padding_free", "true", "--per_device_train_batch_size", "2", "--output_dir", str(out / "padding_free")],
+               out),
         # LoRA and full fine-tuning, interrupted at a checkpoint, under each fsdp_state_dict_type
         _start("interrupted", CPU_2PROC, RECIPE, [*fp32, "--output_dir", str(out / "resumed")], out, {**stop, **RECORD}),
         # FULL_STATE_DICT runs also load without streaming: compared with the streamed runs, same adapter draw
@@ -147,7 +157,7 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
     for run in second:
         results[run.name] = _wait(run, out / run.name)
     results["dirs"] = {name: out / name for name in (
-        "default_2proc", "bf16", "fsdp", "single", "resumed", "resumed_gathered", "plain_trainer", "full",
+        "default_2proc", "bf16", "fsdp", "single", "packed", "packed_single", "padding_free", "resumed", "resumed_gathered", "plain_trainer", "full",
         "full_resumed", "full_gathered", "full_cross")}  # fmt: skip
     results["model"] = model
     return results
@@ -206,6 +216,21 @@ def test_two_ranks_and_one_process_give_the_same_losses_and_adapter(runs):
     for key in x:
         assert (x[key] - y[key]).abs().max() <= 1e-2 * y[key].abs().max(), key
     _assert_adapter_changes_model(runs["model"], runs["dirs"]["fsdp"])
+
+
+def test_packed_and_padding_free_runs_train_on_two_ranks_and_one_process(runs):
+    """`--packing true` (TRL's BFD into rows of 512 tokens, samples each trained as if alone) on 2 ranks and on 1
+    process with 2 accumulated rows: the same rows per step, the same loss per trained token; `--padding_free true`
+    on 2 ranks trains too. Each saves a PEFT adapter."""
+    packed, single, free = runs["packed"], runs["packed_single"], runs["padding_free"]
+    assert packed["world_size"] == free["world_size"] == 2 and packed["sharded"] and single["world_size"] == 1
+    a, b, c = _losses(packed), _losses(single), _losses(free)
+    assert sorted(a) == sorted(b) == sorted(c) == [1, 2, 3, 4]
+    for step in (1, 2):  # a near-tie of the top-k routing can flip later (see the comparison above)
+        assert abs(a[step] - b[step]) <= 1e-4 * abs(b[step]), (step, a[step], b[step])
+    assert a[4] < a[1] and c[4] < c[1]
+    for name in ("packed", "packed_single", "padding_free"):
+        assert (runs["dirs"][name] / "adapter_model.safetensors").is_file(), name
 
 
 RNG_AND_STATE = {"scheduler.pt", "trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"}

@@ -213,6 +213,7 @@ def test_packed_and_padding_free_steps_train_each_sample_as_alone(checkpoint, tm
     )
     batch = next(iter(packed.get_train_dataloader()))
     assert "attention_mask" not in batch and int((batch["position_ids"] == 0).sum()) == 8
+    assert free.args.max_length == 1024  # TRL takes none with padding_free; ours tokenizes to it (`overlong`)
     assert abs(alone_free - alone_packed) < 1e-12
     for got in (got_free, got_packed):
         assert ulps_off(torch.tensor(got), torch.tensor(alone_free, dtype=torch.float64)) <= 32, (got, alone_free)

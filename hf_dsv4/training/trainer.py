@@ -276,6 +276,13 @@ class DSV4SFTTrainer(SFTTrainer):
                     "text prompt-completion rows: the completion is trained (assistant_only_loss does not apply)"
                 )
                 args.assistant_only_loss = False
+        # TRL refuses padding-free batches with a max_length it would not enforce; ours tokenizes every sample to at
+        # most max_length (`overlong`), so the limit is kept here for `_prepare_dataset` and TRL sees none
+        self.sample_max_length = args.max_length
+        unpacked_free = args.padding_free and not args.packing
+        if unpacked_free:
+            args = copy.copy(args)
+            args.max_length = None
         super().__init__(
             model=model,
             args=args,
@@ -284,6 +291,8 @@ class DSV4SFTTrainer(SFTTrainer):
             callbacks=_with_one_dsv4_callback(callbacks),
             **kwargs,
         )
+        if unpacked_free:
+            self.args.max_length = self.sample_max_length
         peft_model = peft_model_of(self.model)
         if peft_model is not None and self.init_adapter is not None:
             draw_lora_factors(peft_model, args.seed)  # the factors not on meta
@@ -308,7 +317,7 @@ class DSV4SFTTrainer(SFTTrainer):
             reasoning_effort=args.reasoning_effort,
             effort_profile=args.effort_profile,
             turns=args.turns,
-            max_length=args.max_length,
+            max_length=self.sample_max_length,
             overlong=args.overlong,
         )
         rows = SFTRowTokenizer(conversations, assistant_only_loss=args.assistant_only_loss, react=args.react)
