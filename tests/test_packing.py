@@ -6,6 +6,8 @@ to the float64 computation as stock's float32 of the sample alone is (`numerics`
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from numerics import assert_as_accurate_as_stock, float64_throughout
@@ -186,3 +188,14 @@ def test_under_fsdp2_each_ranks_packed_samples_get_their_logits_and_gradients_al
         assert result["same_grads"] and result["grads"] == result["lora_grads"] > 40, result
         assert result["logits"] < 1e-10 and result["worst_grad"] < 1e-10, result
         assert result["checkpointed_equal"], result
+
+
+def test_the_flex_kernel_keeps_packed_samples_apart_too():
+    """`kernel="flex"` (its forward, on CPU: torch has no CPU flex backward): the block mask keeps each packed sample
+    to its own window and its own compressed entries, as the portable path does (float64 throughout, 1e-12)."""
+    portable = _model(torch.float64)
+    flex = enable_sparse_attention(copy.deepcopy(portable), chunk_size=5, kernel="flex")
+    ids, positions = torch.cat(_samples(LENGTHS))[None], _positions(LENGTHS)
+    with torch.no_grad(), float64_throughout():
+        want, got = (m(input_ids=ids, position_ids=positions).logits for m in (portable, flex))
+    assert _rel(got, want) < 1e-12
