@@ -471,45 +471,67 @@ def sparse_attention_forward(
     sliding_window: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The attention interface of `hf_dsv4_sparse` (called by the stock `DeepseekV4Attention.forward`)."""
-    compressor = getattr(module, "compressor", None)
+    """The attention interface of `hf_dsv4_sparse` (called by the stock `DeepseekV4Attention.forward`).
+
+    Reads only the keys each query may see (its window, its compressed entries or CSA picks) where the layer's
+    mask and selection allow it, else falls back to the stock eager arithmetic on a dense mask.
+
+    Args:
+        module: the `DeepseekV4Attention` (its `sinks`, and its `compressor` when the layer has one).
+        query: `[B, H, L, D]` queries.
+        key: `[B, 1, L + T, D]` window keys followed by the T compressed entries (K = V).
+        value: the values (the same tensor as `key` on the sparse path).
+        attention_mask: a `SparseMask` (the sparse path) or the stock mask (the dense fallback).
+        scaling: the softmax scale.
+        dropout: attention dropout probability.
+        sliding_window: the layer's window; the sparse path needs the mask's own.
+
+    Returns:
+        (`[B, L, H, D]` attention output, None): the interface's (output, weights).
+    """
     layer = sparse_layer(module) or SparseLayer()
     selection, cached = layer.take()
-    sparse = (
-        not cached
-        and isinstance(attention_mask, SparseMask)
+    if cached or not _sparse_applies(module, key, value, attention_mask, selection, sliding_window):
+        return _dense_fallback(module, query, key, value, attention_mask, selection, scaling, dropout, **kwargs)
+    differentiable = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    if layer.kernel == "flex" and dropout == 0 and (query.is_cuda or not differentiable):
+        return _flex_attention(module, query, key, attention_mask, selection, scaling), None
+    chunked = _chunked_attention(
+        module, query, key, attention_mask, selection, sliding_window, layer.chunk, scaling, dropout
+    )
+    return chunked, None
+
+
+def _sparse_applies(module, key, value, attention_mask, selection, sliding_window) -> bool:
+    """Whether the sparse path reads the same keys the stock mask allows: a sparse-capable `SparseMask` of this
+    window, K = V, and a selection exactly when the layer compresses (a dense one means the stock block bias)."""
+    return (
+        isinstance(attention_mask, SparseMask)
         and attention_mask.sparse_ok
         and key is value
         and sliding_window is not None
         and attention_mask.local_size == sliding_window
-        and (compressor is None) == (selection is None)
+        and (getattr(module, "compressor", None) is None) == (selection is None)
         and not isinstance(selection, _Dense)
     )
-    if not sparse:
-        return _dense_fallback(module, query, key, value, attention_mask, selection, scaling, dropout, **kwargs)
 
-    differentiable = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
-    if layer.kernel == "flex" and dropout == 0 and (query.is_cuda or not differentiable):
-        return _flex_attention(module, query, key, attention_mask, selection, scaling), None
-    batch, heads, seq_len, dim = query.shape
-    chunk = layer.chunk
+
+def _chunked_attention(
+    module, query, key, attention_mask, selection, sliding_window, chunk, scaling, dropout
+) -> torch.Tensor:
+    """The sparse path in blocks of `chunk` queries, each against its window and compressed entries
+    (`_attend_chunk`), recomputed in backward when gradients are needed. Returns `[B, L, H, D]`."""
+    seq_len = query.shape[2]
     window_len = chunk + sliding_window - 1
     n_chunks = -(-seq_len // chunk)
     # every chunk's window of keys, as views of one padded copy (backward: one unfold, no per-chunk full-size grads)
     padded = F.pad(key[:, :, :seq_len], (0, 0, sliding_window - 1, n_chunks * chunk - seq_len))
     windows = padded.unfold(2, window_len, chunk).transpose(-1, -2).unbind(2)  # n x [B, 1, S, D]
-    queries = query.split(chunk, dim=2)
-    compressed = key[:, 0, seq_len:] if selection is not None else None  # [B, T, D]
+    compressed, picks, gather = _compressed_entries(key, seq_len, selection)
     compressed_len = compressed.shape[1] if compressed is not None else 0
-    picks = selection.indices if isinstance(selection, _TopK) else None
-    if compressed_len == 0 or (picks is not None and picks.shape[-1] == 0):
-        compressed = picks = None
-    # CSA: gather each query's picks when they are a small part of the entries; else read every entry (one matmul)
-    # with the picks as a mask: the same keys, fewer and larger matmuls
-    gather = picks is not None and compressed_len > _GATHER_ABOVE * picks.shape[-1]
     recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, module.sinks))
     outputs = []
-    for index, (q_chunk, window) in enumerate(zip(queries, windows, strict=False)):
+    for index, (q_chunk, window) in enumerate(zip(query.split(chunk, dim=2), windows, strict=False)):
         start, stop = index * chunk, index * chunk + q_chunk.shape[2]
         window_allowed = attention_mask.block(start, stop, start - sliding_window + 1, window_len)
         chunk_picks = comp_allowed = None
@@ -525,8 +547,23 @@ def sparse_attention_forward(
             outputs.append(checkpoint(_attend_chunk, *args, use_reentrant=False, preserve_rng_state=dropout > 0))
         else:
             outputs.append(_attend_chunk(*args))
-    attn_output = torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
-    return attn_output, None
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+def _compressed_entries(
+    key: torch.Tensor, seq_len: int, selection: Any
+) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+    """(the compressed entries `[B, T, D]` or None when there are none to read, the CSA picks `[B, L, k]` or None,
+    whether to gather each query's picks rather than read every entry with the picks as a mask)."""
+    compressed = key[:, 0, seq_len:] if selection is not None else None  # [B, T, D]
+    compressed_len = compressed.shape[1] if compressed is not None else 0
+    picks = selection.indices if isinstance(selection, _TopK) else None
+    if compressed_len == 0 or (picks is not None and picks.shape[-1] == 0):
+        compressed = picks = None
+    # CSA: gather each query's picks when they are a small part of the entries; else read every entry (one matmul)
+    # with the picks as a mask: the same keys, fewer and larger matmuls
+    gather = picks is not None and compressed_len > _GATHER_ABOVE * picks.shape[-1]
+    return compressed, picks, gather
 
 
 _FLEX: dict[bool, Any] = {}

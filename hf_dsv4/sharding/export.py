@@ -86,24 +86,56 @@ def _clear_previous_export(folder: Path) -> None:
 
 
 def save_pretrained_sharded(model: nn.Module, save_directory: str | os.PathLike) -> Path | None:
-    """Write the FSDP2-sharded transformers model `model` to `save_directory` as a Hub-loadable checkpoint (see the
-    module docstring); `AutoModelForCausalLM.from_pretrained(save_directory)` reloads it. Every rank must call it.
+    """Write the FSDP2-sharded transformers model `model` as a Hub-loadable checkpoint (see the module docstring).
 
-    Earlier `model*.safetensors` files and the index in the folder are removed first; the index is written last, so
-    an interrupted export is never taken for a complete one. A failure on any rank is raised on every rank. Returns
-    the folder on rank 0, None elsewhere. In one process it writes the same files from the unsharded model."""
+    `AutoModelForCausalLM.from_pretrained(save_directory)` reloads it. Every rank must call it. Earlier
+    `model*.safetensors` files and the index in the folder are removed first; the index is written last, so an
+    interrupted export is never taken for a complete one. In one process it writes the same files from the unsharded
+    model.
+
+    Args:
+        model: the (sharded) transformers model, or a module holding one; never one under a PEFT adapter.
+        save_directory: the folder to write (created if missing).
+
+    Returns:
+        The folder on rank 0, None on the other ranks.
+
+    Raises:
+        ValueError: `model` holds a PEFT adapter (save the adapter, or merge it first).
+        TypeError: `model` holds no transformers `PreTrainedModel`.
+        Exception: a failure on any rank while writing is raised on every rank.
+    """
     pretrained = _single_pretrained(model)
     folder = Path(save_directory)
     on_source(lambda: (folder.mkdir(parents=True, exist_ok=True), _clear_previous_export(folder)))
-    # names are reverted with the conversions rank 0's load used (the other ranks built their model from the config)
+    _use_source_conversions(pretrained)
+    groups = _file_groups(pretrained)
+    written, size, error = _write_files(pretrained, groups, folder)
+    with every_rank_raises():
+        if error is not None:
+            raise error
+    maps = all_gather_object((written, size))
+    return on_source(lambda: _write_config_and_index(pretrained, folder, len(groups), maps))
+
+
+def _use_source_conversions(pretrained: PreTrainedModel) -> None:
+    """Names are reverted with the conversions rank 0's load used (the other ranks built their model from the
+    config): every rank takes rank 0's."""
     conversions = all_gather_object(compat.weight_conversions(pretrained) if rank() == 0 else None)[0]
     if conversions is not None:
         compat.set_weight_conversions(pretrained, conversions)
-    groups = _file_groups(pretrained)
+
+
+def _write_files(
+    pretrained: PreTrainedModel, groups: list[list[str]], folder: Path
+) -> tuple[dict[str, str], int, Exception | None]:
+    """Every rank gathers each file's tensors; file k's writer (rank k % world) keeps them and writes the file.
+    Returns (checkpoint name -> file for the files this rank wrote, their bytes, the first error of this rank): the
+    error is raised later, on every rank, once every rank is done gathering."""
     state = pretrained.state_dict(keep_vars=True)
     world = torch.distributed.get_world_size() if is_distributed() else 1
     total = len(groups)
-    written: dict[str, str] = {}  # checkpoint name -> file, for the files this rank wrote
+    written: dict[str, str] = {}
     size = 0
     error: Exception | None = None
     for index, keys in enumerate(groups):
@@ -125,23 +157,23 @@ def save_pretrained_sharded(model: nn.Module, save_directory: str | os.PathLike)
                 written.update(dict.fromkeys(tensors, name))
                 size += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
-    with every_rank_raises():
-        if error is not None:
-            raise error
-    maps = all_gather_object((written, size))
+    return written, size, error
 
-    def finish() -> Path:
-        pretrained.config.dtype = str(pretrained.dtype).removeprefix("torch.")
-        pretrained.config.architectures = [_unsharded_class_name(pretrained)]
-        pretrained.config.save_pretrained(folder)
-        if pretrained.can_generate():
-            pretrained.generation_config.save_pretrained(folder)
-        if total > 1:
-            weight_map = {key: file for rank_map, _ in maps for key, file in rank_map.items()}
-            metadata = {"total_size": sum(s for _, s in maps), "total_parameters": pretrained.num_parameters()}
-            index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
-            (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        logger.info("wrote %d safetensors file(s) from %d rank(s) to %s", total, world, folder)
-        return folder
 
-    return on_source(finish)
+def _write_config_and_index(
+    pretrained: PreTrainedModel, folder: Path, total: int, maps: list[tuple[dict[str, str], int]]
+) -> Path:
+    """Rank 0's last step: the config, the generation config and (for several files) the index, from every rank's
+    (written names, bytes)."""
+    pretrained.config.dtype = str(pretrained.dtype).removeprefix("torch.")
+    pretrained.config.architectures = [_unsharded_class_name(pretrained)]
+    pretrained.config.save_pretrained(folder)
+    if pretrained.can_generate():
+        pretrained.generation_config.save_pretrained(folder)
+    if total > 1:
+        weight_map = {key: file for rank_map, _ in maps for key, file in rank_map.items()}
+        metadata = {"total_size": sum(s for _, s in maps), "total_parameters": pretrained.num_parameters()}
+        index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    logger.info("wrote %d safetensors file(s) from %d rank(s) to %s", total, len(maps), folder)
+    return folder

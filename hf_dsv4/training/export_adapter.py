@@ -119,13 +119,41 @@ def _both_of_each_pair(
 
 
 def export_adapter(adapter_dir: str | Path, out_dir: str | Path, format: str = "vllm") -> Path:
-    """Write the PEFT adapter in `adapter_dir` to `out_dir` in `format` ("vllm": DeepSeek-native names, routed experts
-    split per expert; "vllm-3d": the same names, routed experts kept fused, see the module docstring), with an
-    `adapter_config.json` of leaf-name `target_modules` and no `target_parameters`; returns `out_dir`. Other files of
-    the adapter (tokenizer, chat template, model card) are copied along."""
+    """Write a PEFT LoRA adapter in the form a serving engine loads (see the module docstring).
+
+    Other files of the adapter (tokenizer, chat template, model card) are copied along; the written
+    `adapter_config.json` has leaf-name `target_modules` and no `target_parameters`.
+
+    Args:
+        adapter_dir: a PEFT adapter folder saved by the recipe / `DSV4SFTTrainer`.
+        out_dir: where to write the exported adapter (created if missing).
+        format: "vllm" (DeepSeek-native names, routed experts split per expert) or "vllm-3d" (the same names, routed
+            experts kept fused).
+
+    Returns:
+        `out_dir`, as a `Path`.
+
+    Raises:
+        ValueError: an unknown `format`; an adapter that is not LoRA, has `rank_pattern`, `alpha_pattern` or
+            `modules_to_save`, or holds tensors that are not LoRA factor pairs of known shapes.
+    """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     adapter_dir, out_dir = adapter_folder(adapter_dir), Path(out_dir)
+    config, pairs = _read_adapter(adapter_dir)
+    modules, experts = _native_modules(adapter_dir, pairs)
+    listed = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in config.get("target_parameters") or []))
+    exported = modules | _native_experts(adapter_dir, experts, listed, config["r"], format)
+    ignored = sorted(n for n in exported if any(part in n for part in IGNORED_BY_VLLM))
+    if ignored:
+        logger.warning("vLLM loads but does not apply LoRA on %d module(s), e.g. %s", len(ignored), ignored[0])
+    _write_adapter(adapter_dir, out_dir, config, exported)
+    logger.info("exported %d LoRA modules of %s for %s to %s", len(exported), adapter_dir, format, out_dir)
+    return out_dir
+
+
+def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """The adapter's config, checked for what the export supports, and its factors by HF module ("A"/"B")."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{adapter_dir}: a LoRA adapter is needed, got peft_type {config.get('peft_type')!r}")
@@ -135,13 +163,20 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, format: str = "
     if config.get("modules_to_save"):
         raise ValueError(f"{adapter_dir}: modules_to_save (full copies of base modules) cannot be served as LoRA")
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    listed = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in config.get("target_parameters") or []))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         module, _, factor = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         if not key.startswith(PEFT_PREFIX) or factor not in ("A.weight", "B.weight"):
             raise ValueError(f"{adapter_dir}: unexpected tensor {key!r} (not a LoRA factor of a PEFT adapter)")
         pairs.setdefault(module, {})[factor[0]] = tensor
+    return config, pairs
+
+
+def _native_modules(
+    adapter_dir: Path, pairs: dict[str, dict[str, torch.Tensor]]
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]]:
+    """(A, B) of every module but the routed experts under its checkpoint name; the experts' pairs by HF experts
+    module and peft wrapper depth, left for `_native_experts`."""
     exported: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     experts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # HF experts module -> wrapper depth
     for module, factors in sorted(pairs.items()):
@@ -153,20 +188,37 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, format: str = "
         else:
             native = compat.checkpoint_module_name("deepseek_v4", f"{base}.weight").removesuffix(".weight")
             exported[native] = (factors["A"], factors["B"])
+    return exported, experts
+
+
+def _native_experts(
+    adapter_dir: Path,
+    experts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]],
+    listed: list[str],
+    r: int,
+    format: str,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The routed experts' (A, B) under checkpoint names: fused ("vllm-3d") or split per expert ("vllm"), a missing
+    one of gate_up / down as zero factors."""
     fused: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # native experts module -> kind -> (A, B)
     for base, by_depth in experts.items():
         for kind, (a, b) in _expert_kinds(f"{adapter_dir}: {base}", by_depth, listed).items():
             native = compat.checkpoint_module_name("deepseek_v4", f"{base}.{kind}").removesuffix(f".{kind}")
             fused.setdefault(native, {})[kind] = (a, b)
-    for native, kinds in _both_of_each_pair(fused, config["r"]).items():
+    exported: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for native, kinds in _both_of_each_pair(fused, r).items():
         for kind, (a, b) in kinds.items():
             if format == "vllm-3d":
                 exported[native + FUSED[kind]] = (a, b)
             else:
-                exported |= _split_experts(native, kind, a, b, config["r"])
-    ignored = sorted(n for n in exported if any(part in n for part in IGNORED_BY_VLLM))
-    if ignored:
-        logger.warning("vLLM loads but does not apply LoRA on %d module(s), e.g. %s", len(ignored), ignored[0])
+                exported |= _split_experts(native, kind, a, b, r)
+    return exported
+
+
+def _write_adapter(
+    adapter_dir: Path, out_dir: Path, config: dict, exported: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """The exported factors, the adapter's other files and its config (leaf-name `target_modules`) in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     out = {}
     for native, (a, b) in exported.items():
@@ -179,8 +231,6 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, format: str = "
     leaves = sorted({n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n in exported})
     config = {**config, "target_modules": leaves, "target_parameters": None}
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    logger.info("exported %d LoRA modules of %s for %s to %s", len(exported), adapter_dir, format, out_dir)
-    return out_dir
 
 
 def main(argv: list[str] | None = None) -> None:

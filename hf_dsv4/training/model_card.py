@@ -151,7 +151,17 @@ print(parse_completion(completion, thinking_mode={thinking!r}, strict=False))
 
 
 def model_card(trainer: Any, model_name: str | None = None, dataset_name: str | None = None, tags=None) -> ModelCard:
-    """The card for what `trainer` trained (call it on the main process, after or during training)."""
+    """The model card for what `trainer` trained; call it on the main process, after or during training.
+
+    Args:
+        trainer: the `DSV4SFTTrainer` (its args, model, train dataset and log history are read).
+        model_name: the card's title and `model_name` metadata; the output folder's name when None.
+        dataset_name: the dataset's Hub id or local path, as the card names it.
+        tags: extra Hub tags (a string or a list), added to hf_dsv4's own.
+
+    Returns:
+        A `huggingface_hub.ModelCard` (YAML metadata, then markdown).
+    """
     from .adapter import peft_model_of
 
     args = trainer.args
@@ -162,32 +172,8 @@ def model_card(trainer: Any, model_name: str | None = None, dataset_name: str | 
     base_id, base_text = base_reference(name_or_path)
     data_id, data_text = dataset_reference(dataset_name)
     adapter = repo_or_folder(trainer)
-    extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
-    card_tags = sorted({*TAGS, "lora" if peft_config is not None else "full-fine-tuning", *extra_tags})
-
-    metadata = {
-        "library_name": "peft" if peft_config is not None else "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": card_tags,
-        "license": base_license(name_or_path, base_id),
-        "datasets": [data_id] if data_id else None,
-        "model_name": model_name,
-    }
-    if base_id:
-        metadata["base_model"] = base_id
-        metadata["base_model_relation"] = "adapter" if peft_config is not None else "finetune"
-    data = ModelCardData(**{k: v for k, v in metadata.items() if v is not None})
-
-    world = args.world_size
-    samples = len(trainer.train_dataset) if trainer.train_dataset is not None else None
-    tokens = trained_tokens(trainer.train_dataset)
-    seen = next((e["num_tokens"] for e in reversed(trainer.state.log_history) if "num_tokens" in e), None)
-    final_eval = next((e["eval_loss"] for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
     base_for_code = base_id or name_or_path or "path/to/the/base/model"
-    comment = "" if base_id else "  # the base was a local checkpoint: point this at your copy"
-    code = (LOAD_ADAPTER if peft_config is not None else LOAD_FULL) + GENERATE
-    code = code.format(base=base_for_code, base_comment=comment, adapter=adapter, thinking=args.thinking_mode)
-    quick_start = f"```python\n{code}```"
+    data = card_metadata(peft_config is not None, name_or_path, base_id, data_id, model_name, tags)
     what = "A LoRA adapter" if peft_config is not None else "A fully fine-tuned model"
     lines = [
         f"# {model_name or Path(args.output_dir).name}",
@@ -195,14 +181,62 @@ def model_card(trainer: Any, model_name: str | None = None, dataset_name: str | 
         f"{what} for DeepSeek-V4, trained from {base_text} with supervised fine-tuning by hf_dsv4 (TRL's "
         "`SFTTrainer` under FSDP2) on the DeepSeek-V4 chat format.",
         "",
+        *quick_start_section(args.thinking_mode, peft_config is not None, base_id, base_for_code, adapter),
+        "",
+        *training_section(trainer, peft_config, data_text, unwrapped),
+        "",
+        *results_section(trainer.state.log_history),
+        "",
+        "## Framework versions",
+        "",
+        *versions(),
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def card_metadata(
+    lora: bool, name_or_path: str | None, base_id: str | None, data_id: str | None, model_name: str | None, tags
+) -> ModelCardData:
+    """The card's YAML metadata: library, tags, license, dataset, and the base model with its relation."""
+    extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
+    metadata = {
+        "library_name": "peft" if lora else "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": sorted({*TAGS, "lora" if lora else "full-fine-tuning", *extra_tags}),
+        "license": base_license(name_or_path, base_id),
+        "datasets": [data_id] if data_id else None,
+        "model_name": model_name,
+    }
+    if base_id:
+        metadata["base_model"] = base_id
+        metadata["base_model_relation"] = "adapter" if lora else "finetune"
+    return ModelCardData(**{k: v for k, v in metadata.items() if v is not None})
+
+
+def quick_start_section(thinking_mode: Any, lora: bool, base_id: str | None, base: str, adapter: str) -> list[str]:
+    """The "Quick start" lines: loading and generation code that runs, then how to serve the model."""
+    comment = "" if base_id else "  # the base was a local checkpoint: point this at your copy"
+    code = (LOAD_ADAPTER if lora else LOAD_FULL) + GENERATE
+    code = code.format(base=base, base_comment=comment, adapter=adapter, thinking=thinking_mode)
+    return [
         "## Quick start",
         "",
-        quick_start,
+        f"```python\n{code}```",
         "",
         "The tokenizer's chat template renders DeepSeek-V4's prompt format byte for byte (thinking and chat modes, "
         "tools, reasoning effort); `parse_completion` turns the generated text, DSML tool calls included, back into "
-        "a message. " + serving(peft_config is not None, adapter, base_for_code),
-        "",
+        "a message. " + serving(lora, adapter, base),
+    ]
+
+
+def training_section(trainer: Any, peft_config: Any, data_text: str, model: Any) -> list[str]:
+    """The "Training" lines: what was adapted, on which data, in which chat format, optimisation, batch, precision."""
+    args, state = trainer.args, trainer.state
+    world = args.world_size
+    samples = len(trainer.train_dataset) if trainer.train_dataset is not None else None
+    tokens = trained_tokens(trainer.train_dataset)
+    seen = next((e["num_tokens"] for e in reversed(state.log_history) if "num_tokens" in e), None)
+    return [
         "## Training",
         "",
         f"- Adaptation: {adaptation(peft_config)}.",
@@ -220,17 +254,18 @@ def model_card(trainer: Any, model_name: str | None = None, dataset_name: str | 
         f"- Batch: {args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
         f"steps x {world} {'process' if world == 1 else 'processes'} = "
         f"{args.per_device_train_batch_size * args.gradient_accumulation_steps * world} "
-        f"samples per step; {trainer.state.global_step} steps ({trainer.state.epoch or 0:.2f} epochs).",
-        f"- Precision: {precision(args, unwrapped)}.",
-        "",
-        "## Results",
-        "",
-        loss_table(trainer.state.log_history),
+        f"samples per step; {state.global_step} steps ({state.epoch or 0:.2f} epochs).",
+        f"- Precision: {precision(args, model)}.",
     ]
+
+
+def results_section(log_history: list[dict]) -> list[str]:
+    """The "Results" lines: the loss table, then the final eval loss when one was logged."""
+    final_eval = next((e["eval_loss"] for e in reversed(log_history) if "eval_loss" in e), None)
+    lines = ["## Results", "", loss_table(log_history)]
     if final_eval is not None:
         lines += ["", f"Final eval loss: {final_eval:.4f}."]
-    lines += ["", "## Framework versions", "", *versions()]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    return lines
 
 
 def repo_or_folder(trainer: Any) -> str:
