@@ -431,7 +431,14 @@ def convert_into(model: Any, tensors: dict[str, Any], load_config: Any) -> Any:
     The tensors are read in the calling thread (`HF_DEACTIVATE_ASYNC_LOAD` for the call): transformers' read pool
     starts its threads anew for every call, and their memory arenas kept freed pieces, so on 2 CPU ranks a streamed
     read in pool threads held more memory and was not faster (1 GB checkpoint, every rank reading: 850 vs 680 MB per
-    rank, 0.97 vs 0.86 s; a Flash-width layer read in 512 MB pieces: rank 0 10.9 vs 9.6 GB)."""
+    rank, 0.97 vs 0.86 s; a Flash-width layer read in 512 MB pieces: rank 0 10.9 vs 9.6 GB).
+
+    The variable is set for the call because transformers (5.24, read) offers no other switch: its
+    `convert_and_load_state_dict_in_model` takes no pool or sync argument and builds its `ThreadPoolExecutor` unless
+    `is_env_variable_true("HF_DEACTIVATE_ASYNC_LOAD")`, a "disk" value in `device_map` (a request for disk offload) or
+    on-the-fly quantization; the synchronous `spawn_materialize(None, ...)` is only reached from inside that loop.
+    Patching the module's `ThreadPoolExecutor` / `GLOBAL_WORKERS` would be process-wide as well, and copying the loop
+    would fork transformers' loading."""
     import os
 
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
