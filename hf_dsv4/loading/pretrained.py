@@ -76,7 +76,11 @@ def resolve_dtype(
     dtype: str | torch.dtype | None, default: str | torch.dtype | None = None, auto: torch.dtype | None = None
 ) -> torch.dtype | str | None:
     """A `dtype` argument as `from_pretrained` reads it: None -> `default`; "auto" -> `auto` (the checkpoint's dtype,
-    when known; else "auto" is kept for `from_pretrained` to resolve); a name ("bfloat16") -> the torch dtype."""
+    when known; else "auto" is kept for `from_pretrained` to resolve); a name ("bfloat16") -> the torch dtype.
+
+    Returns:
+        A `torch.dtype`, "auto", or None (no `dtype` and no `default`).
+    """
     if dtype is None:
         dtype = default
     if dtype == "auto":
@@ -89,6 +93,15 @@ def build_on_meta(cls: type[PreTrainedModel], path: str | os.PathLike | None, *a
 
     Parameters and buffers are meta tensors with the same names, shapes and dtypes (fp32-kept modules stay fp32);
     tied weights are tied; the model is in eval mode like `from_pretrained`'s. No weight file is opened.
+
+    Args:
+        cls: the `PreTrainedModel` class (e.g. `DeepseekV4ForCausalLM`).
+        path: the checkpoint folder or Hub id its config is read from (None with a `config` object).
+        *args, **kwargs: `from_pretrained`'s (`config`, `dtype`, `attn_implementation`, ...); load-only ones are
+            ignored.
+
+    Returns:
+        The model on the meta device.
     """
     config = kwargs.pop("config", None)
     config_kwargs, model_kwargs = _split_kwargs(kwargs)
@@ -323,37 +336,41 @@ def memory_efficient_init(
 ) -> Iterator[None]:
     """Scope under which `from_pretrained` reads the checkpoint on the source rank (global rank 0) only.
 
-    With `stream=True` no rank reads weights in `from_pretrained`: every rank gets the model on the meta device, with
-    a `StreamSource` registered for it (`hf_dsv4.loading.stream.stream_source(model)`; rank 0's holds a reader of the
-    checkpoint: files, transformers' conversion plan), and `shard_model` streams the checkpoint into the shards one
-    decoder layer at a time, so rank 0 never holds the whole model
-    (`hf_dsv4.loading.stream`). The checkpoint must be safetensors files; a LoRA adapter may be added before
-    `shard_model` (its factors are drawn on rank 0 when the shards are filled).
-
-    `readers` (with `stream=True`): "rank0" (default) reads on rank 0 and sends each unit into the shards; "all" has
-    every rank read only the rows its own shards hold (an FP8 weight's rows widened to its 128-row scale blocks, the
-    routed experts it holds), so no weight crosses ranks: for machines that each see the checkpoint files (a shared
-    or local copy). A Hub id is then downloaded once per machine, by its lowest rank, into the Hugging Face cache.
-    Any Hub id is downloaded before the first collective that runs under the process group's timeout (NCCL's: 10-30
-    minutes, shorter than Flash's ~160 GB), the other ranks waiting up to `DOWNLOAD_TIMEOUT` (12 hours).
-    `read_budget` (bytes): rank 0 reads each rank's rows in pieces of at most that many converted bytes and sends each
-    to its rank, instead of reading whole units (with `readers="all"`: every rank reads its own rows in such pieces);
-    see `shard_model`.
-
-    `keep_quantized` (with `stream=True`, a release checkpoint): the weights the checkpoint stores as FP8 / FP4 stay
-    so in the shards (uint8 codes + ue8m0 scales, dequantized per layer in forward and again in backward,
-    `hf_dsv4.sharding.quantized`), for LoRA over a frozen base; `shard_model` gives the model that form. Needs
-    torch.distributed (one process is fine: `shard_model` fills it) and refuses full fine-tuning. The routed experts
-    compute expert by expert (`True` or "per_expert": each expert's weight dequantized when its tokens reach it) or
-    as one dequantized stack per layer ("stack": the model's experts implementation, e.g. grouped_mm); see
-    `hf_dsv4.sharding.quantize_base`.
-
     Inside the block, `AutoModelForCausalLM.from_pretrained(path, dtype=...)` (and the same method of any
     `PreTrainedModel` subclass) loads real weights on CPU on rank 0 and returns the same model built on the meta
-    device elsewhere. Every rank must call it (it is a collective; a failure on any rank raises the same
-    `CheckpointLoadError` on every rank). Outside torch.distributed, or with one process, it is exactly
-    `from_pretrained`. Nesting is harmless: an inner block changes nothing. `PreTrainedModel.from_pretrained` is
-    restored on exit, also on error.
+    device elsewhere. Every rank must call it (it is a collective). Outside torch.distributed, or with one process,
+    it is exactly `from_pretrained`. Nesting is harmless: an inner block changes nothing.
+    `PreTrainedModel.from_pretrained` is restored on exit, also on error.
+
+    Args:
+        stream: no rank reads weights in `from_pretrained`: every rank gets the model on the meta device, with a
+            `StreamSource` registered for it (`hf_dsv4.loading.stream.stream_source(model)`; rank 0's holds a reader
+            of the checkpoint: files, transformers' conversion plan), and `shard_model` streams the checkpoint into
+            the shards one decoder layer at a time, so rank 0 never holds the whole model (`hf_dsv4.loading.stream`).
+            The checkpoint must be safetensors files; a LoRA adapter may be added before `shard_model` (its factors
+            are drawn on rank 0 when the shards are filled).
+        readers: with `stream=True`, "rank0" (default) reads on rank 0 and sends each unit into the shards; "all" has
+            every rank read only the rows its own shards hold (an FP8 weight's rows widened to its 128-row scale
+            blocks, the routed experts it holds), so no weight crosses ranks: for machines that each see the
+            checkpoint files (a shared or local copy). A Hub id is then downloaded once per machine, by its lowest
+            rank, into the Hugging Face cache. Any Hub id is downloaded before the first collective that runs under
+            the process group's timeout (NCCL's: 10-30 minutes, shorter than Flash's ~160 GB), the other ranks
+            waiting up to `DOWNLOAD_TIMEOUT` (12 hours).
+        read_budget: with `stream=True`, bytes: rank 0 reads each rank's rows in pieces of at most that many
+            converted bytes and sends each to its rank, instead of reading whole units (with `readers="all"`: every
+            rank reads its own rows in such pieces); see `shard_model`.
+        keep_quantized: with `stream=True` and a release checkpoint, the weights the checkpoint stores as FP8 / FP4
+            stay so in the shards (uint8 codes + ue8m0 scales, dequantized per layer in forward and again in
+            backward, `hf_dsv4.sharding.quantized`), for LoRA over a frozen base; `shard_model` gives the model that
+            form. Needs torch.distributed (one process is fine: `shard_model` fills it) and refuses full
+            fine-tuning. The routed experts compute expert by expert (`True` or "per_expert": each expert's weight
+            dequantized when its tokens reach it) or as one dequantized stack per layer ("stack": the model's experts
+            implementation, e.g. grouped_mm); see `hf_dsv4.sharding.quantize_base`.
+
+    Raises:
+        ValueError: an unknown `readers` or `keep_quantized`, a `read_budget` below 1 byte, or `readers`,
+            `read_budget` or `keep_quantized` without `stream=True`.
+        CheckpointLoadError: a `from_pretrained` inside the block failed on some rank (raised on every rank).
     """
     if readers not in READERS:
         raise ValueError(f"readers must be one of {READERS}, not {readers!r}")

@@ -34,7 +34,14 @@ def pretrained_models(model: nn.Module) -> list[PreTrainedModel]:
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """Modules whose class is named in a `_no_split_modules` anywhere in the tree (the decoder layers); also after
-    `fully_shard`, which swaps a module's class for an `FSDP<name>` subclass."""
+    `fully_shard`, which swaps a module's class for an `FSDP<name>` subclass.
+
+    Args:
+        model: a transformers model, or a module holding one (e.g. a PeftModel).
+
+    Returns:
+        The decoder layers, in module order.
+    """
     names = {name for m in pretrained_models(model) for name in compat.no_split_modules(m)}
     return [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
 

@@ -61,7 +61,13 @@ class SparseMask:
 
     `block(q_start, q_stop, kv_start, kv_len)` is the boolean mask of a block of queries against `kv_len` keys from
     `kv_start` (keys outside `[0, kv_length)` are masked), evaluated by transformers' own `sdpa_mask` with the same
-    mask function, padding mask and offsets; `dense(dtype)` is the `[B, 1, L, kv_length]` mask stock eager gets."""
+    mask function, padding mask and offsets; `dense(dtype)` is the `[B, 1, L, kv_length]` mask stock eager gets.
+
+    Args:
+        batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, local_size, use_vmap,
+            device: what transformers' mask interface was called with (`sdpa_mask`'s arguments).
+        extra: its other keyword arguments, passed on to `sdpa_mask`.
+    """
 
     batch_size: int
     q_length: int
@@ -346,7 +352,14 @@ class SparseLayer:
     """One DeepSeek-V4 layer's sparse attention: its settings, and the hand-off transformers' interfaces force (the
     attention module calls its compressor, then the attention function, separately): the compressor leaves its
     selection here and the attention takes it, in the same forward; a forward with a cache (generation) is marked
-    `cached` by the attention's pre-hook. One object, shared by the layer's attention and compressor (`SPARSE`)."""
+    `cached` by the attention's pre-hook. One object, shared by the layer's attention and compressor (`SPARSE`).
+
+    Args:
+        chunk: queries per block of the portable kernel (`DEFAULT_CHUNK_SIZE`).
+        kernel: "portable" (blockwise, any device) or "flex" (flex_attention).
+        selection: the compressor's selection for the current forward (None until it runs).
+        cached: whether the current forward has a cache.
+    """
 
     chunk: int = DEFAULT_CHUNK_SIZE
     kernel: str = "portable"
@@ -361,7 +374,14 @@ class SparseLayer:
 
 
 def sparse_layer(module: Any) -> SparseLayer | None:
-    """The `SparseLayer` of a DeepSeek-V4 attention or compressor under `enable_sparse_attention`, else None."""
+    """The sparse attention settings of one module.
+
+    Args:
+        module: a DeepSeek-V4 attention or compressor.
+
+    Returns:
+        Its `SparseLayer` under `enable_sparse_attention`, else None.
+    """
     return module.__dict__.get(SPARSE)
 
 
@@ -778,6 +798,13 @@ def enable_sparse_attention(model: Any, chunk_size: int = DEFAULT_CHUNK_SIZE, ke
 
 
 def sparse_attention_enabled(model: Any) -> bool:
-    """Whether `enable_sparse_attention` was applied to every DeepSeek-V4 attention layer of `model`."""
+    """Whether `enable_sparse_attention` was applied to `model`.
+
+    Args:
+        model: any module.
+
+    Returns:
+        True when `model` has DeepSeek-V4 attention layers and every one uses the sparse implementation.
+    """
     attentions = list(_modules_of(model, "DeepseekV4Attention"))
     return bool(attentions) and all(a.config._attn_implementation == IMPLEMENTATION for a in attentions)

@@ -45,7 +45,15 @@ def _keep_fp32_pattern(model: nn.Module) -> re.Pattern | None:
 def group_keys(model: nn.Module) -> dict[nn.Parameter, GroupKey]:
     """The FSDP group key of every parameter: its dtype, and whether it must be computed in that dtype. The bytes of
     a quantized-resident weight (`hf_dsv4.sharding.quantized`) take the key of the weight they stand for, so the
-    groups are those of the dequantized model (FSDP2 all-gathers them as bytes and never casts them)."""
+    groups are those of the dequantized model (FSDP2 all-gathers them as bytes and never casts them).
+
+    Args:
+        model: the model before `fully_shard`.
+
+    Returns:
+        `(dtype, keep)` by parameter: `keep` when the parameter must be computed in its own dtype (fp32-kept modules,
+        non-floating dtypes).
+    """
     pattern = _keep_fp32_pattern(model)
     stands_for = {
         id(param): module.__dict__[QUANTIZED][leaf]
@@ -162,7 +170,19 @@ def apply_fsdp(
     mixed_precision: MixedPrecisionPolicy | None = None,
     offload_policy: OffloadPolicy | None = None,
 ) -> None:
-    """`fully_shard` each decoder layer, then what is left (embeddings, head, final norms), then the root."""
+    """`fully_shard` each decoder layer, then what is left (embeddings, head, final norms), then the root; one FSDP
+    group per dtype group (`group_keys`) in each. The model is changed in place.
+
+    Args:
+        model: the transformers model (or a module holding one), on meta or real tensors.
+        mesh: the 1-D device mesh to shard over.
+        reshard_after_forward: free each decoder layer's gathered parameters after its forward (the root's are kept).
+        mixed_precision: the policy for castable groups; fp32-kept modules always compute in fp32.
+        offload_policy: e.g. `CPUOffloadPolicy`; none by default.
+
+    Raises:
+        ShardingError: no decoder layer found (no `_no_split_modules` match).
+    """
     keys = group_keys(model)
     kwargs = dict(mesh=mesh, offload_policy=offload_policy or OffloadPolicy())
     layers = decoder_layers(model)

@@ -56,7 +56,20 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, kind: str, dtype: torch.
     dimension is kept (dequantized expert by expert). Every value is a code times a power of two, so the result is the
     exact product rounded once to `dtype`: the same bits as transformers' `Fp8Dequantize` arithmetic
     (`dequantize_reference`, what a dequantizing `from_pretrained` applies; tested equal for every byte), computed
-    here in `dtype` directly (no float32 copies) with a 256-entry table for FP4's byte pairs."""
+    here in `dtype` directly (no float32 copies) with a 256-entry table for FP4's byte pairs.
+
+    Args:
+        data: uint8 codes `[out, in]` (FP8) or `[out, in / 2]` (FP4), with an optional leading experts dimension.
+        scale: uint8 ue8m0 exponents of the blocks, with the same leading dimension.
+        kind: "fp8" or "fp4".
+        dtype: the result's dtype.
+
+    Returns:
+        The weight `[..., out, in]` in `dtype` (on meta for meta codes).
+
+    Raises:
+        ValueError: an unknown `kind`.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown quantization kind {kind!r}: expected one of {KINDS}")
     width = data.shape[-1] * (2 if kind == "fp4" else 1)
@@ -272,7 +285,11 @@ def _quantized_class(cls: type, leaves: tuple[str, ...]) -> type:
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """name -> module for every module `quantize_base` quantized."""
+    """The modules whose weights `quantize_base` keeps quantized.
+
+    Returns:
+        name -> module, in module order.
+    """
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedModule)}
 
 
@@ -307,7 +324,22 @@ def quantize_base(
     "stack": the layer's experts dequantized into one stack and computed by the model's configured experts
     implementation (grouped_mm by default), exactly as over a dequantized base with that implementation, holding
     the layer's experts in the compute dtype during its forward (V4-Flash: 12.9 GB in bf16, twice that with a
-    routed-expert adapter). Returns the number of weights quantized."""
+    routed-expert adapter).
+
+    Args:
+        model: the model on meta (a PeftModel is fine), changed in place.
+        plan: the weights to keep quantized.
+        name_of: a name of `model` -> the reader's.
+        experts: "per_expert" or "stack".
+
+    Returns:
+        The number of weights quantized by this call.
+
+    Raises:
+        ValueError: an unknown `experts`.
+        QuantizationError: a planned weight the model lacks, holds real values, or is trainable; a trainable base
+            parameter beside the adapters.
+    """
     if experts not in EXPERTS_MODES:
         raise ValueError(f"experts must be one of {EXPERTS_MODES}, not {experts!r}")
     done, owners = 0, _owners(model, name_of)

@@ -41,13 +41,19 @@ logger = logging.getLogger(__name__)
 
 def align_parameter_adapter_dtypes(model) -> int:
     """Cast LoRA weights that peft applies through `target_parameters` (routed experts) to the dtype of the parameter
-    they adapt; returns how many adapter modules were cast.
+    they adapt.
 
     peft applies such an adapter by parametrizing the base parameter when the wrapper's forward starts, before any
     FSDP2 group rooted below it could be all-gathered, so under FSDP2 the base parameter and its LoRA factors must be
     all-gathered by an enclosing module's group (the decoder layer's), which holds a single dtype. With a bf16 base
     the routed-expert adapter therefore trains in bf16 (attention and shared-expert adapters stay fp32). Meta tensors
     are cast too, so every rank agrees.
+
+    Args:
+        model: the model, with or without a peft adapter (changed in place).
+
+    Returns:
+        How many adapter modules were cast (0 when peft is not imported).
     """
     if "peft" not in sys.modules:
         return 0  # no peft model can exist

@@ -22,7 +22,18 @@ _DEFAULT_LINE = f'{{%- set DEFAULT_EFFORT_PROFILE = "{DEFAULT_EFFORT_PROFILE}" -
 
 
 def chat_template(effort_profile: str = DEFAULT_EFFORT_PROFILE) -> str:
-    """The template, rendering `effort_profile`'s reasoning-effort block unless the call passes `effort_profile`."""
+    """The DeepSeek-V4 Jinja chat template.
+
+    Args:
+        effort_profile: the reasoning-effort block it renders unless a call passes `effort_profile` ("0424" or
+            "0731").
+
+    Returns:
+        The template text.
+
+    Raises:
+        ChatFormatError: an unknown `effort_profile`.
+    """
     if effort_profile not in EFFORT_PROFILES:
         raise ChatFormatError(f"effort_profile must be one of {tuple(EFFORT_PROFILES)}, got {effort_profile!r}")
     return CHAT_TEMPLATE.replace(_DEFAULT_LINE, _DEFAULT_LINE.replace(DEFAULT_EFFORT_PROFILE, effort_profile))
@@ -30,6 +41,17 @@ def chat_template(effort_profile: str = DEFAULT_EFFORT_PROFILE) -> str:
 
 def install_chat_template(tokenizer, effort_profile: str = DEFAULT_EFFORT_PROFILE):
     """Set `tokenizer.chat_template` to the DeepSeek-V4 template for `effort_profile` ("0424": DeepSeek-V4-Flash /
-    -Pro as first released; "0731": DeepSeek-V4-Flash-0731) and return the tokenizer (saved with it)."""
+    -Pro as first released; "0731": DeepSeek-V4-Flash-0731); the template is saved with the tokenizer.
+
+    Args:
+        tokenizer: any Hugging Face tokenizer with DeepSeek-V4's special tokens.
+        effort_profile: "0424" or "0731".
+
+    Returns:
+        `tokenizer`, changed in place.
+
+    Raises:
+        ChatFormatError: an unknown `effort_profile`.
+    """
     tokenizer.chat_template = chat_template(effort_profile)
     return tokenizer

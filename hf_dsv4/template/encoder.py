@@ -31,7 +31,12 @@ _KEEP_ROLES_WHEN_DROPPING = {"user", "system", "tool", "latest_reminder"}
 
 
 class ChatFormatError(ValueError):
-    """A conversation that cannot be rendered in the DeepSeek-V4 format; says which message and why."""
+    """A conversation that cannot be rendered in the DeepSeek-V4 format; says which message and why.
+
+    Args:
+        problem: what is wrong (kept as `problem`).
+        index: the message's index in the caller's list (kept as `index`; None for an option).
+    """
 
     def __init__(self, problem: str, index: int | None = None):
         self.index = index
@@ -40,8 +45,13 @@ class ChatFormatError(ValueError):
 
 
 class Segment(NamedTuple):
-    """A piece of rendered text. `message_index` is the index, in the caller's list (context excluded), of the
-    assistant message whose trainable span this is, or None for prompt text."""
+    """A piece of rendered text.
+
+    Args:
+        text: the text.
+        message_index: the index, in the caller's list (context excluded), of the assistant message whose trainable
+            span this is, or None for prompt text.
+    """
 
     text: str
     message_index: int | None
@@ -53,7 +63,18 @@ def to_json(value: Any) -> str:
 
 
 def tool_call_arguments(arguments: Any, index: int | None = None) -> dict:
-    """The arguments of a tool call as a dict, from a JSON-object string or a mapping."""
+    """The arguments of a tool call as a dict.
+
+    Args:
+        arguments: a JSON-object string or a mapping.
+        index: the message index the error names.
+
+    Returns:
+        A new dict.
+
+    Raises:
+        ChatFormatError: invalid JSON, or not a JSON object, string or mapping.
+    """
     if isinstance(arguments, Mapping):
         return dict(arguments)
     if isinstance(arguments, str):
@@ -73,7 +94,15 @@ def tool_call_arguments(arguments: Any, index: int | None = None) -> dict:
 
 def attach_tools(messages: Sequence[Mapping], tools: Sequence[Mapping] | None) -> list[Mapping]:
     """`messages` with `tools` appended to the leading system message's own tools, inserting an empty system
-    message when there is none: what `apply_chat_template(messages, tools=tools)` renders. Copies, never mutates."""
+    message when there is none: what `apply_chat_template(messages, tools=tools)` renders.
+
+    Args:
+        messages: OpenAI-style messages (never mutated).
+        tools: tool schemas; None or empty leaves the messages as they are.
+
+    Returns:
+        A new list of messages.
+    """
     messages = list(messages)
     if not tools:
         return messages
@@ -339,7 +368,14 @@ def _render_transition(i: int, messages: list[dict], thinking: bool, drop: bool,
 
 def effort_prefix(reasoning_effort: str | None, effort_profile: str = T.DEFAULT_EFFORT_PROFILE) -> str:
     """The text a prompt in thinking mode starts with (after BOS) for `reasoning_effort` under `effort_profile`
-    ("0424": None, "high" or "max", only "max" adds text; "0731": None meaning "low", "high" or "max")."""
+    ("0424": None, "high" or "max", only "max" adds text; "0731": None meaning "low", "high" or "max").
+
+    Returns:
+        The prefix text ("" when the effort adds none).
+
+    Raises:
+        ChatFormatError: an unknown profile, or an effort the profile does not have.
+    """
     if effort_profile not in T.EFFORT_PROFILES:
         raise ChatFormatError(f"effort_profile must be one of {tuple(T.EFFORT_PROFILES)}, got {effort_profile!r}")
     table = T.EFFORT_PROFILES[effort_profile]
@@ -369,7 +405,18 @@ def render_segments(
     effort_profile: str = T.DEFAULT_EFFORT_PROFILE,
 ) -> list[Segment]:
     """Like `encode_messages`, but returns the text as segments that tell prompt text from each assistant
-    message's trainable span (its rendering: reasoning, `</think>`, content, DSML calls and EOS)."""
+    message's trainable span (its rendering: reasoning, `</think>`, content, DSML calls and EOS).
+
+    Args:
+        messages, thinking_mode, drop_thinking, reasoning_effort, add_default_bos_token, context, effort_profile:
+            as in `encode_messages`.
+
+    Returns:
+        The segments in order; their texts joined are `encode_messages`'s text.
+
+    Raises:
+        ChatFormatError: a malformed conversation (naming the message) or an unknown option.
+    """
     effort_text = _check_options(thinking_mode, reasoning_effort, effort_profile)
     context = list(context or [])
     validate_messages(messages, context=context)

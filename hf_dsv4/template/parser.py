@@ -80,8 +80,13 @@ _SCHEMA_TYPES = {
 
 
 class DSMLParseError(ValueError):
-    """Model output that does not follow the DeepSeek-V4 assistant format; `offset` is the character offset in
-    the parsed text where `problem` (what was expected there) was found."""
+    """Model output that does not follow the DeepSeek-V4 assistant format.
+
+    Args:
+        problem: what was expected at `offset` (kept as `problem`).
+        offset: the character offset in the parsed text (kept as `offset`).
+        text: the parsed text; the message quotes up to 40 characters of it from `offset`.
+    """
 
     def __init__(self, problem: str, offset: int, text: str = ""):
         self.problem = problem

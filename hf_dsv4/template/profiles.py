@@ -58,8 +58,19 @@ def detect_effort_profile(
     model: str | os.PathLike, revision: str | None = None, token: str | bool | None = None
 ) -> str:
     """The effort profile of a checkpoint (a local folder or a Hub id): from its `encoding/encoding_dsv4.py`, parsed,
-    never run; "0424" when it ships none. A Hub id's file is fetched through the Hugging Face cache (`revision`,
-    `token`); an encoder of another shape is a ChatFormatError naming the file."""
+    never run; "0424" when it ships none.
+
+    Args:
+        model: a local checkpoint folder or a Hub id (its file is fetched through the Hugging Face cache).
+        revision: the Hub revision.
+        token: the Hub token.
+
+    Returns:
+        "0424" or "0731".
+
+    Raises:
+        ChatFormatError: the encoder file is of neither shape (the error names the file).
+    """
     folder = Path(model)
     if folder.is_dir():
         path = folder / ENCODER_FILE

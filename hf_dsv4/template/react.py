@@ -43,7 +43,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class AgentKeyword:
-    """The keywords of a ReAct transcript; each starts a line."""
+    """The keywords of a ReAct transcript; each starts a line.
+
+    Raises:
+        ValueError: a blank keyword, or two the same.
+    """
 
     action: str = field(default="Action:", metadata={"help": "Starts the line naming the tool to call."})
     action_input: str = field(
@@ -63,7 +67,11 @@ class AgentKeyword:
 
 @dataclass
 class ToolDesc:
-    """A tool as a ReAct prompt describes it; converts to and from the OpenAI tool format."""
+    """A tool as a ReAct prompt describes it; converts to and from the OpenAI tool format.
+
+    Args:
+        name, description, parameters: the fields (see each one's `help`).
+    """
 
     name: str = field(metadata={"help": "The name the agent writes after the action keyword."})
     description: str = field(default="", metadata={"help": "What the tool does, for the model."})
@@ -112,7 +120,16 @@ def _sections(text: str, keywords: AgentKeyword) -> list[_Section]:
 
 
 def openai_tool_call(index: int, name: str, arguments: Mapping) -> dict:
-    """An OpenAI tool call with id `call_{index}` and `arguments` as a JSON-object string."""
+    """An OpenAI tool call.
+
+    Args:
+        index: the call's position (its id is `call_{index}`).
+        name: the function name.
+        arguments: the arguments, written as a JSON-object string.
+
+    Returns:
+        `{"id", "type": "function", "function": {"name", "arguments"}}`.
+    """
     arguments_json = json.dumps(dict(arguments), ensure_ascii=False)
     return {"id": f"call_{index}", "type": "function", "function": {"name": name, "arguments": arguments_json}}
 
@@ -134,7 +151,15 @@ def parse_react_step(text: str, keywords: AgentKeyword = AgentKeyword()) -> dict
     """One ReAct step: `{"thought": str, "tool_calls": [...], "final_answer": str | None}`.
 
     The thought is the text before the first action or final answer (keyword removed, parts joined by newlines).
-    Reading stops at the first Observation. Never raises."""
+    Reading stops at the first Observation. Never raises.
+
+    Args:
+        text: one assistant text in ReAct form.
+        keywords: the transcript's keywords.
+
+    Returns:
+        The step; an Action Input that is not a JSON object becomes `{"input": ...}`.
+    """
     thought: list[str] = []
     calls: list[dict] = []
     final_answer = None
@@ -156,12 +181,20 @@ def parse_react_step(text: str, keywords: AgentKeyword = AgentKeyword()) -> dict
 
 
 def parse_react(text: str, keywords: AgentKeyword = AgentKeyword()) -> list[dict]:
-    """The tool calls (OpenAI format) of one ReAct step; [] when it has no action. Never raises."""
+    """The tool calls of one ReAct step (`parse_react_step(text, keywords)["tool_calls"]`). Never raises.
+
+    Returns:
+        OpenAI-format tool calls; [] when the step has no action.
+    """
     return parse_react_step(text, keywords)["tool_calls"]
 
 
 def action_offset(text: str, keywords: AgentKeyword = AgentKeyword()) -> int | None:
-    """Offset of the line holding the first action of the step, or None."""
+    """Where the first action of the step starts.
+
+    Returns:
+        The offset in `text` of the line holding the first Action, or None when there is none before an Observation.
+    """
     for kind, _, start in _sections(text, keywords):
         if kind == "observation":
             return None
@@ -173,7 +206,19 @@ def action_offset(text: str, keywords: AgentKeyword = AgentKeyword()) -> int | N
 def format_react(message: Mapping, keywords: AgentKeyword = AgentKeyword()) -> str:
     """ReAct text of a native message: an assistant message with `tool_calls` gives its content as the thought
     and one Action/Action Input pair per call; one without gives its reasoning as the thought and its content as
-    the Final Answer; a `tool` message gives the Observation. The inverse of `react_to_messages` per message."""
+    the Final Answer; a `tool` message gives the Observation. The inverse of `react_to_messages` per message.
+
+    Args:
+        message: an assistant or tool message.
+        keywords: the transcript's keywords.
+
+    Returns:
+        The ReAct lines, joined by newlines.
+
+    Raises:
+        ValueError: another role, or a tool message whose content is not a string.
+        ChatFormatError: tool call arguments that are not a JSON object.
+    """
     role = message.get("role")
     content = message.get("content") or ""
     if role == "tool":
@@ -296,7 +341,11 @@ def _has_keyword(text: str, keywords: AgentKeyword) -> bool:
 
 
 def has_react_keywords(text: str, keywords: AgentKeyword = AgentKeyword()) -> bool:
-    """Whether `text` has a ReAct keyword line (Thought, Action, Action Input, Observation, Final Answer)."""
+    """Whether `text` has a ReAct keyword line (Thought, Action, Action Input, Observation, Final Answer).
+
+    Returns:
+        True when a line starts with one of `keywords`.
+    """
     return _has_keyword(text, keywords)
 
 

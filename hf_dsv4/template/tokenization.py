@@ -255,8 +255,21 @@ def _cutter_for(tokenizer: Any) -> _Cutter:
 class ConversationTokenizer:
     """Turns conversations into `input_ids`, `attention_mask` and assistant-only `labels`.
 
-    Call it on one conversation to get a list of samples (one, or one per turn with `turns="per_turn"`, or none
-    when an over-long sample is dropped). `stats` counts what happened; `log_stats()` reports it.
+    Call it on one conversation (`messages`, `tools`) to get a list of samples (one, or one per turn with
+    `turns="per_turn"`, or none when an over-long sample is dropped). `stats` counts what happened; `log_stats()`
+    reports it.
+
+    Args:
+        tokenizer, thinking_mode, drop_thinking, reasoning_effort, max_length, overlong, effort_profile: as in
+            `tokenize_conversation`.
+        turns: "all", "last", or "per_turn" (one sample per assistant turn, each with "last" labels).
+        prefix_cache_size: how many tokenized conversation prefixes are kept for reuse.
+        stats: the counters (a new `Counter` by default).
+
+    Raises:
+        ValueError: an unknown `turns` / `overlong` policy.
+        ChatFormatError: an unknown option (at construction) or a malformed conversation (at a call).
+        OverlongSampleError: an over-long sample under `overlong="raise"` (at a call).
     """
 
     tokenizer: Any
@@ -402,8 +415,27 @@ def tokenize_conversation(
     """Tokenize one conversation: `{"input_ids", "attention_mask", "labels"}` (labels -100 outside trainable
     assistant spans), or None when the sample is dropped (over-long with `overlong="drop"`, or nothing to train).
 
-    `tools` are attached to the leading system message exactly as `apply_chat_template(..., tools=tools)` does.
     For one sample per turn use `ConversationTokenizer(..., turns="per_turn")`.
+
+    Args:
+        tokenizer: a tokenizer with DeepSeek-V4's vocabulary.
+        messages: OpenAI-style messages.
+        tools: tool schemas, attached to the leading system message as `apply_chat_template(..., tools=tools)` does.
+        thinking_mode: "thinking" or "chat".
+        drop_thinking: drop earlier turns' reasoning (as DeepSeek's encoder does without tools).
+        reasoning_effort: the effort block (None: none), as `effort_profile` names them.
+        turns: "all" (every assistant turn trained) or "last" (only the trailing assistant messages).
+        max_length: the longest sample in tokens (None: no limit).
+        overlong: what an over-long sample becomes: "truncate", "drop" or "raise".
+        effort_profile: "0424" or "0731".
+
+    Returns:
+        The sample, or None when it is dropped.
+
+    Raises:
+        ValueError: `turns="per_turn"` or an unknown policy.
+        ChatFormatError: a malformed conversation or an unknown option.
+        OverlongSampleError: an over-long sample under `overlong="raise"`.
     """
     if turns == "per_turn":
         raise ValueError("turns='per_turn' gives several samples; use ConversationTokenizer(turns='per_turn')")

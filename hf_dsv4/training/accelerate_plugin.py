@@ -52,6 +52,13 @@ class DSV4FSDP2Plugin(FullyShardedDataParallelPlugin):
     `mixed_precision`; applied to bf16/fp32 groups, never to fp32-kept modules) and `state_dict_type`. The layout is
     fixed (one FSDP group per decoder layer and dtype), so `auto_wrap_policy`, `transformer_cls_names_to_wrap` and
     `min_num_params` are ignored, and weights always come from rank 0, whatever `cpu_ram_efficient_loading` says.
+
+    Args:
+        fsdp_version: must be 2; falls back to `FSDP_VERSION`, then 2. Other fields: accelerate's plugin's.
+
+    Raises:
+        ValueError: an `fsdp_version` other than 2, `activation_checkpointing` (use the model's gradient
+            checkpointing) or `ignored_modules` (every parameter is sharded).
     """
 
     fsdp_version: int = field(
@@ -112,12 +119,15 @@ class DSV4Accelerator(Accelerator):
     parameters (create the optimizer before `prepare`, without state). Activation checkpointing and
     `torch.compile` are not applied on this path.
 
-    `init_adapter`: how `prepare` draws a new LoRA adapter's factors on a streamed base (`shard_model`'s
-    `init_adapter`, e.g. `hf_dsv4.training.lora.seeded_lora_init(seed)`); default peft's own initialisation.
-
     `fsdp_plugin_args` and `adapter_initializer` (class attributes): keyword arguments for a `DSV4FSDP2Plugin` built
     in place of any `fsdp_plugin` passed in, and the default `init_adapter`; set on the subclass that
     `dsv4_trainer_accelerator` hands to the Trainer.
+
+    Args:
+        fsdp_plugin: the FSDP plugin; a `DSV4FSDP2Plugin` selects `shard_model`.
+        init_adapter: how `prepare` draws a new LoRA adapter's factors on a streamed base (`shard_model`'s
+            `init_adapter`, e.g. `hf_dsv4.training.lora.seeded_lora_init(seed)`); default peft's own initialisation.
+        *args, **kwargs: `Accelerator`'s.
     """
 
     fsdp_plugin_args: ClassVar[dict[str, Any] | None] = None
@@ -234,8 +244,15 @@ def dsv4_trainer_accelerator(
     `fsdp_plugin_args` (what `TrainingArguments(fsdp=..., fsdp_config=...)` produces, `args.fsdp_plugin_args`)
     builds the `DSV4FSDP2Plugin` when given; otherwise the plugin comes from the launch config's environment.
     `init_adapter` is the accelerator's (`DSV4Accelerator`): how a new adapter on a streamed base is drawn.
-    The Trainer module's `Accelerator` is swapped for a `DSV4Accelerator` subclass (yielded) and restored on exit,
-    also on error.
+    The Trainer module's `Accelerator` is swapped for a `DSV4Accelerator` subclass and restored on exit, also on
+    error.
+
+    Args:
+        fsdp_plugin_args: keyword arguments of the `DSV4FSDP2Plugin` to build; None: from the launch environment.
+        init_adapter: the accelerator's `init_adapter`.
+
+    Yields:
+        The `DSV4Accelerator` subclass the Trainer builds.
     """
     initializer = staticmethod(init_adapter) if init_adapter else None  # a plain function would become a method
     settings = {"fsdp_plugin_args": fsdp_plugin_args, "adapter_initializer": initializer}

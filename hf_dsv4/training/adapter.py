@@ -101,7 +101,18 @@ def _prefix_of(peft_model, names: list[str]) -> str:
 
 
 def gather_adapter(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors as `PeftModel.save_pretrained` would write them; on rank 0 ({} elsewhere). A collective."""
+    """The adapter's tensors as `PeftModel.save_pretrained` would write them. A collective: every rank calls it.
+
+    Args:
+        model: the (sharded) model holding a `PeftModel`.
+        adapter_name: the PEFT adapter to gather.
+
+    Returns:
+        The adapter's full CPU tensors by PEFT file name on rank 0, `{}` on the other ranks.
+
+    Raises:
+        ValueError: `model` holds no `PeftModel`.
+    """
     peft_model = _require_peft(model)
     state = gather_trainable(model)
     if not is_main():
@@ -125,7 +136,19 @@ def save_adapter(
 
     The files are written into a temporary folder beside `output_dir` and moved in one by one, weights first and
     `adapter_config.json` last, so an interrupted save never leaves a folder that `PeftModel.from_pretrained` would
-    take for a complete adapter with missing or half-written weights. Returns the folder on rank 0, None elsewhere.
+    take for a complete adapter with missing or half-written weights.
+
+    Args:
+        model: the (sharded) model holding a `PeftModel`.
+        output_dir: the adapter folder to write (created if missing).
+        adapter_name: the PEFT adapter to save (its config is written with `inference_mode=True`).
+        state_dict: the adapter's tensors when already gathered (`gather_adapter`); gathered here when None.
+
+    Returns:
+        The folder on rank 0, None on the other ranks.
+
+    Raises:
+        ValueError: `model` holds no `PeftModel`. A failed write on rank 0 is raised on every rank.
     """
     peft_model = _require_peft(model)
     tensors = gather_adapter(model, adapter_name) if state_dict is None else state_dict
@@ -156,7 +179,16 @@ def save_adapter(
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default") -> None:
     """Load a PEFT adapter saved by `save_adapter` into `model`'s (sharded) adapter parameters, from rank 0's disk.
 
-    Every rank calls it; only rank 0 reads the file. Every adapter tensor of the model must be in the file."""
+    Every rank calls it; only rank 0 reads the file.
+
+    Args:
+        model: the (sharded) model holding a `PeftModel` of the same configuration.
+        adapter_dir: a folder with `adapter_model.safetensors`.
+        adapter_name: the PEFT adapter whose parameters are filled.
+
+    Raises:
+        ValueError: `model` holds no `PeftModel`, or the file lacks one of its adapter tensors (on every rank).
+    """
     peft_model = _require_peft(model)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     keys = _peft_keys(peft_model, names, adapter_name)

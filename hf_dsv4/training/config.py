@@ -38,6 +38,13 @@ class DSV4SFTConfig(SFTConfig):
     `e_score_correction_bias`, not an auxiliary loss; TRL's Mixtral-style loss also needs `config.num_experts`, which
     DeepSeek-V4 does not have), activation checkpointing off (`activation_checkpointing=True`, or its alias
     `gradient_checkpointing=True`, for the real model).
+
+    Args:
+        Every field below (its `help` says what it does) and `trl.SFTConfig`'s.
+
+    Raises:
+        ValueError: an unknown `turns` / `overlong` policy; `packing` or `padding_free` without `sparse_attention`;
+            `packing_strategy="wrapped"` (it cuts samples across rows).
     """
 
     assistant_only_loss: bool = field(

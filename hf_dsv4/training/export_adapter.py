@@ -234,6 +234,11 @@ def _write_adapter(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line `python -m hf_dsv4.export ADAPTER_DIR OUT_DIR [--format vllm|vllm-3d]`; prints the folder.
+
+    Args:
+        argv: the arguments (None: `sys.argv[1:]`).
+    """
     parser = argparse.ArgumentParser(prog="python -m hf_dsv4.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("adapter_dir", help="a PEFT adapter saved by the recipe / DSV4SFTTrainer")
     parser.add_argument("out_dir", help="where to write the exported adapter")

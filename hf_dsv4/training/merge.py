@@ -169,6 +169,11 @@ def merge_adapter(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line `python -m hf_dsv4.merge BASE ADAPTER_DIR OUT_DIR [--dtype ...] [--effort_profile ...]`.
+
+    Args:
+        argv: the arguments (None: `sys.argv[1:]`).
+    """
     parser = argparse.ArgumentParser(prog="python -m hf_dsv4.merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("base", help="the base model: a local folder or hub id, Hub or release (FP8 / FP4) layout")
     parser.add_argument("adapter_dir", help="a PEFT adapter saved by the recipe / DSV4SFTTrainer")

@@ -245,9 +245,23 @@ def _with_one_dsv4_callback(callbacks) -> list:
 
 class DSV4SFTTrainer(SFTTrainer):
     """`trl.SFTTrainer` for DeepSeek-V4: memory-efficient loading, FSDP2 sharding, chat-format data, adapter-only
-    checkpoints. Arguments are `SFTTrainer`'s; `args` should be a `DSV4SFTConfig` (a plain `SFTConfig` or
-    `TrainingArguments` is converted). `init_adapter`: how the adapter it adds from `peft_config` starts
-    (`seeded_lora_init(args.seed)`; None without one), handed to its accelerator for a streamed base."""
+    checkpoints. `init_adapter`: how the adapter it adds from `peft_config` starts (`seeded_lora_init(args.seed)`;
+    None without one), handed to its accelerator for a streamed base.
+
+    Args:
+        model: a hub id or folder (loaded with `load_dsv4_model`), or a DeepSeek-V4 model / `PeftModel`.
+        args: a `DSV4SFTConfig` (a plain `SFTConfig` or `TrainingArguments` is converted; the caller's is copied).
+        train_dataset: a map-style `datasets.Dataset` of conversations (or already tokenized rows).
+        processing_class: the tokenizer; loaded from the model's id when None. Its chat template is set to
+            DeepSeek-V4's.
+        callbacks: `Trainer` callbacks; a `DSV4Callback` is added when none is given.
+        **kwargs: `SFTTrainer`'s (e.g. `peft_config`, `eval_dataset`).
+
+    Raises:
+        ValueError: `keep_quantized` without an adapter; a meta-device model in a run that does not shard it; a
+            `formatting_func`; packing without `max_length`.
+        TypeError: a dataset that is not a map-style `datasets.Dataset`.
+    """
 
     _tag_names = ["trl", "sft", "hf_dsv4", "deepseek-v4"]
 
