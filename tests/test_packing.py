@@ -199,3 +199,27 @@ def test_the_flex_kernel_keeps_packed_samples_apart_too():
     with torch.no_grad(), float64_throughout():
         want, got = (m(input_ids=ids, position_ids=positions).logits for m in (portable, flex))
     assert _rel(got, want) < 1e-12
+
+
+def test_the_packing_benchmark_feeds_both_ways_the_same_samples_through_trls_collators():
+    """`benchmarks/bench_packing.py`'s data: the same tokens both ways; padded batches pad (labels -100) and carry an
+    attention mask, packed ones are single rows whose positions restart at each of their samples, with no pad."""
+    import argparse
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_packing.py"
+    spec = importlib.util.spec_from_file_location("bench_packing", path)
+    bench = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(samples=12, min_len=16, max_len=256, batch=2)
+    lengths = bench.lengths(args)
+    assert min(lengths) >= 16 and max(lengths) <= 256 and len(set(lengths)) > 6
+    padded, packed = bench.batches(args, "padded"), bench.batches(args, "packed")
+    assert sum(int(b["attention_mask"].sum()) for b in padded) == sum(lengths)
+    assert all((b["labels"][b["attention_mask"] == 0] == -100).all() for b in padded)
+    assert all("attention_mask" not in b and b["input_ids"].shape[0] == 1 for b in packed)
+    assert sum(b["input_ids"].numel() for b in packed) == sum(lengths)
+    starts = sorted(int(n) for b in packed for n in torch.diff(b["cu_seq_lens_q"]))
+    assert starts == sorted(lengths) and sum(int((b["position_ids"] == 0).sum()) for b in packed) == len(lengths)
