@@ -1034,6 +1034,116 @@ def scenario_packed(ckpt: str) -> dict:
     }
 
 
+def scenario_context_parallel(length: str) -> dict:
+    """Context parallelism on every rank of the world (2 or 4), float64 throughout (`numerics`), the tiny model with
+    all three attention types twice (random sinks and position biases, the indexer keeping 3), sparse attention in
+    chunks of 5: each rank runs its chunk of one `length`-token sequence (`chunk_bounds`), the loss a fixed random
+    weighting of its logits; vs the whole sequence in one process. Logits gathered, gradients summed over ranks."""
+    from numerics import float64_throughout
+
+    from hf_dsv4.modeling import enable_sparse_attention
+    from hf_dsv4.modeling.context_parallel import chunk_bounds, enable_context_parallel
+    from hf_dsv4.testing.model import tiny_dsv4_model
+
+    types = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"] * 2
+    length, rank, world = int(length), dist.get_rank(), dist.get_world_size()
+    generator = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 1000, (1, length), generator=generator)
+    weight = torch.randn(1, length, 1024, generator=generator, dtype=torch.float64)
+    start, stop = chunk_bounds(length, world)[rank]
+    runs = {}
+    for name in ("whole", "parallel", "sharded", "sharded_plain", "sharded_checkpointed"):
+        model = enable_sparse_attention(tiny_dsv4_model(types, torch.float64, index_topk=3), chunk_size=5)
+        if name == "sharded_checkpointed":  # decoder layers recomputed in backward (outside float64_throughout)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if name.startswith("sharded"):  # FSDP2 over the same ranks
+            shard_model(model)
+        model.train()
+        with float64_throughout() if name in ("whole", "parallel", "sharded") else contextlib.nullcontext():
+            if name == "whole":
+                logits = model(input_ids=ids).logits
+                (logits * weight).sum().backward()
+            else:
+                enable_context_parallel(model)
+                positions = torch.arange(start, stop)[None]  # global positions
+                part = model(input_ids=ids[:, start:stop], position_ids=positions).logits
+                (part * weight[:, start:stop]).sum().backward()
+                logits = torch.cat(_gathered_rows(part.detach(), length, world), dim=1)
+        grads = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
+        if name.startswith("sharded"):  # FSDP2 averages the ranks' shares: the sum is world x that
+            grads = {n: world * g for n, g in grads.items()}
+        if name == "parallel":  # every rank's share, summed (an expert no token of a chunk reached has none)
+            grads = {n: grads.get(n, torch.zeros_like(p)) for n, p in model.named_parameters()}
+            for grad in grads.values():
+                dist.all_reduce(grad)
+        runs[name] = (logits.detach(), grads)
+
+    def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+        return ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item()
+
+    (want, want_grads), (got, got_grads) = runs["whole"], runs["parallel"]
+    checked = [n for n in want_grads if want_grads[n].abs().max() > 1e-12]
+    sharded, sharded_grads = runs["sharded"]
+    (plain, plain_grads), (recomputed, recomputed_grads) = runs["sharded_plain"], runs["sharded_checkpointed"]
+    return {
+        "checkpointed_equal": torch.equal(plain, recomputed)
+        and all(torch.equal(plain_grads[n], recomputed_grads[n]) for n in plain_grads),
+        "sharded_logits": rel(sharded, want),
+        "sharded_worst_grad": max((rel(sharded_grads[n], want_grads[n]), n) for n in checked),
+        "chunk": [start, stop],
+        "logits": rel(got, want),
+        "same_grads": set(want_grads) <= set(got_grads)
+        and all(not got_grads[n].any() for n in set(got_grads) - set(want_grads)),
+        "grads": len(checked),
+        "worst_grad": max((rel(got_grads[n], want_grads[n]), n) for n in checked),
+    }
+
+
+def _gathered_rows(part: torch.Tensor, length: int, world: int) -> list[torch.Tensor]:
+    """Every rank's `[1, n_r, V]` rows (n_r from `chunk_bounds`), in rank order."""
+    from hf_dsv4.modeling.context_parallel import chunk_bounds
+
+    bounds = chunk_bounds(length, world)
+    most = max(b - a for a, b in bounds)
+    padded = torch.nn.functional.pad(part, (0, 0, 0, most - part.shape[1]))
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return [o[:, : b - a] for o, (a, b) in zip(out, bounds, strict=True)]
+
+
+def scenario_uneven_lengths() -> dict:
+    """FSDP2 data parallelism, rank 0's batch shorter than one HCA block (6 < 8 tokens: its HCA compressor makes no
+    entry and its parameters get no gradient), rank 1's longer: one training step must reduce the same tensors on
+    both ranks (FSDP2 reduces zeros for the unused ones) and give the gradients of the two batches."""
+    from numerics import float64_throughout
+
+    from hf_dsv4.modeling import enable_sparse_attention
+    from hf_dsv4.testing.model import tiny_dsv4_model
+
+    types = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
+    rank = dist.get_rank()
+    batches = [batch(60, size=1, length=6), batch(61, size=1, length=20)]
+    whole = enable_sparse_attention(tiny_dsv4_model(types, torch.float64, index_topk=3))
+    model = enable_sparse_attention(tiny_dsv4_model(types, torch.float64, index_topk=3))
+    shard_model(model)
+    with float64_throughout():  # the hash router's gradient cancels: float32 islands would blur it
+        for ids in batches:  # what the two ranks compute together: the sum of the two losses (FSDP2 averages: / 2)
+            (whole(input_ids=ids).logits.sum() / 2).backward()
+        model(input_ids=batches[rank]).logits.sum().backward()
+    grads = {n: full(p.grad) if p.grad is not None else None for n, p in model.named_parameters()}
+    want = {n: p.grad for n, p in whole.named_parameters() if p.grad is not None}
+    hca = [n for n in want if "layers.2.self_attn.compressor" in n]
+    return {
+        "hca_params": len(hca),
+        "missing": sorted(n for n in want if grads[n] is None),
+        "worst": max(
+            (((grads[n] - want[n]).abs().max() / want[n].abs().max()).item(), n)
+            for n in want
+            if want[n].abs().max() > 1e-12 and grads[n] is not None  # the hash router's: ~1e-17, exactly 0 in theory
+        ),
+    }
+
+
 def scenario_hub_download(cache_dir: str, repo_id: str) -> dict:
     """A Hub id whose download (a stand-in for huggingface_hub's: sleeps past the process group's timeout, then
     resolves the id in a local Hugging Face cache) outlasts the default group's timeout: every way of loading must

@@ -201,9 +201,10 @@ class _Dense:
 # ------------------------------------------------------------------------------------------------ compressors
 
 
-def _overlap_compress(module: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+def _overlap_compress(module: Any, hidden_states: torch.Tensor, first_position: int = 0) -> torch.Tensor:
     """The CSA compressor's (and the indexer's) compressed entries without a cache: stock's arithmetic, op for op
-    (`DeepseekV4CSACompressor.forward` / `DeepseekV4Indexer.forward` with `cache=None`), `[B, T, head_dim]`."""
+    (`DeepseekV4CSACompressor.forward` / `DeepseekV4Indexer.forward` with `cache=None`), `[B, T, head_dim]`;
+    `first_position`: the global position of `hidden_states`' first token (context parallelism), for the rope."""
     batch = hidden_states.shape[0]
     kv = module.kv_proj(hidden_states)
     gate = module.gate_proj(hidden_states)
@@ -223,23 +224,30 @@ def _overlap_compress(module: Any, hidden_states: torch.Tensor) -> torch.Tensor:
         new_kv[:, 1:, :ratio] = chunk_kv[:, :-1, :, :head_dim]
         new_gate[:, 1:, :ratio] = chunk_gate[:, :-1, :, :head_dim]
     compressed = module.kv_norm((new_kv * new_gate.softmax(dim=2, dtype=torch.float32).to(new_kv.dtype)).sum(dim=2))
-    positions = (torch.arange(n_windows, device=compressed.device) * ratio).unsqueeze(0).expand(batch, -1)
+    positions = (torch.arange(n_windows, device=compressed.device) * ratio + first_position).unsqueeze(0)
+    positions = positions.expand(batch, -1)
     cos, sin = module.rotary_emb(compressed, position_ids=positions, layer_type=module.rope_layer_type)
     return compat.dsv4_apply_rotary_pos_emb(compressed.unsqueeze(1), cos, sin).squeeze(1)
 
 
 @torch.no_grad()
 def _indexer_topk(
-    indexer: Any, hidden_states: torch.Tensor, q_residual: torch.Tensor, position_ids: torch.Tensor, chunk: int
+    indexer: Any,
+    hidden_states: torch.Tensor,
+    q_residual: torch.Tensor,
+    position_ids: torch.Tensor,
+    chunk: int,
+    compressed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`DeepseekV4Indexer.forward` with `cache=None`, its scores computed `chunk` queries at a time: `[B, L, k]`.
 
     Stock's top-k indices are not differentiable (the indexer gets no gradient from the loss), so nothing here is
     recorded for backward. The inputs are detached: under no_grad a slice of a tensor that requires grad still says
-    it does, with no gradient function (which torch's memory tracker, for one, cannot follow)."""
+    it does, with no gradient function (which torch's memory tracker, for one, cannot follow). `compressed`: the
+    indexer's compressed keys when they come from elsewhere (context parallelism: every rank's)."""
     hidden_states, q_residual = hidden_states.detach(), q_residual.detach()
     batch, seq_len, _ = hidden_states.shape
-    compressed = _overlap_compress(indexer, hidden_states)
+    compressed = _overlap_compress(indexer, hidden_states) if compressed is None else compressed
     cos_q, sin_q = indexer.rotary_emb(hidden_states, position_ids=position_ids, layer_type=indexer.rope_layer_type)
     q = indexer.q_b_proj(q_residual).view(batch, seq_len, -1, indexer.head_dim).transpose(1, 2)
     q = compat.dsv4_apply_rotary_pos_emb(q, cos_q, sin_q).transpose(1, 2)
@@ -365,6 +373,7 @@ class SparseLayer:
     kernel: str = "portable"
     selection: Any = None
     cached: bool = False
+    context_parallel: Any = None  # `context_parallel.ContextParallel` under `enable_context_parallel`
 
     def take(self) -> tuple[Any, bool]:
         """(the selection, whether this forward has a cache), cleared for the next forward."""

@@ -1,0 +1,284 @@
+"""Context parallelism for DeepSeek-V4: one sequence split across ranks, each holding a contiguous chunk.
+
+Everything in a DeepSeek-V4 layer but the attention works per token (norms, hyper-connections, MoE, the LM head), so
+a rank runs the model on its chunk alone (`input_ids` and `position_ids` of its tokens, positions global). What a
+token's attention reads from earlier tokens is small: the previous `sliding_window - 1` keys, and the compressed
+entries of all earlier tokens (1 per 4 tokens for CSA, 1 per 128 for HCA) with the indexer's compressed keys. So
+under `enable_context_parallel` each attention layer
+
+- receives from the ranks before it the last `halo` hidden states before its chunk (`halo = max(window - 1,
+  2 m_CSA - 1, m_HCA - 1)`: 127 tokens for Flash), a differentiable all-gather of every rank's tail, and recomputes
+  their keys and the compressor inputs it needs (a compressed block that straddles two ranks is compressed, from the
+  right tokens, by the rank that holds its last token; a CSA block's overlap reads the block before it);
+- computes the compressed entries of the blocks that end in its chunk, with their global positions, and all-gathers
+  every rank's entries (differentiable: their gradients are summed back to the rank that made them) and the
+  indexer's compressed keys (no gradient: stock's top-k has none);
+- attends its queries to its window keys (halo included), the indexer's top-k of all earlier CSA entries (each
+  query's own picks) or the causal HCA entries, and the sinks: `sparse_attention`'s blocks, op for op.
+
+Parameters' gradients are each rank's share: summed over the context-parallel ranks (an all-reduce, or FSDP2's
+reduction over a mesh that includes them) they are the gradients of the whole sequence's loss. Training only (no
+cache), no padding mask, one sequence per row (packed rows under context parallelism: not yet).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .. import compat
+from .sparse_attention import (
+    SparseAttentionError,
+    _attend_chunk,
+    _Causal,
+    _indexer_topk,
+    _modules_of,
+    _overlap_compress,
+    _TopK,
+    sparse_attention_enabled,
+    sparse_layer,
+)
+
+
+@dataclass
+class ContextParallel:
+    """A layer's context-parallel setting: the ranks that share a sequence, and the model's rotary embedding (for
+    the halo's keys)."""
+
+    group: Any
+    rotary: Any
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+
+def chunk_bounds(length: int, world: int) -> list[tuple[int, int]]:
+    """Each rank's contiguous `[start, stop)` of a sequence of `length` tokens: as equal as can be, the first
+    `length % world` ranks one token longer."""
+    base, extra = divmod(length, world)
+    bounds, start = [], 0
+    for rank in range(world):
+        stop = start + base + (rank < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _gather(tensor: torch.Tensor, group: Any) -> list[torch.Tensor]:
+    """Every rank's `tensor` (the same shape on every rank), in rank order; no gradient."""
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, tensor.contiguous(), group=group)
+    return out
+
+
+class _AllRows(torch.autograd.Function):
+    """Every rank's rows `[B, n_r, D]` (`n_r = counts[r]`, known to all ranks) concatenated in rank order; backward:
+    each rank's rows get the gradients every rank computed for them (an all-reduce of the whole gradient, then its
+    own slice). A custom function rather than torch's differentiable all-gather: its output is one tensor that every
+    rank uses, so every rank runs its backward (torch's returns one tensor per rank, and a rank that uses none of
+    them would skip the collective the others wait in)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, counts: list[int], group: Any) -> torch.Tensor:
+        ctx.counts, ctx.group, ctx.rank = counts, group, dist.get_rank(group)
+        padded = F.pad(rows, (0, 0, 0, max(counts) - rows.shape[1]))
+        parts = _gather(padded, group)
+        return torch.cat([part[:, :count] for part, count in zip(parts, counts, strict=True)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[:, start : start + ctx.counts[ctx.rank]], None, None
+
+
+def _all_rows(rows: torch.Tensor, counts: list[int], group: Any) -> torch.Tensor:
+    """`_AllRows`; with gradients enabled, differentiable on every rank alike (a rank whose chunk makes no entry has
+    rows that require no grad, and would skip the backward collective the other ranks wait in)."""
+    if torch.is_grad_enabled() and not rows.requires_grad:
+        rows = rows.detach().requires_grad_()
+    return _AllRows.apply(rows, counts, group)
+
+
+def _halo(hidden: torch.Tensor, bounds: list[tuple[int, int]], rank: int, size: int, group: Any) -> torch.Tensor:
+    """The `size` hidden states before this rank's chunk (fewer at the start of the sequence), gathered from the
+    ranks that hold them: every rank sends its last `size` rows (or all of them, when fewer)."""
+    counts = [min(size, stop - start) for start, stop in bounds]
+    tails = _all_rows(hidden[:, hidden.shape[1] - counts[rank] :], counts, group)
+    end = sum(counts[:rank])
+    return tails[:, max(end - size, 0) : end]
+
+
+def _gather_entries(entries: torch.Tensor, counts: list[int], group: Any) -> torch.Tensor:
+    """Every rank's compressed entries `[B, n_r, D]`, concatenated in rank order (sequence order)."""
+    return _all_rows(entries, counts, group)
+
+
+def _hca_compress(module: Any, hidden: torch.Tensor, first_position: int) -> torch.Tensor:
+    """`DeepseekV4HCACompressor.forward`'s entries without a cache, for `hidden` starting at the global position
+    `first_position` (a multiple of the ratio): stock's arithmetic, op for op, at global rope positions."""
+    batch = hidden.shape[0]
+    kv, gate = module.kv_proj(hidden), module.gate_proj(hidden)
+    ratio = module.compress_rate
+    usable = (kv.shape[1] // ratio) * ratio
+    if usable == 0:
+        return kv.new_zeros((batch, 0, module.head_dim))
+    n_windows = usable // ratio
+    chunk_kv = kv[:, :usable].view(batch, n_windows, ratio, -1)
+    chunk_gate = gate[:, :usable].view(batch, n_windows, ratio, -1) + module.position_bias
+    compressed = module.kv_norm(
+        (chunk_kv * chunk_gate.softmax(dim=2, dtype=torch.float32).to(chunk_kv.dtype)).sum(dim=2)
+    )
+    positions = (torch.arange(n_windows, device=compressed.device) * ratio + first_position).unsqueeze(0)
+    cos, sin = module.rotary_emb(
+        compressed, position_ids=positions.expand(batch, -1), layer_type=module.rope_layer_type
+    )
+    return compat.dsv4_apply_rotary_pos_emb(compressed.unsqueeze(1), cos, sin).squeeze(1)
+
+
+def _own_entries(compress, module: Any, ext: torch.Tensor, ext_start: int, start: int, stop: int, overlap: bool):
+    """The compressed entries of the blocks that end in `[start, stop)`, from `ext` (the hidden states from global
+    position `ext_start`); with `overlap` (CSA) a block also reads the one before it, so `ext` starts a block
+    earlier and that block's entry (made without its own predecessor) is dropped."""
+    ratio = module.compress_rate
+    first = (start // ratio - (1 if overlap else 0)) * ratio
+    first = max(first, 0)
+    entries = compress(module, ext[:, first - ext_start : stop - ext_start], first)
+    return entries[:, start // ratio - first // ratio :]
+
+
+def _cp_attention_forward(self, hidden_states, position_embeddings, position_ids, attention_mask, cache=None, **kw):
+    """`DeepseekV4Attention.forward` on this rank's chunk of the sequence (see the module docstring)."""
+    if cache is not None:
+        raise SparseAttentionError("context parallelism trains without a cache (generation runs on one rank)")
+    layer = sparse_layer(self)
+    cp: ContextParallel = layer.context_parallel
+    start, length = int(position_ids[0, 0]), hidden_states.shape[1]
+    here = torch.tensor([start, start + length], device=hidden_states.device)
+    bounds = [(int(a), int(b)) for a, b in _gather(here, cp.group)]
+    stop = start + length
+    cos, sin = position_embeddings[self.rope_layer_type]
+    shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+    q_residual = self.q_a_norm(self.q_a_proj(hidden_states))
+    q = compat.dsv4_apply_rotary_pos_emb(
+        self.q_b_norm(self.q_b_proj(q_residual).view(*shape).transpose(1, 2)), cos, sin
+    )
+    halo_size = _halo_size(self)
+    ext = torch.cat([_halo(hidden_states, bounds, cp.rank, halo_size, cp.group), hidden_states], dim=1)
+    ext_start = stop - ext.shape[1]
+    ext_positions = torch.arange(ext_start, stop, device=ext.device).unsqueeze(0).expand(ext.shape[0], -1)
+    ext_cos, ext_sin = cp.rotary(ext, position_ids=ext_positions, layer_type=self.rope_layer_type)
+    kv = self.kv_norm(self.kv_proj(ext)).view(ext.shape[0], ext.shape[1], -1, self.head_dim).transpose(1, 2)
+    kv = compat.dsv4_apply_rotary_pos_emb(kv, ext_cos, ext_sin)
+    compressed, selection = _compressed(self, ext, ext_start, q_residual, position_ids, bounds, cp, layer.chunk)
+    out = _attend(self, q, kv, ext_start, start, compressed, selection, layer.chunk)
+    out = compat.dsv4_apply_rotary_pos_emb(out.transpose(1, 2), cos, -sin).transpose(1, 2)
+    grouped = out.reshape(*hidden_states.shape[:-1], self.config.o_groups, -1)
+    return self.o_b_proj(self.o_a_proj(grouped).flatten(2)), None
+
+
+def _halo_size(attention: Any) -> int:
+    size = attention.sliding_window - 1
+    compressor = attention.compressor
+    if compressor is not None:  # a CSA block also reads the block before it
+        size = max(size, (2 if hasattr(compressor, "indexer") else 1) * compressor.compress_rate - 1)
+    return size
+
+
+def _compressed(attention, ext, ext_start, q_residual, position_ids, bounds, cp, chunk):
+    """(every rank's compressed entries `[B, T, D]`, the selection) of a CSA / HCA layer; (None, None) for a
+    sliding-window layer."""
+    compressor = attention.compressor
+    if compressor is None:
+        return None, None
+    start, stop = bounds[cp.rank]
+    ratio = compressor.compress_rate
+    counts = [b // ratio - a // ratio for a, b in bounds]
+    csa = hasattr(compressor, "indexer")
+    compress = _overlap_compress_at if csa else _hca_compress
+    own = _own_entries(compress, compressor, ext, ext_start, start, stop, overlap=csa)
+    entries = _gather_entries(own, counts, cp.group)
+    if not csa:
+        return entries, _Causal(((position_ids + 1) // ratio).expand(ext.shape[0], -1))
+    indexer = compressor.indexer
+    with torch.no_grad():
+        own_keys = _own_entries(_overlap_compress_at, indexer, ext.detach(), ext_start, start, stop, overlap=True)
+        keys = _gather_entries(own_keys, counts, cp.group)
+    hidden = ext[:, start - ext_start :]
+    picks = _indexer_topk(indexer, hidden, q_residual, position_ids.expand(ext.shape[0], -1), chunk, compressed=keys)
+    return entries, _TopK(picks)
+
+
+def _overlap_compress_at(module: Any, hidden: torch.Tensor, first_position: int) -> torch.Tensor:
+    return _overlap_compress(module, hidden, first_position=first_position)
+
+
+def _attend(attention, query, kv, ext_start, start, compressed, selection, chunk):
+    """`sparse_attention_forward`'s blocks for this rank's queries (global positions from `start`) against the
+    window keys `kv` (global positions from `ext_start`) and every rank's compressed entries. `[B, L, H, D]`."""
+    batch, heads, length, _ = query.shape
+    window = attention.sliding_window
+    compressed_len = compressed.shape[1] if compressed is not None else 0
+    picks = selection.indices if isinstance(selection, _TopK) else None
+    if compressed_len == 0 or (picks is not None and picks.shape[-1] == 0):
+        compressed = picks = None
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (query, kv, attention.sinks))
+    dropout = attention.attention_dropout if attention.training else 0.0
+    outputs = []
+    for q_start in range(0, length, chunk):
+        q_stop = min(q_start + chunk, length)
+        first_key = max(start + q_start - window + 1, ext_start)  # global
+        keys = kv[:, :, first_key - ext_start : start + q_stop - ext_start]
+        query_pos = torch.arange(start + q_start, start + q_stop, device=query.device).view(-1, 1)
+        key_pos = torch.arange(first_key, start + q_stop, device=query.device).view(1, -1)
+        allowed = ((key_pos <= query_pos) & (key_pos > query_pos - window)).expand(batch, 1, -1, -1)
+        chunk_picks = comp_allowed = None
+        if compressed is not None and picks is not None:
+            chunk_picks, comp_allowed = picks[:, q_start:q_stop], selection.allowed(q_start, q_stop)
+        elif compressed is not None:
+            comp_allowed = selection.allowed(q_start, q_stop, compressed_len)
+        args = (query[:, :, q_start:q_stop], keys, allowed, compressed, chunk_picks, comp_allowed, attention.sinks,
+                attention.scaling, dropout)  # fmt: skip
+        if recompute:
+            outputs.append(checkpoint(_attend_chunk, *args, use_reentrant=False, preserve_rng_state=dropout > 0))
+        else:
+            outputs.append(_attend_chunk(*args))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+def enable_context_parallel(model: Any, group: Any = None) -> Any:
+    """Split each sequence across the ranks of `group` (default: the world): every rank runs `model` on its own
+    contiguous chunk of the sequence (`input_ids` / `position_ids` from `chunk_bounds`, positions global) and each
+    DeepSeek-V4 attention layer reads what it needs from the other ranks (see the module docstring). The model must
+    be under `enable_sparse_attention` first. In place; returns `model`.
+
+    Args:
+        model: a DeepSeek-V4 model (a PeftModel, FSDP2-sharded or not) under sparse attention.
+        group: the ranks that share one sequence.
+
+    Returns:
+        `model`.
+
+    Raises:
+        SparseAttentionError: the model is not under sparse attention, or torch.distributed is not initialized."""
+    if not dist.is_initialized():
+        raise SparseAttentionError("context parallelism needs torch.distributed initialized (one process per rank)")
+    if not sparse_attention_enabled(model):
+        raise SparseAttentionError("enable_context_parallel needs enable_sparse_attention(model) first")
+    decoder = next(_modules_of(model, "DeepseekV4Model"))
+    for attention in _modules_of(model, "DeepseekV4Attention"):
+        sparse_layer(attention).context_parallel = ContextParallel(group, decoder.rotary_emb)
+        attention.forward = types.MethodType(_cp_attention_forward, attention)
+    return model

@@ -1,0 +1,57 @@
+"""Context parallelism (`enable_context_parallel`): one sequence split across gloo ranks, each running the model on
+its own contiguous chunk, gives the logits and every gradient (summed over the ranks) of the whole sequence in one
+process — float64 throughout (`numerics.float64_throughout`) to 1e-10, for lengths that are and are not multiples
+of the ranks x the compression ratios, chunks shorter than the halo, under FSDP2 and with decoder layers
+recomputed in backward."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_dsv4.modeling import SparseAttentionError
+from hf_dsv4.modeling.context_parallel import chunk_bounds, enable_context_parallel
+from hf_dsv4.testing.model import tiny_dsv4_model
+
+
+def test_chunk_bounds_split_a_sequence_into_contiguous_near_equal_chunks():
+    assert chunk_bounds(45, 4) == [(0, 12), (12, 23), (23, 34), (34, 45)]
+    assert chunk_bounds(64, 2) == [(0, 32), (32, 64)]
+    assert chunk_bounds(3, 4) == [(0, 1), (1, 2), (2, 3), (3, 3)]
+
+
+def test_it_needs_torch_distributed_and_sparse_attention():
+    model = tiny_dsv4_model(["sliding_attention"])
+    with pytest.raises(SparseAttentionError, match="torch.distributed initialized"):
+        enable_context_parallel(model)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "world,length", [(2, 45), (4, 45), (4, 20), (2, 64)], ids=["2x45", "4x45", "4x20-short-chunks", "2x64-multiple"]
+)
+def test_split_across_ranks_the_logits_and_every_gradient_are_the_whole_sequences(world, length, tmp_path):
+    """The tiny model, all three attention types twice (window 8, CSA every 4 tokens with the indexer keeping 3, HCA
+    every 8; a halo of 7 tokens), full fine-tuning: 45 tokens (a multiple of nothing), 20 on 4 ranks (chunks of 5,
+    shorter than the halo: it comes from two ranks back), 64 (a multiple of 2 x 8 x 4). Plain, and FSDP2-sharded over
+    the same ranks; sharded with decoder layers checkpointed, bit for bit the same as without."""
+    from dist_launch import run_ranks
+
+    for result in run_ranks("context_parallel", tmp_path, str(length), world_size=world, timeout=280):
+        assert result["same_grads"] and result["grads"] > 150, result
+        assert result["logits"] < 1e-10 and result["worst_grad"][0] < 1e-10, result
+        assert result["sharded_logits"] < 1e-10 and result["sharded_worst_grad"][0] < 1e-10, result
+        assert result["checkpointed_equal"], result
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_fsdp2_reduces_a_parameter_one_rank_left_without_gradient(tmp_path):
+    """Data parallelism, one rank's batch shorter than an HCA block: its HCA compressor gets no gradient there; FSDP2
+    reduces zeros for it (`set_reduce_scatter_unused_params`) instead of reducing other tensors than the other rank
+    (a collective mismatch): the step gives the two batches' gradients."""
+    from dist_launch import run_ranks
+
+    for result in run_ranks("uneven_lengths", tmp_path, timeout=100):
+        assert result["hca_params"] >= 3 and result["missing"] == [], result
+        assert result["worst"][0] < 1e-10, result
