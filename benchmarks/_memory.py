@@ -64,14 +64,9 @@ def live_tensors(
     (FSDP2's tracker for an FSDP2 model). Yields a `LivePeak` (pass its `tracker` to `hf_dsv4.compat.end_of_step`
     between steps); on exit its `peak` is the most bytes alive at once on `device` and `rise` that minus the bytes
     alive at entry."""
-    from torch.distributed.fsdp import FSDPModule
-
     from hf_dsv4 import compat
 
-    if existing and isinstance(model, FSDPModule):
-        raise ValueError("live_tensors: no `existing` tensors with an FSDP2 model (its tracker takes the model alone)")
-    tracked = (model, *existing) if existing else model
-    with compat.memory_tracker(tracked, optimizer) as tracker:
+    with compat.memory_tracker(model, optimizer, existing) as tracker:
         result = LivePeak(tracker, at_entry=_total(tracker, device).get("total", 0))
         yield result
     result.by_category = _total(tracker, device)

@@ -384,10 +384,10 @@ def tables(results: list[dict], args: argparse.Namespace) -> list[str]:
 def flash_saved_bytes(layer_type: str, impl: str, lengths: list[int]) -> dict[int, int]:
     """Bytes autograd saves for backward in one full-width Flash decoder layer (see --flash), per length."""
     import torch
-    from flash_release import flash_slice_config
+    from bench_flash_slice import FIRST_CSA_TOPK, flash_slice_config
     from transformers import DeepseekV4ForCausalLM
 
-    config = flash_slice_config(1)
+    config = flash_slice_config(1, first=FIRST_CSA_TOPK)
     config.layer_types, config.n_routed_experts, config.vocab_size = [layer_type], 8, 256
     torch.manual_seed(0)
     model = DeepseekV4ForCausalLM._from_config(config, dtype=torch.bfloat16).train().requires_grad_(False)

@@ -102,6 +102,9 @@ FLASH_LAYERS = 43  # V4-Flash: 2 x sliding, then CSA/HCA alternating; the first 
 FLASH_SCHEDULE = dict(
     layer_types=[SLIDING] * 2 + [CSA, HCA] * 20 + [CSA], mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 40
 )
+# V4-Flash's first CSA layer with top-k routing (layer 4): the heaviest kind (compressor, lightning indexer, routed
+# experts chosen by score)
+FIRST_CSA_TOPK = next(i for i, kinds in enumerate(zip(*FLASH_SCHEDULE.values())) if kinds == (CSA, "moe"))
 # --tiny: the same structure, small enough for a CPU (hidden 256, 8 experts, vocab 4096; seq-len 256).
 TINY = dict(vocab_size=4096, hidden_size=256, moe_intermediate_size=128, num_attention_heads=4, head_dim=64,
             qk_rope_head_dim=16, q_lora_rank=64, num_experts_per_tok=2, n_routed_experts=8, o_groups=2,
@@ -114,6 +117,15 @@ def log(*parts) -> None:
     """Progress on the main process, flushed (the GPU session reads the output as it comes)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*parts, flush=True)
+
+
+def flash_slice_config(layers: int, first: int = 0):
+    """V4-Flash at full width with `layers` decoder layers: Flash's own layers `first` to `first + layers - 1`, their
+    attention and router kinds included (`FLASH_SCHEDULE`)."""
+    from transformers import DeepseekV4Config
+
+    schedule = {key: values[first : first + layers] for key, values in FLASH_SCHEDULE.items()}
+    return DeepseekV4Config(**FLASH, num_hidden_layers=layers, **schedule)
 
 
 def slice_config(args: argparse.Namespace, num_layers: int | None = None):

@@ -26,21 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_flash_slice import FLASH  # noqa: E402
+from bench_flash_slice import FIRST_CSA_TOPK, FLASH, flash_slice_config  # noqa: E402
 
 from hf_dsv4.testing.model import hub_name  # noqa: E402
 from hf_dsv4.testing.release import _FP4, _FP8, _FP32, _release_config_json, encode_fp4, encode_fp8  # noqa: E402
-
-CSA = "compressed_sparse_attention"
-
-
-def flash_slice_config(num_hidden_layers: int = 1):
-    from transformers import DeepseekV4Config
-
-    return DeepseekV4Config(
-        **FLASH, num_hidden_layers=num_hidden_layers, layer_types=[CSA] * num_hidden_layers,
-        mlp_layer_types=["moe"] * num_hidden_layers,
-    )  # fmt: skip
 
 
 def _shapes(config) -> Iterator[tuple[str, torch.Size, torch.dtype]]:
@@ -80,10 +69,10 @@ def _encoded(config, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def build_flash_release(path: Path, seed: int = 0, max_shard_bytes: int = 1 << 30, config=None) -> float:
-    """Write the slice (`config`, default `flash_slice_config()`) to `path` (config.json, shards, index), one tensor
-    encoded at a time; return its size in MB."""
+    """Write the slice (`config`, default Flash's first CSA layer with top-k routing alone) to `path` (config.json,
+    shards, index), one tensor encoded at a time; return its size in MB."""
     path.mkdir(parents=True, exist_ok=True)
-    config = config or flash_slice_config()
+    config = config or flash_slice_config(1, first=FIRST_CSA_TOPK)
     written, shard, size, total, weight_map = [], {}, 0, 0, {}
 
     def flush() -> None:

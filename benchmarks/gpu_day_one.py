@@ -60,7 +60,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "recipes"))
 
-from bench_flash_slice import FLASH, FLASH_SCHEDULE  # noqa: E402
+from bench_flash_slice import flash_slice_config  # noqa: E402
 from bench_load import machine  # noqa: E402
 
 FLASH_SLICE_LAYERS = 5  # sliding x 2, CSA, HCA, CSA; hash-routed x 3, then top-k: every layer and router kind
@@ -73,14 +73,6 @@ PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12)
 EAGER_EXPERTS = json.dumps({"experts_implementation": "eager"})
 ROWS = ("machine", "checkpoint", "loading", "training", "exactness vs dequantized base",
         "resume from sharded checkpoint", "export", "tokens/s", "MFU", "peak memory per rank", "rehearsal peak per rank")  # fmt: skip
-
-
-def flash_slice_config():
-    """V4-Flash's first `FLASH_SLICE_LAYERS` decoder layers, at full width."""
-    from transformers import DeepseekV4Config
-
-    schedule = {key: values[:FLASH_SLICE_LAYERS] for key, values in FLASH_SCHEDULE.items()}
-    return DeepseekV4Config(**FLASH, num_hidden_layers=FLASH_SLICE_LAYERS, **schedule)
 
 
 def build_release(path: Path, tiny: bool, seed: int = 0) -> None:
@@ -96,7 +88,7 @@ def build_release(path: Path, tiny: bool, seed: int = 0) -> None:
 
     from hf_dsv4.testing.tokenizer import tiny_tokenizer
 
-    build_flash_release(path, seed=seed, config=flash_slice_config())
+    build_flash_release(path, seed=seed, config=flash_slice_config(FLASH_SLICE_LAYERS))
     tiny_tokenizer().save_pretrained(path)
 
 

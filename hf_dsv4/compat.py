@@ -19,7 +19,7 @@ import importlib
 import inspect
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from typing import Any
@@ -652,19 +652,32 @@ def saved_tensors_hooks_in_effect() -> tuple[Callable, Callable] | None:
 # ------------------------------------------------------------------------------------------------ torch tools
 
 
-def memory_tracker(model: Any = None, optimizer: Any = None) -> Any:
+def memory_tracker(model: Any = None, optimizer: Any = None, existing: Sequence[Any] = ()) -> Any:
     """torch's tracker of live tensors (a context manager): FSDP2's (`FSDPMemTracker`, which counts all-gathered
-    and reduce-scattered buffers apart) for a model with FSDP2 groups, else the plain `MemTracker`; `model` and
-    `optimizer` (if given) are tracked from before it is entered."""
+    and reduce-scattered buffers apart) for a model with FSDP2 groups, else the plain `MemTracker`.
+
+    Args:
+        model: the module whose parameters, gradients and buffers are tracked from before the tracker is entered.
+        optimizer: the optimizer whose states are tracked likewise.
+        existing: other tensors made before, tracked likewise (plain tracker only).
+
+    Returns:
+        The tracker, to be entered (`with`).
+
+    Raises:
+        ValueError: `existing` tensors with an FSDP2 model (its tracker takes the model and optimizer alone).
+    """
     require("torch.tools")
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.distributed.fsdp import FSDPModule
 
     if model is not None and isinstance(model, FSDPModule):
+        if existing:
+            raise ValueError("memory_tracker: no `existing` tensors with an FSDP2 model (its tracker takes the model)")
         return FSDPMemTracker(model, optimizer)
     tracker = MemTracker()
-    tracker.track_external(*[x for x in (model, optimizer) if x is not None])
+    tracker.track_external(*[x for x in (model, optimizer, *existing) if x is not None])
     return tracker
 
 

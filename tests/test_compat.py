@@ -191,3 +191,14 @@ def test_accelerates_parallelism_check_is_recorded_in_scope_and_restored_also_on
         ParallelismConfig._validate_accelerator(ParallelismConfig(), "the accelerator")  # recorded, not run
         raise RuntimeError("boom")
     assert ParallelismConfig.__dict__["_validate_accelerator"] is original and len(checks) == 1
+
+
+def test_memory_tracker_counts_the_model_optimizer_and_existing_tensors_from_entry():
+    import torch
+
+    model = torch.nn.Linear(8, 4, bias=False)  # 128 bytes
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # no state
+    existing = [torch.zeros(1000), torch.zeros(10, dtype=torch.float64)]  # 4,000 + 80 bytes
+    with compat.memory_tracker(model, optimizer, existing) as tracker:
+        peak = compat.tracker_peak(tracker)["cpu"]
+    assert peak["total"] == 128 + 4000 + 80 and peak["param"] == 128
