@@ -161,12 +161,12 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
         Internal(
             "transformers.models.deepseek_v4.modeling_deepseek_v4:DeepseekV4CSACompressor.forward",
             source=("3644b0ea966e20d2",),
-            why="its cache-less compression is reproduced op for op (_overlap_compress), its dense block bias is not",
+            why="its cache-less compression is reproduced op for op (overlap_compress), its dense block bias is not",
         ),
         Internal(
             "transformers.models.deepseek_v4.modeling_deepseek_v4:DeepseekV4Indexer.forward",
             source=("428c5223ef907ac9",),
-            why="reproduced with the scores computed in query chunks (_indexer_topk)",
+            why="reproduced with the scores computed in query chunks (indexer_topk)",
         ),
         Internal(
             "transformers.models.deepseek_v4.modeling_deepseek_v4:DeepseekV4HCACompressor.forward",

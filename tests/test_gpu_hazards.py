@@ -121,7 +121,7 @@ def test_a_hub_download_longer_than_the_process_group_timeout_is_waited_for_on_e
 def test_the_flex_mask_captures_the_lengths_as_tensors_so_a_new_length_does_not_recompile():
     """Hazard 5: an int captured by `mask_mod` is a constant of the compiled graph (one recompile per length, then
     flex's dense fallback); the lengths must be tensors. Checked on the CSA, HCA and sliding selections' masks."""
-    from hf_dsv4.modeling.sparse_attention import _Causal, _TopK, flex_mask_mod
+    from hf_dsv4.modeling.sparse_attention import CausalEntries, TopKEntries, flex_mask_mod
 
     class Mask:  # what `compat.mask_function_with_padding` reads of a SparseMask: its mask function, no padding
         mask_function = staticmethod(lambda b, h, q, kv: kv <= q)
@@ -131,8 +131,8 @@ def test_the_flex_mask_captures_the_lengths_as_tensors_so_a_new_length_does_not_
     # query 1 sees keys 0-1 of 3, then: no entries; entries < threshold 2; its picks 1 and 2
     expected = [
         (None, [True, True, False, False, False, False]),
-        (_Causal(threshold=torch.tensor([[1, 2, 3]])), [True, True, False, True, True, False]),
-        (_TopK(indices=picks), [True, True, False, False, True, True]),
+        (CausalEntries(threshold=torch.tensor([[1, 2, 3]])), [True, True, False, True, True, False]),
+        (TopKEntries(indices=picks), [True, True, False, False, True, True]),
     ]
     zero = torch.zeros((), dtype=torch.long)
     for selection, allowed in expected:

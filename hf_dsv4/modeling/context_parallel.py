@@ -34,13 +34,13 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import compat
 from .sparse_attention import (
+    CausalEntries,
     SparseAttentionError,
-    _attend_chunk,
-    _Causal,
-    _indexer_topk,
-    _modules_of,
-    _overlap_compress,
-    _TopK,
+    TopKEntries,
+    attend_block,
+    indexer_topk,
+    modules_of,
+    overlap_compress,
     sparse_attention_enabled,
     sparse_layer,
 )
@@ -211,18 +211,18 @@ def _compressed(attention, ext, ext_start, q_residual, position_ids, bounds, cp,
     own = _own_entries(compress, compressor, ext, ext_start, start, stop, overlap=csa)
     entries = _gather_entries(own, counts, cp.group)
     if not csa:
-        return entries, _Causal(((position_ids + 1) // ratio).expand(ext.shape[0], -1))
+        return entries, CausalEntries(((position_ids + 1) // ratio).expand(ext.shape[0], -1))
     indexer = compressor.indexer
     with torch.no_grad():
         own_keys = _own_entries(_overlap_compress_at, indexer, ext.detach(), ext_start, start, stop, overlap=True)
         keys = _gather_entries(own_keys, counts, cp.group)
     hidden = ext[:, start - ext_start :]
-    picks = _indexer_topk(indexer, hidden, q_residual, position_ids.expand(ext.shape[0], -1), chunk, compressed=keys)
-    return entries, _TopK(picks)
+    picks = indexer_topk(indexer, hidden, q_residual, position_ids.expand(ext.shape[0], -1), chunk, compressed=keys)
+    return entries, TopKEntries(picks)
 
 
 def _overlap_compress_at(module: Any, hidden: torch.Tensor, first_position: int) -> torch.Tensor:
-    return _overlap_compress(module, hidden, first_position=first_position)
+    return overlap_compress(module, hidden, first_position=first_position)
 
 
 def _attend(attention, query, kv, ext_start, start, compressed, selection, chunk):
@@ -231,7 +231,7 @@ def _attend(attention, query, kv, ext_start, start, compressed, selection, chunk
     batch, heads, length, _ = query.shape
     window = attention.sliding_window
     compressed_len = compressed.shape[1] if compressed is not None else 0
-    picks = selection.indices if isinstance(selection, _TopK) else None
+    picks = selection.indices if isinstance(selection, TopKEntries) else None
     if compressed_len == 0 or (picks is not None and picks.shape[-1] == 0):
         compressed = picks = None
     recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (query, kv, attention.sinks))
@@ -252,9 +252,9 @@ def _attend(attention, query, kv, ext_start, start, compressed, selection, chunk
         args = (query[:, :, q_start:q_stop], keys, allowed, compressed, chunk_picks, comp_allowed, attention.sinks,
                 attention.scaling, dropout)  # fmt: skip
         if recompute:
-            outputs.append(checkpoint(_attend_chunk, *args, use_reentrant=False, preserve_rng_state=dropout > 0))
+            outputs.append(checkpoint(attend_block, *args, use_reentrant=False, preserve_rng_state=dropout > 0))
         else:
-            outputs.append(_attend_chunk(*args))
+            outputs.append(attend_block(*args))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 
 
@@ -277,8 +277,8 @@ def enable_context_parallel(model: Any, group: Any = None) -> Any:
         raise SparseAttentionError("context parallelism needs torch.distributed initialized (one process per rank)")
     if not sparse_attention_enabled(model):
         raise SparseAttentionError("enable_context_parallel needs enable_sparse_attention(model) first")
-    decoder = next(_modules_of(model, "DeepseekV4Model"))
-    for attention in _modules_of(model, "DeepseekV4Attention"):
+    decoder = next(modules_of(model, "DeepseekV4Model"))
+    for attention in modules_of(model, "DeepseekV4Attention"):
         sparse_layer(attention).context_parallel = ContextParallel(group, decoder.rotary_emb)
         attention.forward = types.MethodType(_cp_attention_forward, attention)
     return model

@@ -153,7 +153,7 @@ def _sparse_mask(
 
 
 @dataclass
-class _TopK:
+class TopKEntries:
     """CSA: the indexer's picks per query, `[B, L, k]`, -1 where a pick is not causal (stock's sentinel)."""
 
     indices: torch.Tensor
@@ -174,7 +174,7 @@ class _TopK:
 
 
 @dataclass
-class _Causal:
+class CausalEntries:
     """HCA: query `t` sees the compressed entries `w < threshold[t] = (position + 1) // m` (stock's block bias); in a
     packed row, only its own sample's: `lower[t] <= w < lower[t] + (position + 1) // m`."""
 
@@ -201,7 +201,7 @@ class _Dense:
 # ------------------------------------------------------------------------------------------------ compressors
 
 
-def _overlap_compress(module: Any, hidden_states: torch.Tensor, first_position: int = 0) -> torch.Tensor:
+def overlap_compress(module: Any, hidden_states: torch.Tensor, first_position: int = 0) -> torch.Tensor:
     """The CSA compressor's (and the indexer's) compressed entries without a cache: stock's arithmetic, op for op
     (`DeepseekV4CSACompressor.forward` / `DeepseekV4Indexer.forward` with `cache=None`), `[B, T, head_dim]`;
     `first_position`: the global position of `hidden_states`' first token (context parallelism), for the rope."""
@@ -231,7 +231,7 @@ def _overlap_compress(module: Any, hidden_states: torch.Tensor, first_position: 
 
 
 @torch.no_grad()
-def _indexer_topk(
+def indexer_topk(
     indexer: Any,
     hidden_states: torch.Tensor,
     q_residual: torch.Tensor,
@@ -247,7 +247,7 @@ def _indexer_topk(
     indexer's compressed keys when they come from elsewhere (context parallelism: every rank's)."""
     hidden_states, q_residual = hidden_states.detach(), q_residual.detach()
     batch, seq_len, _ = hidden_states.shape
-    compressed = _overlap_compress(indexer, hidden_states) if compressed is None else compressed
+    compressed = overlap_compress(indexer, hidden_states) if compressed is None else compressed
     cos_q, sin_q = indexer.rotary_emb(hidden_states, position_ids=position_ids, layer_type=indexer.rope_layer_type)
     q = indexer.q_b_proj(q_residual).view(batch, seq_len, -1, indexer.head_dim).transpose(1, 2)
     q = compat.dsv4_apply_rotary_pos_emb(q, cos_q, sin_q).transpose(1, 2)
@@ -324,8 +324,8 @@ def _packed_csa(
                 row_picks.append(positions.new_full((1, stop - start, 0), -1))
                 continue
             own = (slice(row, row + 1), slice(start, stop))
-            row_entries.append(_overlap_compress(compressor, hidden_states[own]))
-            chosen = _indexer_topk(compressor.indexer, hidden_states[own], q_residual[own], positions[own], chunk)
+            row_entries.append(overlap_compress(compressor, hidden_states[own]))
+            chosen = indexer_topk(compressor.indexer, hidden_states[own], q_residual[own], positions[own], chunk)
             row_picks.append(torch.where(chosen >= 0, chosen + offset, chosen))
             offset += row_entries[-1].shape[1]
         entries.append(row_entries)
@@ -335,7 +335,7 @@ def _packed_csa(
 
 def _packed_hca(
     compressor: Any, hidden_states: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor, samples
-) -> tuple[torch.Tensor, _Causal]:
+) -> tuple[torch.Tensor, CausalEntries]:
     """HCA over packed rows, each sample as if alone: its entries from its own tokens (stock's forward on the
     sample), a query seeing its own sample's entries causally. Returns (entries `[B, T, D]`, the selection)."""
     rate, stock, entries = compressor.compress_rate, type(compressor).forward, []
@@ -352,7 +352,7 @@ def _packed_hca(
             upper[row, start:stop] = offset  # a sample not starting at position 0 sees no entry past its own
         entries.append(row_entries)
     threshold = torch.minimum(lower + (positions + 1) // rate, upper)
-    return _rows(entries, 1, 0.0), _Causal(threshold, lower)
+    return _rows(entries, 1, 0.0), CausalEntries(threshold, lower)
 
 
 @dataclass
@@ -406,10 +406,10 @@ def _csa_forward(self, hidden_states, q_residual, position_ids, cache=None, laye
     if samples is not None:
         positions = position_ids.expand(hidden_states.shape[0], -1)
         entries, picks = _packed_csa(self, hidden_states, q_residual, positions, samples, layer.chunk)
-        layer.selection = _TopK(picks)
+        layer.selection = TopKEntries(picks)
         return entries.unsqueeze(1), None
-    compressed_kv = _overlap_compress(self, hidden_states).unsqueeze(1)
-    layer.selection = _TopK(_indexer_topk(self.indexer, hidden_states, q_residual, position_ids, layer.chunk))
+    compressed_kv = overlap_compress(self, hidden_states).unsqueeze(1)
+    layer.selection = TopKEntries(indexer_topk(self.indexer, hidden_states, q_residual, position_ids, layer.chunk))
     return compressed_kv, None
 
 
@@ -428,7 +428,7 @@ def _hca_forward(self, hidden_states, q_residual, position_ids, cache=None, laye
         entries, layer.selection = _packed_hca(self, hidden_states, q_residual, positions, samples)
         return entries.unsqueeze(1), None
     compressed_kv, _ = stock(self, hidden_states, q_residual, position_ids[:, :1], None, layer_idx)
-    layer.selection = _Causal(((position_ids + 1) // self.compress_rate).expand(hidden_states.shape[0], -1))
+    layer.selection = CausalEntries(((position_ids + 1) // self.compress_rate).expand(hidden_states.shape[0], -1))
     return compressed_kv, None
 
 
@@ -444,7 +444,7 @@ def _sparse_forward(compressor: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ attention
 
 
-def _attend_chunk(
+def attend_block(
     query: torch.Tensor,
     window: torch.Tensor,
     window_allowed: torch.Tensor,
@@ -549,7 +549,7 @@ def _chunked_attention(
     module, query, key, attention_mask, selection, sliding_window, chunk, scaling, dropout
 ) -> torch.Tensor:
     """The sparse path in blocks of `chunk` queries, each against its window and compressed entries
-    (`_attend_chunk`), recomputed in backward when gradients are needed. Returns `[B, L, H, D]`."""
+    (`attend_block`), recomputed in backward when gradients are needed. Returns `[B, L, H, D]`."""
     seq_len = query.shape[2]
     window_len = chunk + sliding_window - 1
     n_chunks = -(-seq_len // chunk)
@@ -573,9 +573,9 @@ def _chunked_attention(
             comp_allowed = selection.allowed(start, stop, compressed_len)
         args = (q_chunk, window, window_allowed, compressed, chunk_picks, comp_allowed, module.sinks, scaling, dropout)
         if recompute:
-            outputs.append(checkpoint(_attend_chunk, *args, use_reentrant=False, preserve_rng_state=dropout > 0))
+            outputs.append(checkpoint(attend_block, *args, use_reentrant=False, preserve_rng_state=dropout > 0))
         else:
-            outputs.append(_attend_chunk(*args))
+            outputs.append(attend_block(*args))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 
 
@@ -586,7 +586,7 @@ def _compressed_entries(
     whether to gather each query's picks rather than read every entry with the picks as a mask)."""
     compressed = key[:, 0, seq_len:] if selection is not None else None  # [B, T, D]
     compressed_len = compressed.shape[1] if compressed is not None else 0
-    picks = selection.indices if isinstance(selection, _TopK) else None
+    picks = selection.indices if isinstance(selection, TopKEntries) else None
     if compressed_len == 0 or (picks is not None and picks.shape[-1] == 0):
         compressed = picks = None
     # CSA: gather each query's picks when they are a small part of the entries; else read every entry (one matmul)
@@ -624,10 +624,10 @@ def flex_mask_mod(attention_mask: SparseMask, selection: Any, seq_len: int, comp
     constant of the graph, so every new sequence length would recompile."""
     window = compat.mask_function_with_padding(attention_mask)
     picked = None
-    if isinstance(selection, _TopK) and compressed_len:
+    if isinstance(selection, TopKEntries) and compressed_len:
         picked = selection.mask(0, seq_len, compressed_len)
-    threshold = selection.threshold if isinstance(selection, _Causal) else None
-    lower = selection.lower if isinstance(selection, _Causal) else None
+    threshold = selection.threshold if isinstance(selection, CausalEntries) else None
+    lower = selection.lower if isinstance(selection, CausalEntries) else None
     keys = torch.tensor(seq_len, device=device)
     last_entry = torch.tensor(max(compressed_len - 1, 0), device=device)
 
@@ -689,7 +689,7 @@ def _dense_fallback(module, query, key, value, attention_mask, selection, scalin
                 attention_mask = torch.cat([attention_mask, bias.to(attention_mask.dtype)], dim=-1)
             else:
                 attention_mask = F.pad(attention_mask, (0, key.shape[2] - attention_mask.shape[-1]), value=0.0)
-    if isinstance(selection, (_TopK, _Causal)) and attention_mask is not None:
+    if isinstance(selection, (TopKEntries, CausalEntries)) and attention_mask is not None:
         # a tensor mask (passed in 4-D) that the stock forward extended with zeros: the selection's bias instead
         compressed_len = key.shape[2] - query.shape[2]
         bias = selection.dense_bias(compressed_len, attention_mask.dtype)
@@ -711,7 +711,8 @@ def _registered() -> None:
     AttentionMaskInterface.register(IMPLEMENTATION, _sparse_mask)
 
 
-def _modules_of(model: Any, class_name: str):
+def modules_of(model: Any, class_name: str):
+    """The modules of `model` whose class (or a base of it) is named `class_name` (transformers' class, or ours)."""
     for module in model.modules():
         if any(c.__name__ == class_name for c in type(module).__mro__):
             yield module
@@ -780,11 +781,11 @@ def enable_sparse_attention(model: Any, chunk_size: int = DEFAULT_CHUNK_SIZE, ke
     if kernel not in KERNELS:
         raise SparseAttentionError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     compat.require("transformers.attention")
-    attentions = list(_modules_of(model, "DeepseekV4Attention"))
+    attentions = list(modules_of(model, "DeepseekV4Attention"))
     if not attentions:
         raise SparseAttentionError(f"{type(model).__name__} has no DeepSeek-V4 attention layer (DeepseekV4Attention)")
     _registered()
-    for decoder in _modules_of(model, "DeepseekV4Model"):
+    for decoder in modules_of(model, "DeepseekV4Model"):
         if SPARSE not in decoder.__dict__:
             decoder.register_forward_pre_hook(_no_implicit_cache, with_kwargs=True)
             decoder.__dict__[SPARSE] = True
@@ -815,5 +816,5 @@ def sparse_attention_enabled(model: Any) -> bool:
     Returns:
         True when `model` has DeepSeek-V4 attention layers and every one uses the sparse implementation.
     """
-    attentions = list(_modules_of(model, "DeepseekV4Attention"))
+    attentions = list(modules_of(model, "DeepseekV4Attention"))
     return bool(attentions) and all(a.config._attn_implementation == IMPLEMENTATION for a in attentions)
