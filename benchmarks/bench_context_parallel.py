@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _memory import MB, live_tensors  # noqa: E402
-from bench_packing import OVERRIDES, _free_port  # noqa: E402
+from bench_packing import OVERRIDES, free_port  # noqa: E402
 
 FLASH = dict(hidden=4096, head_dim=512, index_head_dim=128, window=128, csa=4, hca=128, bytes=2)
 
@@ -73,7 +73,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, length: int, world: int) -> list[dict]:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     procs = [
         subprocess.Popen(

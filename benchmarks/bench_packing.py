@@ -89,7 +89,7 @@ def worker(args: argparse.Namespace) -> None:
     model = DeepseekV4ForCausalLM._from_config(tiny_dsv4_config(**OVERRIDES), dtype=torch.float32)
     model.set_experts_implementation("eager")
     model = enable_sparse_attention(get_peft_model(model, dsv4_lora_config(r=8, targets="all")))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     shard_model(model)  # one process: FSDP2's layout, as the main job shards
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -125,7 +125,7 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:
