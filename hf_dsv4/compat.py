@@ -194,9 +194,17 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
         Internal("transformers:Trainer._save_optimizer_and_scheduler", ("output_dir",), why="overridden"),
         Internal("transformers:Trainer._load_from_checkpoint", ("resume_from_checkpoint", "model"), why="overridden"),
         Internal("transformers:Trainer._load_optimizer_and_scheduler", ("checkpoint",), why="overridden"),
+        Internal(
+            "transformers:Trainer._prepare_context_parallel_inputs",
+            ("model", "inputs"),
+            why="overridden: each rank's contiguous chunk for hf_dsv4's context parallelism",
+        ),
     )),
     "accelerate": (">=1.15,<1.17", (
         Internal("accelerate:Accelerator._prepare_fsdp2", ("args",), why="overridden: shard_model instead"),
+        Internal(
+            "accelerate:Accelerator._prepare_cp", ("args",), why="overridden: enable_context_parallel instead of torch's"
+        ),
         Internal("accelerate:Accelerator._prepare_one", ("obj", "first_pass"), why="called for optimizers"),
         Internal("accelerate:Accelerator.__init__", assigned="_models", why="sharded models are registered there"),
         Internal("accelerate:PartialState._shared_state", why="FSDP on CPU processes"),

@@ -7,9 +7,10 @@ recomputed in backward."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hf_dsv4.modeling import SparseAttentionError
-from hf_dsv4.modeling.context_parallel import chunk_bounds, enable_context_parallel
+from hf_dsv4.modeling.context_parallel import chunk_bounds, chunk_inputs, enable_context_parallel
 from hf_dsv4.testing.model import tiny_dsv4_model
 
 
@@ -55,3 +56,27 @@ def test_fsdp2_reduces_a_parameter_one_rank_left_without_gradient(tmp_path):
     for result in run_ranks("uneven_lengths", tmp_path, timeout=100):
         assert result["hca_params"] >= 3 and result["missing"] == [], result
         assert result["worst"][0] < 1e-10, result
+
+
+def test_chunk_inputs_gives_each_rank_its_chunk_with_labels_shifted_before_the_split():
+    ids = torch.arange(10, 21)[None]  # 11 tokens over 2 ranks: 6 + 5
+    labels = ids.clone()
+    labels[0, :3] = -100
+    first = chunk_inputs({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}, 0, 2)
+    second = chunk_inputs({"input_ids": ids, "labels": labels}, 1, 2)
+    assert "attention_mask" not in first
+    assert first["input_ids"].tolist() == [list(range(10, 16))] and second["input_ids"].tolist() == [
+        list(range(16, 21))
+    ]
+    assert first["position_ids"].tolist() == [list(range(6))] and second["position_ids"].tolist() == [
+        list(range(6, 11))
+    ]
+    # rank 0's last token is trained on rank 1's first: the shift happened before the split
+    assert first["shift_labels"].tolist() == [[-100, -100, 13, 14, 15, 16]]
+    assert second["shift_labels"].tolist() == [[17, 18, 19, 20, -100]]
+    padded = torch.ones_like(ids)
+    padded[0, -1] = 0
+    with pytest.raises(SparseAttentionError, match="whole sequences"):
+        chunk_inputs({"input_ids": ids, "attention_mask": padded}, 0, 2)
+    with pytest.raises(SparseAttentionError, match="packed rows"):
+        chunk_inputs({"input_ids": ids, "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7]])}, 0, 2)

@@ -90,6 +90,7 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
             "--sparse_attention", "false"]  # fmt: skip
     # sparse attention (the default), rows packed to 512 tokens
     packed = [*fp32[:-2], "--max_steps", "4", "--max_length", "512", "--per_device_train_batch_size", "1"]
+    whole = [*fp32[:-2], "--max_steps", "4", "--per_device_train_batch_size", "1"]  # sparse attention, unpadded
     full = [*fp32, "--use_peft", "false", "--max_steps", str(FULL_STEPS), "--save_steps", str(FULL_SAVE_AT)]
     stop, full_stop = {"HF_DSV4_STOP_AT": str(SAVE_AT)}, {"HF_DSV4_STOP_AT": str(FULL_SAVE_AT)}
     no_stream = ["--stream_weights", "false"]  # rank 0 loads the whole model, then sends it
@@ -111,6 +112,10 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
         _start("padding_free", CPU_2PROC, RECIPE,
                [*packed, "--padding_free", "true", "--per_device_train_batch_size", "2", "--output_dir", str(out / "padding_free")],
                out),
+        # context parallelism: each sequence split over 2 ranks (one sequence per step), vs 1 process
+        _start("cp2", ["--config_file", str(REPO / "accelerate_configs" / "fsdp2_cpu_2proc_cp2.yaml")], RECIPE,
+               [*whole, "--output_dir", str(out / "cp2")], out),
+        _start("cp_single", ONE_PROC, RECIPE, [*whole, "--output_dir", str(out / "cp_single")], out),
         # LoRA and full fine-tuning, interrupted at a checkpoint, under each fsdp_state_dict_type
         _start("interrupted", CPU_2PROC, RECIPE, [*fp32, "--output_dir", str(out / "resumed")], out, {**stop, **RECORD}),
         # FULL_STATE_DICT runs also load without streaming: compared with the streamed runs, same adapter draw
@@ -157,7 +162,7 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
     for run in second:
         results[run.name] = _wait(run, out / run.name)
     results["dirs"] = {name: out / name for name in (
-        "default_2proc", "bf16", "fsdp", "single", "packed", "packed_single", "padding_free", "resumed", "resumed_gathered", "plain_trainer", "full",
+        "default_2proc", "bf16", "fsdp", "single", "packed", "packed_single", "padding_free", "cp2", "cp_single", "resumed", "resumed_gathered", "plain_trainer", "full",
         "full_resumed", "full_gathered", "full_cross")}  # fmt: skip
     results["model"] = model
     return results
@@ -231,6 +236,21 @@ def test_packed_and_padding_free_runs_train_on_two_ranks_and_one_process(runs):
     assert a[4] < a[1] and c[4] < c[1]
     for name in ("packed", "packed_single", "padding_free"):
         assert (runs["dirs"][name] / "adapter_model.safetensors").is_file(), name
+
+
+def test_context_parallel_run_on_two_ranks_trains_like_one_process(runs):
+    """`accelerate_configs/fsdp2_cpu_2proc_cp2.yaml` (parallelism_config_cp_size 2): each sequence split over the two
+    ranks (each its contiguous half, labels shifted before the split), the same sequences per step as one process
+    with batches of one: the same loss and gradient norm at every step; a PEFT adapter saved."""
+    parallel, single = runs["cp2"], runs["cp_single"]
+    assert parallel["world_size"] == 2 and parallel["sharded"] and single["world_size"] == 1
+    a, b = _losses(parallel), _losses(single)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(b[step]), (step, a[step], b[step])
+    norms = [[e["grad_norm"] for e in r["log_history"] if "grad_norm" in e] for r in (parallel, single)]
+    assert all(abs(x - y) <= 1e-4 * abs(y) for x, y in zip(*norms, strict=True)), norms
+    assert (runs["dirs"]["cp2"] / "adapter_model.safetensors").is_file()
 
 
 RNG_AND_STATE = {"scheduler.pt", "trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"}

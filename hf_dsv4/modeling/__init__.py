@@ -2,7 +2,7 @@
 exact per sample over packed rows (`packed_samples`), and split across ranks (`enable_context_parallel`). Needs
 transformers and torch only."""
 
-from .context_parallel import ContextParallel, chunk_bounds, enable_context_parallel
+from .context_parallel import ContextParallel, chunk_bounds, chunk_inputs, enable_context_parallel
 from .sparse_attention import (
     IMPLEMENTATION,
     SparseAttentionError,
@@ -21,6 +21,7 @@ __all__ = [
     "SparseLayer",
     "SparseMask",
     "chunk_bounds",
+    "chunk_inputs",
     "enable_context_parallel",
     "enable_sparse_attention",
     "packed_samples",

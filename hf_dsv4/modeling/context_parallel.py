@@ -41,6 +41,7 @@ from .sparse_attention import (
     indexer_topk,
     modules_of,
     overlap_compress,
+    packed_samples,
     sparse_attention_enabled,
     sparse_layer,
 )
@@ -282,3 +283,43 @@ def enable_context_parallel(model: Any, group: Any = None) -> Any:
         sparse_layer(attention).context_parallel = ContextParallel(group, decoder.rotary_emb)
         attention.forward = types.MethodType(_cp_attention_forward, attention)
     return model
+
+
+def chunk_inputs(inputs: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """This rank's share of a batch of whole sequences under context parallelism: its contiguous chunk
+    (`chunk_bounds`) of `input_ids`, `labels`, `shift_labels` (the labels shifted before the split, so the last token
+    of a chunk is trained on the first of the next) and `position_ids` (global; made if absent).
+
+    Args:
+        inputs: a batch (`input_ids` `[B, L]`, optionally `labels`, `attention_mask`, `position_ids`).
+        rank: this rank's index in the context-parallel group.
+        world: the group's size.
+
+    Returns:
+        The chunked batch, without `attention_mask`.
+
+    Raises:
+        SparseAttentionError: padding in `attention_mask`, packed rows, or fewer tokens than ranks."""
+    ids = inputs["input_ids"]
+    batch, length = ids.shape
+    mask = inputs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        raise SparseAttentionError(
+            "context parallelism trains whole sequences: this batch is padded (per_device_train_batch_size 1, or "
+            "rows of one length)"
+        )
+    positions = inputs.get("position_ids")
+    if positions is not None and packed_samples(positions, batch) is not None:
+        raise SparseAttentionError("packed rows under context parallelism are not supported yet")
+    if length < world:
+        raise SparseAttentionError(f"a sequence of {length} tokens cannot be split over {world} ranks")
+    out = {key: value for key, value in inputs.items() if key != "attention_mask"}
+    if "labels" in out and "shift_labels" not in out:
+        out["shift_labels"] = F.pad(out["labels"], (0, 1), value=-100)[:, 1:]
+    if positions is None:
+        out["position_ids"] = torch.arange(length, device=ids.device).expand(batch, -1)
+    start, stop = chunk_bounds(length, world)[rank]
+    for key in ("input_ids", "labels", "shift_labels", "position_ids"):
+        if key in out:
+            out[key] = out[key][:, start:stop]
+    return out

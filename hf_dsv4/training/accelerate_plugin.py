@@ -38,6 +38,7 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
 from .. import compat
+from ..modeling import enable_context_parallel
 from ..sharding import shard_model
 
 logger = logging.getLogger(__name__)
@@ -181,6 +182,16 @@ class DSV4Accelerator(Accelerator):
         for model in (obj for obj in result if isinstance(obj, nn.Module)):
             self._shard(model, plugin, optimizers)
         return tuple(result)
+
+    def _prepare_cp(self, *args):
+        """`prepare`'s context-parallel step (accelerate's `parallelism_config_cp_size` > 1): hf_dsv4's
+        `enable_context_parallel` over the mesh's "cp" ranks instead of torch's ring attention, which can express
+        full causal attention only (accelerate refuses DeepSeek-V4's sliding / compressed layers for it). The
+        trainer gives each rank its contiguous chunk (`DSV4SFTTrainer._prepare_context_parallel_inputs`)."""
+        group = self.torch_device_mesh["cp"].get_group()
+        for model in (obj for obj in args if isinstance(obj, nn.Module)):
+            enable_context_parallel(model, group=group)
+        return args
 
     def _shard(self, model: nn.Module, plugin: DSV4FSDP2Plugin, optimizers: list[torch.optim.Optimizer]) -> None:
         """`shard_model` with the plugin's settings; the optimizers' parameters replaced by the sharded ones."""

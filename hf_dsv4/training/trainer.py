@@ -28,6 +28,7 @@ What it adds to `SFTTrainer` (the user writes none of it):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -44,7 +45,7 @@ from trl.data_utils import is_conversational, pack_dataset
 
 from ..distributed import all_gather_object, every_rank_raises, rank
 from ..loading import memory_efficient_init, resolve_dtype
-from ..modeling import enable_sparse_attention
+from ..modeling import chunk_inputs, enable_sparse_attention
 from ..sharding import save_pretrained_sharded
 from ..template import ChatFormatError, ConversationTokenizer, detect_effort_profile, install_chat_template
 from .accelerate_plugin import DSV4FSDP2Plugin, dsv4_trainer_accelerator
@@ -338,6 +339,16 @@ class DSV4SFTTrainer(SFTTrainer):
         with args.main_process_first(desc=f"tokenizing the {dataset_name} dataset"):
             dataset = tokenize_dataset(dataset, rows, num_proc=args.dataset_num_proc, desc=f"Tokenizing {dataset_name}")
             return packed_rows(dataset, args, dataset_name) if packing else dataset
+
+    def _prepare_context_parallel_inputs(self, model, inputs):
+        """Under context parallelism (accelerate's `parallelism_config_cp_size`), this rank's contiguous chunk of each
+        sequence, labels shifted before the split (`hf_dsv4.modeling.chunk_inputs`); the attention layers read what
+        they need of the other chunks (`enable_context_parallel`, applied by the accelerator)."""
+        config = getattr(self.accelerator, "parallelism_config", None)
+        if config is None or not config.cp_enabled:
+            return contextlib.nullcontext, inputs
+        mesh = self.accelerator.torch_device_mesh["cp"]
+        return contextlib.nullcontext, chunk_inputs(inputs, mesh.get_local_rank(), mesh.size())
 
     # ----------------------------------------------------------------------------------------------- accelerator
     def create_accelerator_and_postprocess(self) -> None:
