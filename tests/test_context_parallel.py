@@ -80,3 +80,16 @@ def test_chunk_inputs_gives_each_rank_its_chunk_with_labels_shifted_before_the_s
         chunk_inputs({"input_ids": ids, "attention_mask": padded}, 0, 2)
     with pytest.raises(SparseAttentionError, match="packed rows"):
         chunk_inputs({"input_ids": ids, "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7]])}, 0, 2)
+
+
+@pytest.mark.parametrize("name", ["fsdp2_cpu_2proc_cp2.yaml", "fsdp2_1node_8gpu_cp8.yaml"])
+def test_the_context_parallel_launch_configs_multiply_to_their_processes(name):
+    """accelerate checks at launch that the parallelism sizes multiply to the processes; the cp configs keep FSDP2."""
+    from pathlib import Path
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "accelerate_configs" / name).read_text())
+    sizes = config["parallelism_config"]
+    assert sizes["parallelism_config_dp_shard_size"] * sizes["parallelism_config_cp_size"] == config["num_processes"]
+    assert sizes["parallelism_config_cp_size"] > 1 and config["fsdp_config"]["fsdp_version"] == 2
