@@ -197,14 +197,8 @@ def test_packed_and_padding_free_steps_train_each_sample_as_alone(checkpoint, tm
 
     rows = _rows()
     free, got_free, alone_free = _first_step(
-        checkpoint,
-        tmp_path / "free",
-        rows,
-        per_device_train_batch_size=8,
-        padding_free=True,
-        max_length=None,
-        optim="sgd",
-    )  # TRL: padding-free without packing takes no max_length
+        checkpoint, tmp_path / "free", rows, per_device_train_batch_size=8, padding_free=True, optim="sgd"
+    )
     packed, got_packed, alone_packed = _first_step(
         checkpoint, tmp_path / "packed", rows, per_device_train_batch_size=1, packing=True, max_length=4096, optim="sgd"
     )
