@@ -1113,8 +1113,8 @@ def _gathered_rows(part: torch.Tensor, length: int, world: int) -> list[torch.Te
 
 def scenario_uneven_lengths() -> dict:
     """FSDP2 data parallelism, rank 0's batch shorter than one HCA block (6 < 8 tokens: its HCA compressor makes no
-    entry and its parameters get no gradient), rank 1's longer: one training step must reduce the same tensors on
-    both ranks (FSDP2 reduces zeros for the unused ones) and give the gradients of the two batches."""
+    entry), rank 1's longer: one training step must reduce the same tensors on both ranks (the empty entries are
+    computed from the projections: zero gradients, not none) and give the gradients of the two batches."""
     from numerics import float64_throughout
 
     from hf_dsv4.modeling import enable_sparse_attention

@@ -47,10 +47,11 @@ def test_split_across_ranks_the_logits_and_every_gradient_are_the_whole_sequence
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_fsdp2_reduces_a_parameter_one_rank_left_without_gradient(tmp_path):
-    """Data parallelism, one rank's batch shorter than an HCA block: its HCA compressor gets no gradient there; FSDP2
-    reduces zeros for it (`set_reduce_scatter_unused_params`) instead of reducing other tensors than the other rank
-    (a collective mismatch): the step gives the two batches' gradients."""
+def test_a_batch_shorter_than_an_hca_block_still_gives_the_compressor_a_gradient_under_fsdp2(tmp_path):
+    """Data parallelism, one rank's batch shorter than an HCA block: its HCA compressor makes no entry; sparse
+    attention still computes that empty entry list from the compressor's projections, so its parameters get zero
+    gradients there, and both ranks reduce the same tensors (with none on one rank, FSDP2 reduce-scatters different
+    lists on the two ranks: a collective mismatch, or a hang on NCCL). The step gives the two batches' gradients."""
     from dist_launch import run_ranks
 
     for result in run_ranks("uneven_lengths", tmp_path, timeout=100):

@@ -38,6 +38,7 @@ from .sparse_attention import (
     SparseAttentionError,
     TopKEntries,
     attend_block,
+    hca_compress,
     indexer_topk,
     modules_of,
     overlap_compress,
@@ -127,28 +128,6 @@ def _gather_entries(entries: torch.Tensor, counts: list[int], group: Any) -> tor
     return _all_rows(entries, counts, group)
 
 
-def _hca_compress(module: Any, hidden: torch.Tensor, first_position: int) -> torch.Tensor:
-    """`DeepseekV4HCACompressor.forward`'s entries without a cache, for `hidden` starting at the global position
-    `first_position` (a multiple of the ratio): stock's arithmetic, op for op, at global rope positions."""
-    batch = hidden.shape[0]
-    kv, gate = module.kv_proj(hidden), module.gate_proj(hidden)
-    ratio = module.compress_rate
-    usable = (kv.shape[1] // ratio) * ratio
-    if usable == 0:
-        return kv.new_zeros((batch, 0, module.head_dim))
-    n_windows = usable // ratio
-    chunk_kv = kv[:, :usable].view(batch, n_windows, ratio, -1)
-    chunk_gate = gate[:, :usable].view(batch, n_windows, ratio, -1) + module.position_bias
-    compressed = module.kv_norm(
-        (chunk_kv * chunk_gate.softmax(dim=2, dtype=torch.float32).to(chunk_kv.dtype)).sum(dim=2)
-    )
-    positions = (torch.arange(n_windows, device=compressed.device) * ratio + first_position).unsqueeze(0)
-    cos, sin = module.rotary_emb(
-        compressed, position_ids=positions.expand(batch, -1), layer_type=module.rope_layer_type
-    )
-    return compat.dsv4_apply_rotary_pos_emb(compressed.unsqueeze(1), cos, sin).squeeze(1)
-
-
 def _own_entries(compress, module: Any, ext: torch.Tensor, ext_start: int, start: int, stop: int, overlap: bool):
     """The compressed entries of the blocks that end in `[start, stop)`, from `ext` (the hidden states from global
     position `ext_start`); with `overlap` (CSA) a block also reads the one before it, so `ext` starts a block
@@ -208,7 +187,7 @@ def _compressed(attention, ext, ext_start, q_residual, position_ids, bounds, cp,
     ratio = compressor.compress_rate
     counts = [b // ratio - a // ratio for a, b in bounds]
     csa = hasattr(compressor, "indexer")
-    compress = _overlap_compress_at if csa else _hca_compress
+    compress = _overlap_compress_at if csa else hca_compress
     own = _own_entries(compress, compressor, ext, ext_start, start, stop, overlap=csa)
     entries = _gather_entries(own, counts, cp.group)
     if not csa:

@@ -204,18 +204,18 @@ class _Dense:
 def overlap_compress(module: Any, hidden_states: torch.Tensor, first_position: int = 0) -> torch.Tensor:
     """The CSA compressor's (and the indexer's) compressed entries without a cache: stock's arithmetic, op for op
     (`DeepseekV4CSACompressor.forward` / `DeepseekV4Indexer.forward` with `cache=None`), `[B, T, head_dim]`;
-    `first_position`: the global position of `hidden_states`' first token (context parallelism), for the rope."""
+    `first_position`: the global position of `hidden_states`' first token (context parallelism), for the rope. With
+    fewer tokens than one block, no entry `[B, 0, head_dim]`, still computed from the projections: see
+    `hca_compress`."""
     batch = hidden_states.shape[0]
     kv = module.kv_proj(hidden_states)
     gate = module.gate_proj(hidden_states)
     ratio, head_dim = module.compress_rate, module.head_dim
     usable = (kv.shape[1] // ratio) * ratio
     chunk_kv, chunk_gate = kv[:, :usable], gate[:, :usable]
-    if usable == 0:
-        return chunk_kv.new_zeros((batch, 0, head_dim))
     n_windows = usable // ratio
-    chunk_kv = chunk_kv.view(batch, n_windows, ratio, -1)
-    chunk_gate = chunk_gate.view(batch, n_windows, ratio, -1) + module.position_bias
+    chunk_kv = chunk_kv.view(batch, n_windows, ratio, kv.shape[-1])
+    chunk_gate = chunk_gate.view(batch, n_windows, ratio, gate.shape[-1]) + module.position_bias
     new_kv = chunk_kv.new_zeros((batch, n_windows, 2 * ratio, head_dim))
     new_gate = chunk_gate.new_full((batch, n_windows, 2 * ratio, head_dim), float("-inf"))
     new_kv[:, :, ratio:] = chunk_kv[..., head_dim:]
@@ -227,6 +227,30 @@ def overlap_compress(module: Any, hidden_states: torch.Tensor, first_position: i
     positions = (torch.arange(n_windows, device=compressed.device) * ratio + first_position).unsqueeze(0)
     positions = positions.expand(batch, -1)
     cos, sin = module.rotary_emb(compressed, position_ids=positions, layer_type=module.rope_layer_type)
+    return compat.dsv4_apply_rotary_pos_emb(compressed.unsqueeze(1), cos, sin).squeeze(1)
+
+
+def hca_compress(module: Any, hidden: torch.Tensor, first_position: int = 0) -> torch.Tensor:
+    """`DeepseekV4HCACompressor.forward`'s entries without a cache, `[B, T, head_dim]`, for `hidden` starting at the
+    global position `first_position` (a multiple of the ratio; context parallelism): stock's arithmetic, op for op.
+    With fewer tokens than one block, no entry, but computed from the projections all the same (stock returns
+    fresh zeros): the compressor's parameters then get a gradient of zeros instead of none, so that ranks whose
+    batches make entries and ranks whose batches make none reduce the same gradients under FSDP2 (a parameter with
+    a gradient on one rank and none on another is a collective mismatch, or a hang)."""
+    batch = hidden.shape[0]
+    kv, gate = module.kv_proj(hidden), module.gate_proj(hidden)
+    ratio = module.compress_rate
+    usable = (kv.shape[1] // ratio) * ratio
+    n_windows = usable // ratio
+    chunk_kv = kv[:, :usable].view(batch, n_windows, ratio, kv.shape[-1])
+    chunk_gate = gate[:, :usable].view(batch, n_windows, ratio, gate.shape[-1]) + module.position_bias
+    compressed = module.kv_norm(
+        (chunk_kv * chunk_gate.softmax(dim=2, dtype=torch.float32).to(chunk_kv.dtype)).sum(dim=2)
+    )
+    positions = (torch.arange(n_windows, device=compressed.device) * ratio + first_position).unsqueeze(0)
+    cos, sin = module.rotary_emb(
+        compressed, position_ids=positions.expand(batch, -1), layer_type=module.rope_layer_type
+    )
     return compat.dsv4_apply_rotary_pos_emb(compressed.unsqueeze(1), cos, sin).squeeze(1)
 
 
@@ -318,7 +342,7 @@ def _packed_csa(
     after the other (the picks shifted to them). Returns (entries `[B, T, D]`, picks `[B, L, k]`, -1 where none)."""
     rate, entries, picks = compressor.compress_rate, [], []
     for row, spans in enumerate(samples):
-        row_entries, row_picks, offset = [hidden_states.new_zeros((1, 0, compressor.head_dim))], [], 0
+        row_entries, row_picks, offset = [overlap_compress(compressor, hidden_states[row : row + 1, :0])], [], 0
         for start, stop in spans:
             if stop - start < rate:  # no entry, nothing to pick
                 row_picks.append(positions.new_full((1, stop - start, 0), -1))
@@ -341,7 +365,7 @@ def _packed_hca(
     rate, stock, entries = compressor.compress_rate, type(compressor).forward, []
     lower, upper = torch.zeros_like(positions), torch.zeros_like(positions)
     for row, spans in enumerate(samples):
-        row_entries, offset = [hidden_states.new_zeros((1, 0, compressor.head_dim))], 0
+        row_entries, offset = [hca_compress(compressor, hidden_states[row : row + 1, :0])], 0
         for start, stop in spans:
             lower[row, start:stop] = offset
             if stop - start >= rate:
@@ -427,7 +451,10 @@ def _hca_forward(self, hidden_states, q_residual, position_ids, cache=None, laye
         positions = position_ids.expand(hidden_states.shape[0], -1)
         entries, layer.selection = _packed_hca(self, hidden_states, q_residual, positions, samples)
         return entries.unsqueeze(1), None
-    compressed_kv, _ = stock(self, hidden_states, q_residual, position_ids[:, :1], None, layer_idx)
+    if hidden_states.shape[1] < self.compress_rate:  # no entry, the projections still in the graph
+        compressed_kv = hca_compress(self, hidden_states).unsqueeze(1)
+    else:
+        compressed_kv, _ = stock(self, hidden_states, q_residual, position_ids[:, :1], None, layer_idx)
     layer.selection = CausalEntries(((position_ids + 1) // self.compress_rate).expand(hidden_states.shape[0], -1))
     return compressed_kv, None
 

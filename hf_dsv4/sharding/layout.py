@@ -194,7 +194,3 @@ def apply_fsdp(
     _shard_by_dtype(model, keys, mixed_precision, reshard_after_forward=False, **kwargs)
     if not isinstance(model, FSDPModule):  # a root without parameters of its own
         fully_shard(model, mp_policy=_policy((torch.float32, True), mixed_precision), **kwargs)
-    # A trainable parameter that one rank's batch leaves without a gradient (an HCA compressor under a batch shorter
-    # than its 128-token block, a chunk of a sequence that makes no entry) while another rank's has one: FSDP2 would
-    # reduce-scatter different tensors on the two ranks (a collective mismatch, or a hang). Reduce zeros instead.
-    model.set_reduce_scatter_unused_params(True)
