@@ -59,6 +59,10 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
             why="a quantized module's saved-tensor hooks hand what is not a weight on to the hooks outside "
             "(activation checkpointing's), as torch.utils.checkpoint itself reads them",
         ),
+        Internal(
+            "torch._subclasses.fake_tensor:is_fake", ("x",),
+            why="packed rows are read from position values: a traced (fake) tensor has none (the Flash rehearsal)",
+        ),
     )),
     "torch.tools": (">=2.13,<2.16", (  # what the benchmarks and the Flash rehearsal measure with, never training
         Internal(
@@ -655,6 +659,13 @@ def saved_tensors_hooks_in_effect() -> tuple[Callable, Callable] | None:
     import torch._C._autograd as autograd
 
     return autograd._top_saved_tensors_default_hooks(False)
+
+
+def is_fake(tensor: Any) -> bool:
+    """Whether `tensor` is a fake tensor (shapes without values: traced under `FakeTensorMode`)."""
+    from torch._subclasses.fake_tensor import is_fake as fake
+
+    return fake(tensor)
 
 
 # ------------------------------------------------------------------------------------------------ torch tools

@@ -223,3 +223,14 @@ def test_the_packing_benchmark_feeds_both_ways_the_same_samples_through_trls_col
     assert sum(b["input_ids"].numel() for b in packed) == sum(lengths)
     starts = sorted(int(n) for b in packed for n in torch.diff(b["cu_seq_lens_q"]))
     assert starts == sorted(lengths) and sum(int((b["position_ids"] == 0).sum()) for b in packed) == len(lengths)
+
+
+def test_traced_position_ids_are_taken_as_unpacked():
+    """Under `FakeTensorMode` (the Flash rehearsal traces the real step so) position ids have no values to read
+    samples from: they are taken as one sequence per row, what the rehearsal traces."""
+    from hf_dsv4 import compat
+
+    with compat.fake_tensor_mode():
+        fake = torch.arange(16)[None]
+        assert compat.is_fake(fake) and packed_samples(fake, 1) is None
+    assert not compat.is_fake(torch.arange(3))

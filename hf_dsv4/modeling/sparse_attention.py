@@ -308,7 +308,10 @@ def packed_samples(position_ids: torch.Tensor, batch: int) -> list[list[tuple[in
         batch: B.
 
     Returns:
-        Per row, the spans of its samples, or None."""
+        Per row, the spans of its samples, or None (also for traced position ids, which have no values: a
+        trace under `FakeTensorMode`, as the Flash rehearsal runs, is of unpacked rows)."""
+    if position_ids.is_meta or compat.is_fake(position_ids):
+        return None
     ref, cached = _LAST_SAMPLES
     key = (batch, position_ids.shape, position_ids._version)
     if ref is not None and ref() is position_ids and cached[0] == key:
