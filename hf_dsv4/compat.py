@@ -175,12 +175,13 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
         Internal(
             "transformers.models.deepseek_v4.modeling_deepseek_v4:DeepseekV4HCACompressor.forward",
             source=("3fb94114cb4ed493",),
-            why="called with one query position: it returns its compressed entries before building the block bias",
+            why="its cache-less compression is reproduced op for op (hca_compress), its dense block bias is not",
         ),
         Internal(
             "transformers.models.deepseek_v4.modeling_deepseek_v4:DeepseekV4Attention.forward",
             source=("7e61a222ad0603b7",),
-            why="calls the compressor then the registered attention; a non-tensor mask is passed through untouched",
+            why="calls the compressor then the registered attention; a non-tensor mask is passed through untouched; "
+            "context parallelism reproduces it op for op on a rank's chunk",
         ),
         Internal(
             "transformers.models.deepseek_v4.modeling_deepseek_v4:eager_attention_forward",

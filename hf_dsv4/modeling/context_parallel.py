@@ -187,22 +187,18 @@ def _compressed(attention, ext, ext_start, q_residual, position_ids, bounds, cp,
     ratio = compressor.compress_rate
     counts = [b // ratio - a // ratio for a, b in bounds]
     csa = hasattr(compressor, "indexer")
-    compress = _overlap_compress_at if csa else hca_compress
+    compress = overlap_compress if csa else hca_compress
     own = _own_entries(compress, compressor, ext, ext_start, start, stop, overlap=csa)
     entries = _gather_entries(own, counts, cp.group)
     if not csa:
         return entries, CausalEntries(((position_ids + 1) // ratio).expand(ext.shape[0], -1))
     indexer = compressor.indexer
     with torch.no_grad():
-        own_keys = _own_entries(_overlap_compress_at, indexer, ext.detach(), ext_start, start, stop, overlap=True)
+        own_keys = _own_entries(overlap_compress, indexer, ext.detach(), ext_start, start, stop, overlap=True)
         keys = _gather_entries(own_keys, counts, cp.group)
     hidden = ext[:, start - ext_start :]
     picks = indexer_topk(indexer, hidden, q_residual, position_ids.expand(ext.shape[0], -1), chunk, compressed=keys)
     return entries, TopKEntries(picks)
-
-
-def _overlap_compress_at(module: Any, hidden: torch.Tensor, first_position: int) -> torch.Tensor:
-    return overlap_compress(module, hidden, first_position=first_position)
 
 
 def _attend(attention, query, kv, ext_start, start, compressed, selection, chunk):

@@ -343,13 +343,10 @@ def _packed_csa(
     """CSA over packed rows, each sample as if alone: its compressed entries from its own tokens (blocks aligned to
     its start, the first without an overlap), its indexer's picks among them; the entries of a row's samples one
     after the other (the picks shifted to them). Returns (entries `[B, T, D]`, picks `[B, L, k]`, -1 where none)."""
-    rate, entries, picks = compressor.compress_rate, [], []
+    entries, picks = [], []
     for row, spans in enumerate(samples):
-        row_entries, row_picks, offset = [overlap_compress(compressor, hidden_states[row : row + 1, :0])], [], 0
-        for start, stop in spans:
-            if stop - start < rate:  # no entry, nothing to pick
-                row_picks.append(positions.new_full((1, stop - start, 0), -1))
-                continue
+        row_entries, row_picks, offset = [], [], 0
+        for start, stop in spans:  # a sample shorter than a block makes no entry and picks none
             own = (slice(row, row + 1), slice(start, stop))
             row_entries.append(overlap_compress(compressor, hidden_states[own]))
             chosen = indexer_topk(compressor.indexer, hidden_states[own], q_residual[own], positions[own], chunk)
@@ -360,22 +357,17 @@ def _packed_csa(
     return _rows(entries, 1, 0.0), _rows(picks, 1, -1)
 
 
-def _packed_hca(
-    compressor: Any, hidden_states: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor, samples
-) -> tuple[torch.Tensor, CausalEntries]:
-    """HCA over packed rows, each sample as if alone: its entries from its own tokens (stock's forward on the
+def _packed_hca(compressor: Any, hidden_states: torch.Tensor, positions: torch.Tensor, samples):
+    """HCA over packed rows, each sample as if alone: its entries from its own tokens (`hca_compress` on the
     sample), a query seeing its own sample's entries causally. Returns (entries `[B, T, D]`, the selection)."""
-    rate, stock, entries = compressor.compress_rate, type(compressor).forward, []
+    rate, entries = compressor.compress_rate, []
     lower, upper = torch.zeros_like(positions), torch.zeros_like(positions)
     for row, spans in enumerate(samples):
-        row_entries, offset = [hca_compress(compressor, hidden_states[row : row + 1, :0])], 0
+        row_entries, offset = [], 0
         for start, stop in spans:
             lower[row, start:stop] = offset
-            if stop - start >= rate:
-                own = (slice(row, row + 1), slice(start, stop))
-                first = positions[row : row + 1, start : start + 1]
-                row_entries.append(stock(compressor, hidden_states[own], q_residual[own], first, None, None)[0][:, 0])
-                offset += row_entries[-1].shape[1]
+            row_entries.append(hca_compress(compressor, hidden_states[row : row + 1, start:stop]))
+            offset += row_entries[-1].shape[1]
             upper[row, start:stop] = offset  # a sample not starting at position 0 sees no entry past its own
         entries.append(row_entries)
     threshold = torch.minimum(lower + (positions + 1) // rate, upper)
@@ -441,23 +433,20 @@ def _csa_forward(self, hidden_states, q_residual, position_ids, cache=None, laye
 
 
 def _hca_forward(self, hidden_states, q_residual, position_ids, cache=None, layer_idx=None):
-    """`DeepseekV4HCACompressor.forward` under sparse attention: without a cache, the stock forward's compressed
-    entries (asked for one query position, which returns before the dense block bias is built) and the per-query
-    visible count."""
-    layer, stock = sparse_layer(self), type(self).forward
+    """`DeepseekV4HCACompressor.forward` under sparse attention: without a cache, the compressed entries
+    (`hca_compress`, stock's arithmetic) and the per-query visible count, no dense block bias. With a cache, the
+    stock forward."""
+    layer = sparse_layer(self)
     if cache is not None:
-        compressed_kv, block_bias = stock(self, hidden_states, q_residual, position_ids, cache, layer_idx)
+        compressed_kv, block_bias = type(self).forward(self, hidden_states, q_residual, position_ids, cache, layer_idx)
         layer.selection = _Dense(block_bias)
         return compressed_kv, block_bias
     samples = packed_samples(position_ids, hidden_states.shape[0])
     if samples is not None:
         positions = position_ids.expand(hidden_states.shape[0], -1)
-        entries, layer.selection = _packed_hca(self, hidden_states, q_residual, positions, samples)
+        entries, layer.selection = _packed_hca(self, hidden_states, positions, samples)
         return entries.unsqueeze(1), None
-    if hidden_states.shape[1] < self.compress_rate:  # no entry, the projections still in the graph
-        compressed_kv = hca_compress(self, hidden_states).unsqueeze(1)
-    else:
-        compressed_kv, _ = stock(self, hidden_states, q_residual, position_ids[:, :1], None, layer_idx)
+    compressed_kv = hca_compress(self, hidden_states).unsqueeze(1)
     layer.selection = CausalEntries(((position_ids + 1) // self.compress_rate).expand(hidden_states.shape[0], -1))
     return compressed_kv, None
 
