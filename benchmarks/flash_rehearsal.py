@@ -230,17 +230,21 @@ def optimizer_with_state(model: nn.Module) -> torch.optim.Optimizer:
     return optimizer
 
 
-def train_step(model: nn.Module, tokens: int, vocab: int, desc: str) -> dict[str, dict[str, int]]:
+def train_step(model: nn.Module, tokens: int, vocab: int, desc: str, cp: tuple[int, int] = (0, 1)):
     """One training step (batch 1 x `tokens`, TRL's fused-head loss, backward, AdamW step) under the memory tracker;
-    its peak bytes per device and category (`compat.tracker_peak`)."""
+    its peak bytes per device and category (`compat.tracker_peak`). With `cp` (this rank's index, the ranks that
+    share a sequence), the sequence is `tokens` x ranks long and this rank trains its chunk of it, as the trainer
+    hands it (`chunk_inputs`: labels shifted before the split, every rank's bounds)."""
     from hf_dsv4 import compat
+    from hf_dsv4.modeling import chunk_inputs
 
     optimizer = optimizer_with_state(model)
     model.train()
-    ids = torch.randint(3, vocab, (1, tokens))
+    ids = torch.randint(3, vocab, (1, tokens * cp[1]))
+    inputs = chunk_inputs({"input_ids": ids, "labels": ids}, *cp) if cp[1] > 1 else {"input_ids": ids, "labels": ids}
     tracker = compat.memory_tracker(model, optimizer)
     with tracker, layer_progress(model, desc):
-        model(input_ids=ids, labels=ids, fused_lm_head=True).loss.backward()
+        model(**inputs, fused_lm_head=True).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return compat.tracker_peak(tracker)
@@ -260,28 +264,43 @@ def summary(peak: dict[str, dict[str, int]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- trace and run
 
 
-def trace(config, ranks: int, tokens: int, targets: str, keep_quantized: bool) -> dict[str, Any]:
-    """The step traced for rank 0 of `ranks` (fake process group, fake tensors): its peak, by category."""
+def context_parallel(model: nn.Module, ranks: int, cp: int) -> tuple[int, int]:
+    """With `cp` > 1: the last `cp` ranks of the world share one sequence (`enable_context_parallel` over them; FSDP2
+    still shards over all `ranks`, as accelerate's `dp_shard` x `cp` mesh does). This rank's (index, cp)."""
+    if cp == 1:
+        return 0, 1
+    from hf_dsv4.modeling import enable_context_parallel
+
+    group = None if cp == ranks else dist.new_group(list(range(ranks - cp, ranks)))
+    enable_context_parallel(model, group)
+    return dist.get_rank() - (ranks - cp), cp
+
+
+def trace(config, ranks: int, tokens: int, targets: str, keep_quantized: bool, cp: int = 1) -> dict[str, Any]:
+    """The step traced for one rank of `ranks` (fake process group, fake tensors): its peak, by category. Rank 0;
+    with `cp` > 1 the last rank, whose chunk is the sequence's last (the longest halo and causal reach)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from hf_dsv4 import compat
 
     start = time.perf_counter()
-    dist.init_process_group("fake", store=compat.fake_store(), rank=0, world_size=ranks)
+    rank = 0 if cp == 1 else ranks - 1
+    dist.init_process_group("fake", store=compat.fake_store(), rank=rank, world_size=ranks)
     try:
         mesh = init_device_mesh("cpu", (ranks,))  # before FakeTensorMode: the mesh holds real rank tensors
         model = build(config, targets, keep_quantized)
         shard(model, mesh)
+        chunk = context_parallel(model, ranks, cp)
         with compat.fake_tensor_mode(), balanced_per_expert(model) as stand_ins:
             model.to_empty(device="cpu")
-            peak = train_step(model, tokens, config.vocab_size, f"trace {ranks} ranks x {tokens} tokens")
+            peak = train_step(model, tokens, config.vocab_size, f"trace {ranks} ranks x {tokens} tokens", chunk)
     finally:
         dist.destroy_process_group()
     return {**summary(peak), "balanced_stand_ins": stand_ins, "trace_s": time.perf_counter() - start}
 
 
 def _measure_rank(rank: int, ranks: int, store: str, config, tokens: int, targets: str, keep_quantized: bool,
-                  out: str) -> None:  # fmt: skip
+                  cp: int, out: str) -> None:  # fmt: skip
     """One rank of the real run: the same model, layout and step on real CPU tensors over gloo."""
     from bench_flash_slice import randomize_hash_routes
     from torch.distributed.device_mesh import init_device_mesh
@@ -292,10 +311,12 @@ def _measure_rank(rank: int, ranks: int, store: str, config, tokens: int, target
     mesh = init_device_mesh("cpu", (ranks,))
     model = build(config, targets, keep_quantized)
     shard(model, mesh)
+    chunk = context_parallel(model, ranks, cp)
     model.to_empty(device="cpu")
     fill_random(model)
     randomize_hash_routes(model, seed=0)
-    peak = train_step(model, tokens, config.vocab_size, f"rank {rank}")
+    torch.manual_seed(0)  # one sequence for the ranks that share it
+    peak = train_step(model, tokens, config.vocab_size, f"rank {rank}", chunk)
     Path(out, f"rank{rank}.json").write_text(json.dumps(summary(peak)))
     dist.barrier()
     dist.destroy_process_group()
@@ -326,14 +347,14 @@ def fill_random(model: nn.Module) -> None:
                 module.get_buffer(name).copy_(buffer)
 
 
-def measure(config, ranks: int, tokens: int, targets: str, keep_quantized: bool) -> dict[str, Any]:
+def measure(config, ranks: int, tokens: int, targets: str, keep_quantized: bool, cp: int = 1) -> dict[str, Any]:
     """The step measured in a real `ranks`-process gloo run: every rank's peak, by category."""
     import torch.multiprocessing as mp
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         store = str(Path(tmp, "store"))
-        mp.spawn(_measure_rank, (ranks, store, config, tokens, targets, keep_quantized, tmp), nprocs=ranks)
+        mp.spawn(_measure_rank, (ranks, store, config, tokens, targets, keep_quantized, cp, tmp), nprocs=ranks)
         results = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(ranks)]
     worst = max(results, key=lambda r: r["peak_bytes_per_rank"])
     return {**worst, "per_rank_gib": [r["peak_gib_per_rank"] for r in results], "run_s": time.perf_counter() - start}
@@ -351,11 +372,11 @@ def trace_flash(args: argparse.Namespace, tokens: int) -> dict[str, Any]:
     full = FLASH_LAYERS
     if not args.extrapolate:
         config = flash_config(args.layers)
-        result = trace(config, args.ranks, tokens, args.targets, args.keep_quantized)
+        result = trace(config, args.ranks, tokens, args.targets, args.keep_quantized, args.cp)
         return {**result, "layers": config.num_hidden_layers}
     if args.layers < 3 or (full - args.layers) % 2 or args.layers + 2 > full:
         raise SystemExit(f"--extrapolate needs an odd --layers from 3 to {full - 2}, got {args.layers}")
-    short, long = (trace(flash_config(n), args.ranks, tokens, args.targets, args.keep_quantized)
+    short, long = (trace(flash_config(n), args.ranks, tokens, args.targets, args.keep_quantized, args.cp)
                    for n in (args.layers, args.layers + 2))  # fmt: skip
     pairs = (full - args.layers - 2) // 2
     total = long["peak_bytes_per_rank"] + pairs * (long["peak_bytes_per_rank"] - short["peak_bytes_per_rank"])
@@ -396,8 +417,8 @@ def fit_tokens(args: argparse.Namespace, capacity_gb: float, probes: dict[int, i
 def check(args: argparse.Namespace) -> int:
     """`--tiny --check`: the trace on 2 fake ranks vs the real 2-rank gloo run; 0 if within 5%, else 1."""
     config = tiny_config(args.keep_quantized)
-    traced = trace(config, CHECK_RANKS, args.tokens, args.targets, args.keep_quantized)
-    measured = measure(config, CHECK_RANKS, args.tokens, args.targets, args.keep_quantized)
+    traced = trace(config, CHECK_RANKS, args.tokens, args.targets, args.keep_quantized, args.cp)
+    measured = measure(config, CHECK_RANKS, args.tokens, args.targets, args.keep_quantized, args.cp)
     error = traced["peak_bytes_per_rank"] / measured["peak_bytes_per_rank"] - 1
     result = {"traced": traced, "measured": measured, "relative_error": error, "within": abs(error) <= TOLERANCE}
     if args.json:
@@ -419,6 +440,10 @@ def describe(args: argparse.Namespace, result: dict[str, Any]) -> str:
     stand_in = (f"; {result['balanced_stand_ins']} per-expert loops on balanced routing (stand-in)"
                 if result["balanced_stand_ins"] else "")  # fmt: skip
     model = "the tiny DeepSeek-V4" if args.tiny else "DeepSeek-V4-Flash"
+    if args.cp > 1:
+        model += (
+            f", one sequence of {args.tokens * args.cp:,} tokens split over {args.cp} of the ranks (context parallel)"
+        )
     return (f"{model}, {args.ranks} ranks x {args.tokens:,} tokens, LoRA '{args.targets}' r=16, {base}, "
             f"sparse attention, activation checkpointing, FSDP2 bf16 / fp32 reduction, fused AdamW; {how}"
             f"{stand_in}; {result['trace_s']:.0f} s")  # fmt: skip
@@ -428,6 +453,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=8, help="GPUs the step is sharded over (fake ranks)")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank (batch 1)")
+    parser.add_argument(
+        "--cp",
+        type=int,
+        default=1,
+        help="context parallelism: the last CP ranks share one sequence of --tokens x CP tokens (enable_context_"
+        "parallel), each training its chunk; FSDP2 still shards over all --ranks. The last rank is traced",
+    )
     parser.add_argument("--targets", default="all", choices=["attention", "attention+shared", "all"],
                         help="LoRA preset (hf_dsv4.training.lora)")  # fmt: skip
     parser.add_argument("--keep-quantized", action="store_true", help="the quantized-resident base (FP8 / FP4)")
@@ -449,6 +481,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny DeepSeek-V4 of the tests instead of Flash")
     parser.add_argument("--check", action="store_true", help="with --tiny: trace vs a real 2-rank gloo run, 5%%")
     args = parser.parse_args()
+    if args.cp < 1 or args.ranks % args.cp or (args.check and args.cp not in (1, CHECK_RANKS)):
+        parser.error(f"--cp must divide --ranks ({args.ranks}); with --check, 1 or {CHECK_RANKS}")
     if args.check:
         if not args.tiny:
             parser.error("--check runs the real step beside the trace: only with --tiny")
@@ -460,12 +494,13 @@ def main() -> None:
             f"{f['capacity_gb']:g} GB per GPU: {f['tokens']:,} tokens" for f in fits))  # fmt: skip
         return
     if args.tiny:
-        result = trace(tiny_config(args.keep_quantized), args.ranks, args.tokens, args.targets, args.keep_quantized)
-        result["layers"] = tiny_config(args.keep_quantized).num_hidden_layers
+        config = tiny_config(args.keep_quantized)
+        result = trace(config, args.ranks, args.tokens, args.targets, args.keep_quantized, args.cp)
+        result["layers"] = config.num_hidden_layers
     else:
         result = trace_flash(args, args.tokens)
     if args.json:
-        print(json.dumps({"ranks": args.ranks, "tokens": args.tokens, "targets": args.targets,
+        print(json.dumps({"ranks": args.ranks, "tokens": args.tokens, "cp": args.cp, "targets": args.targets,
                           "keep_quantized": args.keep_quantized, **result}))  # fmt: skip
         return
     print(describe(args, result))

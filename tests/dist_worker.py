@@ -1042,7 +1042,7 @@ def scenario_context_parallel(length: str) -> dict:
     from numerics import float64_throughout
 
     from hf_dsv4.modeling import enable_sparse_attention
-    from hf_dsv4.modeling.context_parallel import chunk_bounds, enable_context_parallel
+    from hf_dsv4.modeling.context_parallel import chunk_bounds, chunk_inputs, enable_context_parallel
     from hf_dsv4.testing.model import tiny_dsv4_model
 
     types = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"] * 2
@@ -1065,8 +1065,11 @@ def scenario_context_parallel(length: str) -> dict:
                 (logits * weight).sum().backward()
             else:
                 enable_context_parallel(model)
-                positions = torch.arange(start, stop)[None]  # global positions
-                part = model(input_ids=ids[:, start:stop], position_ids=positions).logits
+                if name == "parallel":  # positions only: each layer all-gathers the ranks' bounds
+                    inputs = {"input_ids": ids[:, start:stop], "position_ids": torch.arange(start, stop)[None]}
+                else:  # as the trainer hands them: every rank's bounds in the batch, no collective to learn them
+                    inputs = chunk_inputs({"input_ids": ids}, rank, world)
+                part = model(**inputs).logits
                 (part * weight[:, start:stop]).sum().backward()
                 logits = torch.cat(_gathered_rows(part.detach(), length, world), dim=1)
         grads = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}

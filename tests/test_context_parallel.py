@@ -35,7 +35,8 @@ def test_split_across_ranks_the_logits_and_every_gradient_are_the_whole_sequence
     """The tiny model, all three attention types twice (window 8, CSA every 4 tokens with the indexer keeping 3, HCA
     every 8; a halo of 7 tokens), full fine-tuning: 45 tokens (a multiple of nothing), 20 on 4 ranks (chunks of 5,
     shorter than the halo: it comes from two ranks back), 64 (a multiple of 2 x 8 x 4). Plain, and FSDP2-sharded over
-    the same ranks; sharded with decoder layers checkpointed, bit for bit the same as without."""
+    the same ranks; sharded with decoder layers checkpointed, bit for bit the same as without. Unsharded, each layer
+    all-gathers the ranks' bounds from their positions; sharded, the batch carries them (`chunk_inputs`)."""
     from dist_launch import run_ranks
 
     for result in run_ranks("context_parallel", tmp_path, str(length), world_size=world, timeout=280):
@@ -72,6 +73,8 @@ def test_chunk_inputs_gives_each_rank_its_chunk_with_labels_shifted_before_the_s
     assert first["position_ids"].tolist() == [list(range(6))] and second["position_ids"].tolist() == [
         list(range(6, 11))
     ]
+    # every rank's bounds, for the attention layers (no collective to learn them)
+    assert first["context_parallel_bounds"] == second["context_parallel_bounds"] == ((0, 6), (6, 11))
     # rank 0's last token is trained on rank 1's first: the shift happened before the split
     assert first["shift_labels"].tolist() == [[-100, -100, 13, 14, 15, 16]]
     assert second["shift_labels"].tolist() == [[17, 18, 19, 20, -100]]

@@ -64,6 +64,22 @@ def test_the_tiny_trace_is_the_peak_a_real_two_rank_gloo_run_measures():
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_the_tiny_context_parallel_trace_is_the_peak_a_real_two_rank_run_measures():
+    """`--cp 2`: one 256-token sequence split over the two ranks (`chunk_inputs`, `enable_context_parallel`), kept
+    quantized, LoRA 'all': the traced last rank vs the real run's worst rank, within the tolerance."""
+    proc = _run(
+        "--tiny", "--check", "--cp", "2", "--keep-quantized", "--targets", "all", "--tokens", "128", timeout=550
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    traced, measured = result["traced"], result["measured"]
+    assert result["within"] and abs(result["relative_error"]) <= 0.05
+    for category in ("sharded_param", "unsharded_param", "opt", "buffer"):
+        assert traced["by_category"][category] == measured["by_category"][category], category
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_flash_layer_traced_on_eight_ranks_reports_its_peak_by_category():
     """One full-width Flash decoder layer (sliding attention, hash-routed MoE) with embeddings and head, 8 ranks, 256
     tokens: the categories add up to the peak, and the sharded parameters are rank 0's shards to the byte."""

@@ -47,6 +47,8 @@ from .sparse_attention import (
     sparse_layer,
 )
 
+BOUNDS = "context_parallel_bounds"  # the model keyword `chunk_inputs` adds: every rank's [start, stop)
+
 
 @dataclass
 class ContextParallel:
@@ -145,10 +147,8 @@ def _cp_attention_forward(self, hidden_states, position_embeddings, position_ids
         raise SparseAttentionError("context parallelism trains without a cache (generation runs on one rank)")
     layer = sparse_layer(self)
     cp: ContextParallel = layer.context_parallel
-    start, length = int(position_ids[0, 0]), hidden_states.shape[1]
-    here = torch.tensor([start, start + length], device=hidden_states.device)
-    bounds = [(int(a), int(b)) for a, b in _gather(here, cp.group)]
-    stop = start + length
+    bounds = _chunk_bounds(cp, position_ids, hidden_states.shape[1], kw.get(BOUNDS))
+    start, stop = bounds[cp.rank]
     cos, sin = position_embeddings[self.rope_layer_type]
     shape = (*hidden_states.shape[:-1], -1, self.head_dim)
     q_residual = self.q_a_norm(self.q_a_proj(hidden_states))
@@ -167,6 +167,23 @@ def _cp_attention_forward(self, hidden_states, position_embeddings, position_ids
     out = compat.dsv4_apply_rotary_pos_emb(out.transpose(1, 2), cos, -sin).transpose(1, 2)
     grouped = out.reshape(*hidden_states.shape[:-1], self.config.o_groups, -1)
     return self.o_b_proj(self.o_a_proj(grouped).flatten(2)), None
+
+
+def _chunk_bounds(cp: ContextParallel, position_ids, length: int, given: Any) -> list[tuple[int, int]]:
+    """Every rank's `[start, stop)` in the sequence: as `chunk_inputs` handed them to the model (`BOUNDS`), else
+    all-gathered from each rank's first position and length (a collective per layer, and data-dependent: a traced
+    model needs them handed in)."""
+    if given is None:
+        start = int(position_ids[0, 0])
+        here = torch.tensor([start, start + length], device=position_ids.device)
+        return [(int(a), int(b)) for a, b in _gather(here, cp.group)]
+    bounds = [(int(a), int(b)) for a, b in given]
+    if len(bounds) != cp.world or bounds[cp.rank][1] - bounds[cp.rank][0] != length:
+        raise SparseAttentionError(
+            f"rank {cp.rank} of {cp.world} context-parallel ranks got {length} tokens, but the chunk bounds handed "
+            f"in ({BOUNDS}={bounds}) say otherwise: make each rank's batch with chunk_inputs(batch, rank, world)"
+        )
+    return bounds
 
 
 def _halo_size(attention: Any) -> int:
@@ -271,7 +288,9 @@ def chunk_inputs(inputs: dict[str, Any], rank: int, world: int) -> dict[str, Any
         world: the group's size.
 
     Returns:
-        The chunked batch, without `attention_mask`.
+        The chunked batch, without `attention_mask`, with every rank's `[start, stop)` under
+        `"context_parallel_bounds"` (a model keyword that transformers hands to each attention layer: the layers
+        then need no collective to learn them).
 
     Raises:
         SparseAttentionError: padding in `attention_mask`, packed rows, or fewer tokens than ranks."""
@@ -293,7 +312,9 @@ def chunk_inputs(inputs: dict[str, Any], rank: int, world: int) -> dict[str, Any
         out["shift_labels"] = F.pad(out["labels"], (0, 1), value=-100)[:, 1:]
     if positions is None:
         out["position_ids"] = torch.arange(length, device=ids.device).expand(batch, -1)
-    start, stop = chunk_bounds(length, world)[rank]
+    bounds = chunk_bounds(length, world)
+    out[BOUNDS] = tuple(bounds)
+    start, stop = bounds[rank]
     for key in ("input_ids", "labels", "shift_labels", "position_ids"):
         if key in out:
             out[key] = out[key][:, start:stop]
