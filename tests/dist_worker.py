@@ -1102,6 +1102,68 @@ def scenario_context_parallel(length: str) -> dict:
     }
 
 
+def scenario_context_parallel_packed() -> dict:
+    """A packed row split across every rank of the world (2 or 4): seven samples (13, 32, 3, 21, 8, 40, 1 tokens,
+    positions restarting at 0) in one 118-token row, float64 throughout, the tiny model with all three attention
+    types twice (the indexer keeping 3), sparse attention in chunks of 5; each rank its chunk (`chunk_inputs`: the
+    row's bounds and samples handed in), plain and FSDP2-sharded; vs the packed row in one process (which equals each
+    sample alone, tests/test_packing.py). Logits gathered, gradients summed over ranks."""
+    from numerics import float64_throughout
+
+    from hf_dsv4.modeling import enable_sparse_attention
+    from hf_dsv4.modeling.context_parallel import chunk_inputs, enable_context_parallel
+    from hf_dsv4.testing.model import tiny_dsv4_model
+
+    types = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"] * 2
+    lengths = [13, 32, 3, 21, 8, 40, 1]
+    rank, world, length = dist.get_rank(), dist.get_world_size(), sum(lengths)
+    generator = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, 1000, (1, length), generator=generator)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    weight = torch.randn(1, length, 1024, generator=generator, dtype=torch.float64)
+    runs = {}
+    for name in ("whole", "parallel", "sharded"):
+        model = enable_sparse_attention(tiny_dsv4_model(types, torch.float64, index_topk=3), chunk_size=5)
+        if name == "sharded":
+            shard_model(model)
+        model.train()
+        with float64_throughout():
+            if name == "whole":
+                logits = model(input_ids=ids, position_ids=positions).logits
+                (logits * weight).sum().backward()
+            else:
+                enable_context_parallel(model)
+                inputs = chunk_inputs({"input_ids": ids, "position_ids": positions}, rank, world)
+                start, stop = inputs["context_parallel_bounds"][rank]
+                part = model(**inputs).logits
+                (part * weight[:, start:stop]).sum().backward()
+                logits = torch.cat(_gathered_rows(part.detach(), length, world), dim=1)
+        grads = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
+        if name == "sharded":  # FSDP2 averages the ranks' shares
+            grads = {n: world * g for n, g in grads.items()}
+        else:
+            grads = {n: grads.get(n, torch.zeros_like(p)) for n, p in model.named_parameters()}
+        if name == "parallel":
+            for grad in grads.values():
+                dist.all_reduce(grad)
+        runs[name] = (logits.detach(), grads)
+
+    def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+        return ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item()
+
+    want, want_grads = runs["whole"]
+    checked = [n for n in want_grads if want_grads[n].abs().max() > 1e-12]
+    out = {"grads": len(checked), "samples": len(inputs.get("context_parallel_samples", ()))}
+    for name in ("parallel", "sharded"):
+        got, got_grads = runs[name]
+        out[name] = {
+            "logits": rel(got, want),
+            "worst_grad": max((rel(got_grads[n], want_grads[n]), n) for n in checked),
+            "extra": sorted(n for n in set(got_grads) - set(checked) if got_grads[n].abs().max() > 1e-12),
+        }
+    return out
+
+
 def _gathered_rows(part: torch.Tensor, length: int, world: int) -> list[torch.Tensor]:
     """Every rank's `[1, n_r, V]` rows (n_r from `chunk_bounds`), in rank order."""
     from hf_dsv4.modeling.context_parallel import chunk_bounds

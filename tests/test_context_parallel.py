@@ -47,6 +47,23 @@ def test_split_across_ranks_the_logits_and_every_gradient_are_the_whole_sequence
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_packed_row_split_across_ranks_trains_each_sample_as_in_one_process(world, tmp_path):
+    """Packing and context parallelism compose: seven samples (13, 32, 3, 21, 8, 40, 1 tokens) packed in one row and
+    the row split over 2 or 4 ranks (chunk boundaries inside samples, a sample shorter than a block, one of a single
+    token): the logits and every gradient equal the packed row in one process (each sample as if alone), plain and
+    FSDP2-sharded, float64 throughout."""
+    from dist_launch import run_ranks
+
+    for result in run_ranks("context_parallel_packed", tmp_path, world_size=world, timeout=280):
+        assert result["samples"] == 7 and result["grads"] > 150, result
+        for name in ("parallel", "sharded"):
+            assert result[name]["logits"] < 1e-10 and result[name]["worst_grad"][0] < 1e-10, result
+            assert result[name]["extra"] == [], result
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_batch_shorter_than_an_hca_block_still_gives_the_compressor_a_gradient_under_fsdp2(tmp_path):
     """Data parallelism, one rank's batch shorter than an HCA block: its HCA compressor makes no entry; sparse
@@ -82,8 +99,11 @@ def test_chunk_inputs_gives_each_rank_its_chunk_with_labels_shifted_before_the_s
     padded[0, -1] = 0
     with pytest.raises(SparseAttentionError, match="whole sequences"):
         chunk_inputs({"input_ids": ids, "attention_mask": padded}, 0, 2)
-    with pytest.raises(SparseAttentionError, match="packed rows"):
-        chunk_inputs({"input_ids": ids, "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7]])}, 0, 2)
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7]])  # two samples: 3 + 8 tokens
+    row = chunk_inputs({"input_ids": ids, "position_ids": packed}, 1, 2)
+    assert row["context_parallel_samples"] == ((0, 3), (3, 11)) and row["position_ids"].tolist() == [[3, 4, 5, 6, 7]]
+    with pytest.raises(SparseAttentionError, match="one packed row at a time"):
+        chunk_inputs({"input_ids": ids.expand(2, -1), "position_ids": packed.expand(2, -1)}, 0, 2)
 
 
 @pytest.mark.parametrize("name", ["fsdp2_cpu_2proc_cp2.yaml", "fsdp2_1node_8gpu_cp8.yaml"])

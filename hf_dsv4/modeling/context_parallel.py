@@ -18,7 +18,9 @@ under `enable_context_parallel` each attention layer
 
 Parameters' gradients are each rank's share: summed over the context-parallel ranks (an all-reduce, or FSDP2's
 reduction over a mesh that includes them) they are the gradients of the whole sequence's loss. Training only (no
-cache), no padding mask, one sequence per row (packed rows under context parallelism: not yet).
+cache), no padding mask; a packed row (samples one after the other, positions restarting at 0) is split as one
+sequence, each sample kept apart as in `sparse_attention`'s packed rows (its window, its own compressed blocks aligned
+to its start, its indexer's picks among its own entries), given the row's samples (`chunk_inputs` hands them in).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from .sparse_attention import (
 )
 
 BOUNDS = "context_parallel_bounds"  # the model keyword `chunk_inputs` adds: every rank's [start, stop)
+SAMPLES = "context_parallel_samples"  # and for a packed row: its samples' [start, stop) in the row
 
 
 @dataclass
@@ -149,6 +152,7 @@ def _cp_attention_forward(self, hidden_states, position_embeddings, position_ids
     cp: ContextParallel = layer.context_parallel
     bounds = _chunk_bounds(cp, position_ids, hidden_states.shape[1], kw.get(BOUNDS))
     start, stop = bounds[cp.rank]
+    samples = [(int(a), int(b)) for a, b in kw.get(SAMPLES) or [(0, bounds[-1][1])]]
     cos, sin = position_embeddings[self.rope_layer_type]
     shape = (*hidden_states.shape[:-1], -1, self.head_dim)
     q_residual = self.q_a_norm(self.q_a_proj(hidden_states))
@@ -158,12 +162,17 @@ def _cp_attention_forward(self, hidden_states, position_embeddings, position_ids
     halo_size = _halo_size(self)
     ext = torch.cat([_halo(hidden_states, bounds, cp.rank, halo_size, cp.group), hidden_states], dim=1)
     ext_start = stop - ext.shape[1]
-    ext_positions = torch.arange(ext_start, stop, device=ext.device).unsqueeze(0).expand(ext.shape[0], -1)
-    ext_cos, ext_sin = cp.rotary(ext, position_ids=ext_positions, layer_type=self.rope_layer_type)
+    ext_positions, segments = _positions_in_samples(samples, ext_start, stop, ext.device)
+    ext_cos, ext_sin = cp.rotary(
+        ext, position_ids=ext_positions.expand(ext.shape[0], -1), layer_type=self.rope_layer_type
+    )
     kv = self.kv_norm(self.kv_proj(ext)).view(ext.shape[0], ext.shape[1], -1, self.head_dim).transpose(1, 2)
     kv = compat.dsv4_apply_rotary_pos_emb(kv, ext_cos, ext_sin)
-    compressed, selection = _compressed(self, ext, ext_start, q_residual, position_ids, bounds, cp, layer.chunk)
-    out = _attend(self, q, kv, ext_start, start, compressed, selection, layer.chunk)
+    compressed, selection = _compressed(
+        self, ext, ext_start, q_residual, position_ids, bounds, samples, cp, layer.chunk
+    )
+    segments = segments if len(samples) > 1 else None
+    out = _attend(self, q, kv, ext_start, start, compressed, selection, layer.chunk, segments)
     out = compat.dsv4_apply_rotary_pos_emb(out.transpose(1, 2), cos, -sin).transpose(1, 2)
     grouped = out.reshape(*hidden_states.shape[:-1], self.config.o_groups, -1)
     return self.o_b_proj(self.o_a_proj(grouped).flatten(2)), None
@@ -186,6 +195,29 @@ def _chunk_bounds(cp: ContextParallel, position_ids, length: int, given: Any) ->
     return bounds
 
 
+def _positions_in_samples(samples, lo: int, hi: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the row's tokens `[lo, hi)`: each one's position in its own sample (the rope's) and its sample's index,
+    `[1, hi - lo]` each."""
+    positions, segments = [], []
+    for index, (first, last) in enumerate(samples):
+        a, b = max(lo, first), min(hi, last)
+        if a < b:
+            positions.append(torch.arange(a - first, b - first, device=device))
+            segments.append(torch.full((b - a,), index, device=device))
+    return torch.cat(positions)[None], torch.cat(segments)[None]
+
+
+def _block_count(bounds: tuple[int, int], samples, ratio: int) -> int:
+    """How many compressed blocks (aligned to each sample's start, whole within it) end in the chunk `bounds`."""
+    start, stop = bounds
+    count = 0
+    for first, last in samples:
+        a, b = max(start, first), min(stop, last)
+        if a < b:
+            count += (b - first) // ratio - (a - first) // ratio
+    return count
+
+
 def _halo_size(attention: Any) -> int:
     size = attention.sliding_window - 1
     compressor = attention.compressor
@@ -194,33 +226,57 @@ def _halo_size(attention: Any) -> int:
     return size
 
 
-def _compressed(attention, ext, ext_start, q_residual, position_ids, bounds, cp, chunk):
+def _compressed(attention, ext, ext_start, q_residual, position_ids, bounds, samples, cp, chunk):
     """(every rank's compressed entries `[B, T, D]`, the selection) of a CSA / HCA layer; (None, None) for a
-    sliding-window layer."""
+    sliding-window layer. Each sample of the row is compressed from its own tokens (blocks aligned to its start), and
+    its queries see its own entries only; every rank's entries are gathered in row order, sample after sample."""
     compressor = attention.compressor
     if compressor is None:
         return None, None
     start, stop = bounds[cp.rank]
-    ratio = compressor.compress_rate
-    counts = [b // ratio - a // ratio for a, b in bounds]
-    csa = hasattr(compressor, "indexer")
+    ratio, csa = compressor.compress_rate, hasattr(compressor, "indexer")
     compress = overlap_compress if csa else hca_compress
-    own = _own_entries(compress, compressor, ext, ext_start, start, stop, overlap=csa)
-    entries = _gather_entries(own, counts, cp.group)
+    counts = [_block_count(chunk_bounds, samples, ratio) for chunk_bounds in bounds]
+    offsets = [0]
+    for first, last in samples:  # each sample's first entry in the row's list
+        offsets.append(offsets[-1] + (last - first) // ratio)
+    own = [(index, first, max(start, first), min(stop, last)) for index, (first, last) in enumerate(samples)]
+    own = [piece for piece in own if piece[2] < piece[3]]  # the samples with tokens in this chunk, in order
+
+    def made(module, source):  # this chunk's entries of `module`, sample after sample
+        parts = []
+        for _, first, a, b in own:
+            lo = max(ext_start, first)
+            piece = source[:, lo - ext_start : b - ext_start]
+            parts.append(_own_entries(compress, module, piece, lo - first, a - first, b - first, overlap=csa))
+        return torch.cat(parts, dim=1)
+
+    entries = _gather_entries(made(compressor, ext), counts, cp.group)
     if not csa:
-        return entries, CausalEntries(((position_ids + 1) // ratio).expand(ext.shape[0], -1))
+        lower, upper = torch.zeros_like(position_ids), torch.zeros_like(position_ids)
+        for index, _, a, b in own:
+            lower[:, a - start : b - start], upper[:, a - start : b - start] = offsets[index], offsets[index + 1]
+        threshold = torch.minimum(lower + (position_ids + 1) // ratio, upper)
+        return entries, CausalEntries(threshold.expand(ext.shape[0], -1), lower.expand(ext.shape[0], -1))
     indexer = compressor.indexer
     with torch.no_grad():
-        own_keys = _own_entries(overlap_compress, indexer, ext.detach(), ext_start, start, stop, overlap=True)
-        keys = _gather_entries(own_keys, counts, cp.group)
-    hidden = ext[:, start - ext_start :]
-    picks = indexer_topk(indexer, hidden, q_residual, position_ids.expand(ext.shape[0], -1), chunk, compressed=keys)
-    return entries, TopKEntries(picks)
+        keys = _gather_entries(made(indexer, ext.detach()), counts, cp.group)
+    picks = []
+    for index, _, a, b in own:  # each sample's queries pick among its own entries
+        here = slice(a - start, b - start)
+        chosen = indexer_topk(
+            indexer, ext[:, a - ext_start : b - ext_start], q_residual[:, here],
+            position_ids[:, here].expand(ext.shape[0], -1), chunk, compressed=keys[:, offsets[index] : offsets[index + 1]],
+        )  # fmt: skip
+        picks.append(torch.where(chosen >= 0, chosen + offsets[index], chosen))
+    width = max(p.shape[-1] for p in picks)
+    return entries, TopKEntries(torch.cat([F.pad(p, (0, width - p.shape[-1]), value=-1) for p in picks], dim=1))
 
 
-def _attend(attention, query, kv, ext_start, start, compressed, selection, chunk):
-    """`sparse_attention_forward`'s blocks for this rank's queries (global positions from `start`) against the
-    window keys `kv` (global positions from `ext_start`) and every rank's compressed entries. `[B, L, H, D]`."""
+def _attend(attention, query, kv, ext_start, start, compressed, selection, chunk, segments=None):
+    """`sparse_attention_forward`'s blocks for this rank's queries (row positions from `start`) against the window
+    keys `kv` (row positions from `ext_start`) and every rank's compressed entries; with `segments` (`[1, ext]`, the
+    sample of each key: a packed row), a query's window holds its own sample's keys only. `[B, L, H, D]`."""
     batch, heads, length, _ = query.shape
     window = attention.sliding_window
     compressed_len = compressed.shape[1] if compressed is not None else 0
@@ -236,7 +292,13 @@ def _attend(attention, query, kv, ext_start, start, compressed, selection, chunk
         keys = kv[:, :, first_key - ext_start : start + q_stop - ext_start]
         query_pos = torch.arange(start + q_start, start + q_stop, device=query.device).view(-1, 1)
         key_pos = torch.arange(first_key, start + q_stop, device=query.device).view(1, -1)
-        allowed = ((key_pos <= query_pos) & (key_pos > query_pos - window)).expand(batch, 1, -1, -1)
+        allowed = (key_pos <= query_pos) & (key_pos > query_pos - window)
+        if segments is not None:
+            own = segments[0, first_key - ext_start : start + q_stop - ext_start]
+            allowed = allowed & (
+                own.view(1, -1) == segments[0, start + q_start - ext_start : start + q_stop - ext_start, None]
+            )
+        allowed = allowed.expand(batch, 1, -1, -1)
         chunk_picks = comp_allowed = None
         if compressed is not None and picks is not None:
             chunk_picks, comp_allowed = picks[:, q_start:q_stop], selection.allowed(q_start, q_stop)
@@ -278,9 +340,10 @@ def enable_context_parallel(model: Any, group: Any = None) -> Any:
 
 
 def chunk_inputs(inputs: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
-    """This rank's share of a batch of whole sequences under context parallelism: its contiguous chunk
-    (`chunk_bounds`) of `input_ids`, `labels`, `shift_labels` (the labels shifted before the split, so the last token
-    of a chunk is trained on the first of the next) and `position_ids` (global; made if absent).
+    """This rank's share of a batch of whole sequences, or of one packed row, under context parallelism: its
+    contiguous chunk (`chunk_bounds`) of `input_ids`, `labels`, `shift_labels` (the labels shifted before the split,
+    so the last token of a chunk is trained on the first of the next) and `position_ids` (made if absent; in a
+    packed row, each sample's own, restarting at 0).
 
     Args:
         inputs: a batch (`input_ids` `[B, L]`, optionally `labels`, `attention_mask`, `position_ids`).
@@ -289,11 +352,12 @@ def chunk_inputs(inputs: dict[str, Any], rank: int, world: int) -> dict[str, Any
 
     Returns:
         The chunked batch, without `attention_mask`, with every rank's `[start, stop)` under
-        `"context_parallel_bounds"` (a model keyword that transformers hands to each attention layer: the layers
-        then need no collective to learn them).
+        `"context_parallel_bounds"` and a packed row's samples under `"context_parallel_samples"` (model keywords
+        that transformers hands to each attention layer: the layers need no collective to learn them, and a packed
+        row's layers need them to keep its samples apart).
 
     Raises:
-        SparseAttentionError: padding in `attention_mask`, packed rows, or fewer tokens than ranks."""
+        SparseAttentionError: padding in `attention_mask`, several packed rows, or fewer tokens than ranks."""
     ids = inputs["input_ids"]
     batch, length = ids.shape
     mask = inputs.get("attention_mask")
@@ -303,8 +367,12 @@ def chunk_inputs(inputs: dict[str, Any], rank: int, world: int) -> dict[str, Any
             "rows of one length)"
         )
     positions = inputs.get("position_ids")
-    if positions is not None and packed_samples(positions, batch) is not None:
-        raise SparseAttentionError("packed rows under context parallelism are not supported yet")
+    samples = None if positions is None else packed_samples(positions, batch)
+    if samples is not None and batch > 1:
+        raise SparseAttentionError(
+            f"context parallelism splits one packed row at a time, not {batch}: pack with padding-free batches "
+            "(TRL's --padding_free / --packing put a batch's samples in one row)"
+        )
     if length < world:
         raise SparseAttentionError(f"a sequence of {length} tokens cannot be split over {world} ranks")
     out = {key: value for key, value in inputs.items() if key != "attention_mask"}
@@ -314,6 +382,8 @@ def chunk_inputs(inputs: dict[str, Any], rank: int, world: int) -> dict[str, Any
         out["position_ids"] = torch.arange(length, device=ids.device).expand(batch, -1)
     bounds = chunk_bounds(length, world)
     out[BOUNDS] = tuple(bounds)
+    if samples is not None:
+        out[SAMPLES] = tuple(samples[0])
     start, stop = bounds[rank]
     for key in ("input_ids", "labels", "shift_labels", "position_ids"):
         if key in out:
