@@ -15,7 +15,13 @@ categories), and the wall time. The goal of the issue: cp-N activation memory pe
 The collectives of one layer under context parallelism, from the geometry (no run needed), for this model and for
 DeepSeek-V4-Flash: the halo (an all-gather of every rank's last `halo` hidden states, its gradient an all-reduce of
 the same), the compressed entries and the indexer keys (all-gathers of every rank's entries; the entries' gradient
-an all-reduce), and the chunk bounds (2 integers per rank).
+an all-reduce).
+
+Load balance (`--balance`, from DeepSeek-V4-Flash's config, no run): the training step's matmul FLOPs per rank with a
+128k-token sequence split into 8 contiguous chunks. Everything but the attention costs the same per token; the
+lightning indexer scores each query against every earlier CSA entry (t / 4 of them) and HCA attends to t / 128
+entries, so later chunks cost more: the step waits for the last rank. The table says what a causal load balance
+(e.g. each rank holding two mirrored half-chunks) would gain at most: max / mean - 1.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import DeepseekV4ForCausalLM
 
     from hf_dsv4 import dsv4_lora_config, enable_sparse_attention, shard_model
-    from hf_dsv4.modeling import chunk_bounds, enable_context_parallel
+    from hf_dsv4.modeling import chunk_bounds, chunk_inputs, enable_context_parallel
     from hf_dsv4.testing.model import tiny_dsv4_config
 
     dist.init_process_group("gloo")
@@ -60,7 +66,9 @@ def worker(args: argparse.Namespace) -> None:
     length = args.length
     ids = torch.randint(3, 1000, (1, length), generator=torch.Generator().manual_seed(1))
     start, stop = chunk_bounds(length, world)[rank]
-    inputs = {"input_ids": ids[:, start:stop], "position_ids": torch.arange(start, stop)[None], "use_cache": False}
+    inputs = {"input_ids": ids, "use_cache": False}
+    if world > 1:  # as the trainer hands them: this rank's chunk and every rank's bounds
+        inputs = {**chunk_inputs(inputs, rank, world), "use_cache": False}
     tick = time.perf_counter()
     with live_tensors(model) as live:
         model(**inputs).logits.float().mean().backward()
@@ -108,17 +116,75 @@ def collective_bytes(length: int, world: int, model: dict) -> dict[str, float]:
     }
 
 
+def rank_flops(config, length: int, world: int) -> list[dict[str, float]]:
+    """Per rank of `world` contiguous chunks of a `length`-token sequence: the training step's matmul FLOPs (TFLOP)
+    of the lightning indexer, the attention scores (window + top-k / causal HCA entries; QK and PV) and everything
+    else (the active parameters: projections, shared and top-k routed experts, LM head). A matmul counts its forward,
+    the recompute of activation checkpointing and its backward (2x forward); the indexer has no backward."""
+    import torch
+    from transformers import DeepseekV4ForCausalLM
+
+    from hf_dsv4.modeling import chunk_bounds
+
+    with torch.device("meta"):
+        model = DeepseekV4ForCausalLM(config)
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    dense = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." not in n and "embed_tokens" not in n)
+    active = dense + routed * config.num_experts_per_tok / config.n_routed_experts
+    kinds = config.layer_types
+    score = config.num_attention_heads * config.head_dim * 2 * 2  # QK and PV, a multiply-add each
+    index = config.index_n_heads * config.index_head_dim * 2
+    ratio = config.compress_rates
+    out = []
+    for start, stop in chunk_bounds(length, world):
+        t = torch.arange(start, stop, dtype=torch.float64)
+        window = torch.clamp(t + 1, max=config.sliding_window)
+        csa_entries = torch.div(t + 1, ratio["compressed_sparse_attention"], rounding_mode="floor")
+        hca_entries = torch.div(t + 1, ratio["heavily_compressed_attention"], rounding_mode="floor")
+        attention = sum(
+            float((window + {"compressed_sparse_attention": torch.clamp(csa_entries, max=config.index_topk),
+                             "heavily_compressed_attention": hca_entries}.get(kind, 0)).sum())
+            for kind in kinds
+        ) * score  # fmt: skip
+        indexer = float(csa_entries.sum()) * index * kinds.count("compressed_sparse_attention")
+        rest = 2 * active * (stop - start)
+        out.append({"tokens": stop - start, "indexer": 2 * indexer / 1e12, "attention": 4 * attention / 1e12,
+                    "rest": 4 * rest / 1e12})  # fmt: skip
+    return out
+
+
+def balance_table(length: int = 131072, world: int = 8) -> list[str]:
+    from bench_flash_slice import flash_slice_config
+
+    rows = rank_flops(flash_slice_config(43), length, world)
+    totals = [r["indexer"] + r["attention"] + r["rest"] for r in rows]
+    mean = sum(totals) / len(totals)
+    lines = [f"DeepSeek-V4-Flash, {length:,} tokens over {world} ranks (contiguous chunks): TFLOP per rank per step",
+             "| rank | tokens | indexer | attention | rest | total | vs mean |", "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for rank, (r, total) in enumerate(zip(rows, totals, strict=True)):
+        lines.append(f"| {rank} | {r['tokens']:,} | {r['indexer']:.0f} | {r['attention']:.0f} | {r['rest']:.0f} | "
+                     f"{total:.0f} | {total / mean:.3f} |")  # fmt: skip
+    lines.append(
+        f"the step waits for the slowest rank: a perfect balance would gain at most {max(totals) / mean - 1:.1%}"
+    )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192, 16384])
     parser.add_argument("--cp", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--balance", action="store_true", help="only the Flash load-balance table (no run)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.balance:
+        print("\n".join(balance_table()))
         return
     rows = {}
     for length in args.lengths:

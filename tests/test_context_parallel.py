@@ -48,15 +48,14 @@ def test_split_across_ranks_the_logits_and_every_gradient_are_the_whole_sequence
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world", [2, 4])
-def test_a_packed_row_split_across_ranks_trains_each_sample_as_in_one_process(world, tmp_path):
+def test_a_packed_row_split_across_ranks_trains_each_sample_as_in_one_process(tmp_path):
     """Packing and context parallelism compose: seven samples (13, 32, 3, 21, 8, 40, 1 tokens) packed in one row and
-    the row split over 2 or 4 ranks (chunk boundaries inside samples, a sample shorter than a block, one of a single
+    the row split over 4 ranks (chunks of 30, 30, 29, 29 tokens: boundaries inside samples, a sample shorter than a block, one of a single
     token): the logits and every gradient equal the packed row in one process (each sample as if alone), plain and
     FSDP2-sharded, float64 throughout."""
     from dist_launch import run_ranks
 
-    for result in run_ranks("context_parallel_packed", tmp_path, world_size=world, timeout=280):
+    for result in run_ranks("context_parallel_packed", tmp_path, world_size=4, timeout=280):
         assert result["samples"] == 7 and result["grads"] > 150, result
         for name in ("parallel", "sharded"):
             assert result[name]["logits"] < 1e-10 and result[name]["worst_grad"][0] < 1e-10, result
@@ -117,3 +116,28 @@ def test_the_context_parallel_launch_configs_multiply_to_their_processes(name):
     sizes = config["parallelism_config"]
     assert sizes["parallelism_config_dp_shard_size"] * sizes["parallelism_config_cp_size"] == config["num_processes"]
     assert sizes["parallelism_config_cp_size"] > 1 and config["fsdp_config"]["fsdp_version"] == 2
+
+
+def test_the_load_balance_table_splits_the_whole_sequences_work_and_later_chunks_cost_more():
+    """`benchmarks/bench_context_parallel.py --balance`: the per-rank FLOPs of 4 chunks add up to one rank's of the
+    whole sequence (splitting moves no work), everything but attention costs the same per chunk, and each later
+    chunk's indexer and attention cost more (causal: more earlier entries)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from hf_dsv4.testing.model import tiny_dsv4_config
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    spec = importlib.util.spec_from_file_location("bench_context_parallel", benchmarks / "bench_context_parallel.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = tiny_dsv4_config()
+    (whole,) = bench.rank_flops(config, 4096, 1)
+    parts = bench.rank_flops(config, 4096, 4)
+    for key in ("indexer", "attention", "rest"):
+        assert sum(p[key] for p in parts) == pytest.approx(whole[key], rel=1e-12), key
+    assert len({p["rest"] for p in parts}) == 1
+    for key in ("indexer", "attention"):
+        assert all(a[key] < b[key] for a, b in zip(parts, parts[1:])), key

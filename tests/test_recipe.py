@@ -116,6 +116,11 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
         _start("cp2", ["--config_file", str(REPO / "accelerate_configs" / "fsdp2_cpu_2proc_cp2.yaml")], RECIPE,
                [*whole, "--output_dir", str(out / "cp2")], out),
         _start("cp_single", ONE_PROC, RECIPE, [*whole, "--output_dir", str(out / "cp_single")], out),
+        # packing and context parallelism: each packed row split over 2 ranks, vs 1 process with a row per step
+        _start("cp2_packed", ["--config_file", str(REPO / "accelerate_configs" / "fsdp2_cpu_2proc_cp2.yaml")], RECIPE,
+               [*packed, "--packing", "true", "--max_steps", "2", "--output_dir", str(out / "cp2_packed")], out),
+        _start("cp_packed_single", ONE_PROC, RECIPE,
+               [*packed, "--packing", "true", "--max_steps", "2", "--output_dir", str(out / "cp_packed_single")], out),
         # LoRA and full fine-tuning, interrupted at a checkpoint, under each fsdp_state_dict_type
         _start("interrupted", CPU_2PROC, RECIPE, [*fp32, "--output_dir", str(out / "resumed")], out, {**stop, **RECORD}),
         # FULL_STATE_DICT runs also load without streaming: compared with the streamed runs, same adapter draw
@@ -162,7 +167,7 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
     for run in second:
         results[run.name] = _wait(run, out / run.name)
     results["dirs"] = {name: out / name for name in (
-        "default_2proc", "bf16", "fsdp", "single", "packed", "packed_single", "padding_free", "cp2", "cp_single", "resumed", "resumed_gathered", "plain_trainer", "full",
+        "default_2proc", "bf16", "fsdp", "single", "packed", "packed_single", "padding_free", "cp2", "cp_single", "cp2_packed", "cp_packed_single", "resumed", "resumed_gathered", "plain_trainer", "full",
         "full_resumed", "full_gathered", "full_cross")}  # fmt: skip
     results["model"] = model
     return results
@@ -251,6 +256,20 @@ def test_context_parallel_run_on_two_ranks_trains_like_one_process(runs):
     norms = [[e["grad_norm"] for e in r["log_history"] if "grad_norm" in e] for r in (parallel, single)]
     assert all(abs(x - y) <= 1e-4 * abs(y) for x, y in zip(*norms, strict=True)), norms
     assert (runs["dirs"]["cp2"] / "adapter_model.safetensors").is_file()
+
+
+def test_packed_rows_split_over_two_ranks_train_like_one_process(runs):
+    """`--packing true` under `fsdp2_cpu_2proc_cp2.yaml`: TRL refuses packing with context parallelism (torch's
+    drops the mask between samples); hf_dsv4's keeps each sample of a packed row apart, so the trainer packs and
+    each BFD row of 512 tokens is split over the two ranks: the same loss per step as one process training the same
+    rows one per step."""
+    parallel, single = runs["cp2_packed"], runs["cp_packed_single"]
+    assert parallel["world_size"] == 2 and parallel["sharded"] and single["world_size"] == 1
+    a, b = _losses(parallel), _losses(single)
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(b[step]), (step, a[step], b[step])
+    assert (runs["dirs"]["cp2_packed"] / "adapter_model.safetensors").is_file()
 
 
 RNG_AND_STATE = {"scheduler.pt", "trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"}

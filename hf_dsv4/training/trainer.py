@@ -175,6 +175,40 @@ def packed_rows(dataset: Dataset, args: SFTConfig, dataset_name: str = "train") 
     return pack_dataset(dataset, args.max_length, args.packing_strategy, kwargs)
 
 
+def _args_trl_accepts(args: SFTConfig) -> tuple[SFTConfig, dict]:
+    """The settings TRL's `SFTTrainer` is given (a copy of `args`, or `args`), and those to put back on the trainer's
+    args after its `__init__`:
+
+    - padding-free batches without packing: TRL refuses a `max_length` it would not enforce; ours tokenizes every
+      sample to at most `max_length` (`overlong`), so TRL sees none;
+    - packing under context parallelism: TRL refuses it (torch's context parallelism drops the block-diagonal mask,
+      so samples would see each other); hf_dsv4's keeps each sample of a packed row apart (`chunk_inputs` hands the
+      row's samples to the attention), so TRL sees padding-free batches (the collator packing uses) and
+      `_prepare_dataset` packs."""
+    restore = {}
+    if args.padding_free and not args.packing:
+        restore["max_length"] = args.max_length
+    if (args.packing or args.eval_packing) and _context_parallel_configured(args):
+        keys = ("max_length", "packing", "eval_packing", "padding_free")
+        restore.update({key: getattr(args, key) for key in keys})
+    if not restore:
+        return args, restore
+    trl_args = copy.copy(args)
+    trl_args.max_length = None
+    if "packing" in restore:
+        trl_args.packing, trl_args.eval_packing, trl_args.padding_free = False, False, True
+    return trl_args, restore
+
+
+def _context_parallel_configured(args: SFTConfig) -> bool:
+    """Whether accelerate will split sequences (`parallelism_config_cp_size` > 1): `args.parallelism_config`, else
+    what `accelerate launch` set from its config file (accelerate's `ParallelismConfig` reads it from the
+    environment, as the accelerator will)."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    return (getattr(args, "parallelism_config", None) or ParallelismConfig()).cp_enabled
+
+
 def _refuse_unsharded_meta_model(model, args: SFTConfig) -> None:
     """A model on the meta device (what `memory_efficient_init` gives every rank but 0) must be sharded, which fills
     it from rank 0; without an FSDP launch the Trainer would move it with `.to()` and fail deep inside torch."""
@@ -291,23 +325,19 @@ class DSV4SFTTrainer(SFTTrainer):
                     "text prompt-completion rows: the completion is trained (assistant_only_loss does not apply)"
                 )
                 args.assistant_only_loss = False
-        # TRL refuses padding-free batches with a max_length it would not enforce; ours tokenizes every sample to at
-        # most max_length (`overlong`), so the limit is kept here for `_prepare_dataset` and TRL sees none
         self.sample_max_length = args.max_length
-        unpacked_free = args.padding_free and not args.packing
-        if unpacked_free:
-            args = copy.copy(args)
-            args.max_length = None
+        self.packing_args = args  # what `_prepare_dataset` packs by (TRL may be handed other settings)
+        trl_args, restore = _args_trl_accepts(args)
         super().__init__(
             model=model,
-            args=args,
+            args=trl_args,
             train_dataset=train_dataset,
             processing_class=processing_class,
             callbacks=_with_one_dsv4_callback(callbacks),
             **kwargs,
         )
-        if unpacked_free:
-            self.args.max_length = self.sample_max_length
+        for key, value in restore.items():
+            setattr(self.args, key, value)
         peft_model = peft_model_of(self.model)
         if peft_model is not None and self.init_adapter is not None:
             draw_lora_factors(peft_model, args.seed)  # the factors not on meta
@@ -322,8 +352,11 @@ class DSV4SFTTrainer(SFTTrainer):
             )
         if not isinstance(dataset, Dataset):
             raise TypeError(f"DSV4SFTTrainer needs a map-style datasets.Dataset, got {type(dataset).__name__}")
+        if self.packing_args is not args:  # TRL saw no packing (context parallelism): pack as the caller asked
+            own = self.packing_args
+            packing = own.packing if dataset_name == "train" or own.eval_packing is None else own.eval_packing
         if "input_ids" in dataset.column_names:  # already tokenized (labels, if present, are used as they are)
-            return packed_rows(dataset, args, dataset_name) if packing else dataset
+            return packed_rows(dataset, self.packing_args, dataset_name) if packing else dataset
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         conversations = ConversationTokenizer(
             tokenizer,
@@ -338,7 +371,7 @@ class DSV4SFTTrainer(SFTTrainer):
         rows = SFTRowTokenizer(conversations, assistant_only_loss=args.assistant_only_loss, react=args.react)
         with args.main_process_first(desc=f"tokenizing the {dataset_name} dataset"):
             dataset = tokenize_dataset(dataset, rows, num_proc=args.dataset_num_proc, desc=f"Tokenizing {dataset_name}")
-            return packed_rows(dataset, args, dataset_name) if packing else dataset
+            return packed_rows(dataset, self.packing_args, dataset_name) if packing else dataset
 
     def _prepare_context_parallel_inputs(self, model, inputs):
         """Under context parallelism (accelerate's `parallelism_config_cp_size`), this rank's contiguous chunk of each
