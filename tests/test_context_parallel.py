@@ -6,6 +6,8 @@ recomputed in backward."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -141,3 +143,38 @@ def test_the_load_balance_table_splits_the_whole_sequences_work_and_later_chunks
     assert len({p["rest"] for p in parts}) == 1
     for key in ("indexer", "attention"):
         assert all(a[key] < b[key] for a, b in zip(parts, parts[1:])), key
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_lora_over_a_quantized_base_split_over_two_ranks_trains_like_one_process(release_ckpt, tmp_path):
+    """The main job on DeepSeek's release layout (FP8 / FP4), `fsdp2_cpu_2proc_cp2.yaml`: LoRA 'all' over the
+    quantized-resident base (experts per expert), decoder layers checkpointed, FSDP2, each sequence split over the two
+    ranks, vs one process over the dequantized base without checkpointing: the same loss and gradient norm at every
+    step within the per-expert rounding (tests/test_quantized.py; measured: 1e-6 relative)."""
+    import json
+
+    from dist_launch import AccelerateRun
+
+    repo = Path(__file__).resolve().parents[1]
+    args = ["--model_name_or_path", str(release_ckpt), "--dataset_name", str(repo / "recipes/data/dsv4_demo.jsonl"),
+            "--dtype", "float32", "--max_length", "192", "--max_steps", "3", "--logging_steps", "1",
+            "--per_device_train_batch_size", "1", "--learning_rate", "0.01", "--lora_target_modules", "all",
+            "--report_to", "none", "--seed", "7", "--save_strategy", "no"]  # fmt: skip
+    cp2 = ["--config_file", str(repo / "accelerate_configs" / "fsdp2_cpu_2proc_cp2.yaml")]
+    one = ["--num_processes", "1", "--num_cpu_threads_per_process", "1", "--cpu"]
+    variants = {"cp2_quantized": (cp2, ["--keep_quantized", "true", "--activation_checkpointing", "true"]),
+                "single": (one, [])}  # fmt: skip
+    runs = {name: AccelerateRun(name, launcher, str(repo / "tests/recipe_script.py"),
+                                [*args, *extra, "--output_dir", str(tmp_path / name)], tmp_path)
+            for name, (launcher, extra) in variants.items()}  # fmt: skip
+    losses = {}
+    for name, run in runs.items():
+        if run.wait(800) != 0 or not (tmp_path / name / "test_result.json").is_file():
+            raise run.failure("no result")
+        result = json.loads((tmp_path / name / "test_result.json").read_text())
+        losses[name] = [(e["step"], e["loss"], e["grad_norm"]) for e in result["log_history"] if "loss" in e]
+    assert "kept quantized" in (tmp_path / "cp2_quantized.log").read_text()
+    assert [e[0] for e in losses["cp2_quantized"]] == [e[0] for e in losses["single"]] == [1, 2, 3]
+    for got, want in zip(losses["cp2_quantized"], losses["single"], strict=True):
+        assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(got[1:], want[1:], strict=True)), losses
