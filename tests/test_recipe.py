@@ -91,6 +91,8 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
     # sparse attention (the default), rows packed to 512 tokens
     packed = [*fp32[:-2], "--max_steps", "4", "--max_length", "512", "--per_device_train_batch_size", "1"]
     whole = [*fp32[:-2], "--max_steps", "4", "--per_device_train_batch_size", "1"]  # sparse attention, unpadded
+    evaluated = ["--eval_strategy", "steps", "--eval_steps", "2", "--per_device_eval_batch_size", "1",
+                 "--eval_dataset_name", str(_short_rows(out / "eval.jsonl", n=4))]  # fmt: skip
     full = [*fp32, "--use_peft", "false", "--max_steps", str(FULL_STEPS), "--save_steps", str(FULL_SAVE_AT)]
     stop, full_stop = {"HF_DSV4_STOP_AT": str(SAVE_AT)}, {"HF_DSV4_STOP_AT": str(FULL_SAVE_AT)}
     no_stream = ["--stream_weights", "false"]  # rank 0 loads the whole model, then sends it
@@ -114,8 +116,8 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
                out),
         # context parallelism: each sequence split over 2 ranks (one sequence per step), vs 1 process
         _start("cp2", ["--config_file", str(REPO / "accelerate_configs" / "fsdp2_cpu_2proc_cp2.yaml")], RECIPE,
-               [*whole, "--output_dir", str(out / "cp2")], out),
-        _start("cp_single", ONE_PROC, RECIPE, [*whole, "--output_dir", str(out / "cp_single")], out),
+               [*whole, *evaluated, "--output_dir", str(out / "cp2")], out),
+        _start("cp_single", ONE_PROC, RECIPE, [*whole, *evaluated, "--output_dir", str(out / "cp_single")], out),
         # packing and context parallelism: each packed row split over 2 ranks, vs 1 process with a row per step
         _start("cp2_packed", ["--config_file", str(REPO / "accelerate_configs" / "fsdp2_cpu_2proc_cp2.yaml")], RECIPE,
                [*packed, "--packing", "true", "--max_steps", "2", "--output_dir", str(out / "cp2_packed")], out),
@@ -246,13 +248,17 @@ def test_packed_and_padding_free_runs_train_on_two_ranks_and_one_process(runs):
 def test_context_parallel_run_on_two_ranks_trains_like_one_process(runs):
     """`accelerate_configs/fsdp2_cpu_2proc_cp2.yaml` (parallelism_config_cp_size 2): each sequence split over the two
     ranks (each its contiguous half, labels shifted before the split), the same sequences per step as one process
-    with batches of one: the same loss and gradient norm at every step; a PEFT adapter saved."""
+    with batches of one: the same loss and gradient norm at every step, the same evaluation loss (each rank
+    evaluates its chunk; TRL's prediction step would run the whole sequence on each); a PEFT adapter saved."""
     parallel, single = runs["cp2"], runs["cp_single"]
     assert parallel["world_size"] == 2 and parallel["sharded"] and single["world_size"] == 1
     a, b = _losses(parallel), _losses(single)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5 * abs(b[step]), (step, a[step], b[step])
+    evals = [[(e["step"], e["eval_loss"]) for e in r["log_history"] if "eval_loss" in e] for r in (parallel, single)]
+    assert [s for s, _ in evals[0]] == [s for s, _ in evals[1]] == [2, 4], evals
+    assert all(abs(x[1] - y[1]) <= 1e-5 * abs(y[1]) for x, y in zip(*evals, strict=True)), evals
     norms = [[e["grad_norm"] for e in r["log_history"] if "grad_norm" in e] for r in (parallel, single)]
     assert all(abs(x - y) <= 1e-4 * abs(y) for x, y in zip(*norms, strict=True)), norms
     assert (runs["dirs"]["cp2"] / "adapter_model.safetensors").is_file()

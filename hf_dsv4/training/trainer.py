@@ -373,15 +373,39 @@ class DSV4SFTTrainer(SFTTrainer):
             dataset = tokenize_dataset(dataset, rows, num_proc=args.dataset_num_proc, desc=f"Tokenizing {dataset_name}")
             return packed_rows(dataset, self.packing_args, dataset_name) if packing else dataset
 
+    def _context_parallel_mesh(self):
+        """The ranks that share each sequence (accelerate's "cp" mesh dimension), or None without context
+        parallelism."""
+        config = getattr(self.accelerator, "parallelism_config", None)
+        return self.accelerator.torch_device_mesh["cp"] if config is not None and config.cp_enabled else None
+
     def _prepare_context_parallel_inputs(self, model, inputs):
         """Under context parallelism (accelerate's `parallelism_config_cp_size`), this rank's contiguous chunk of each
         sequence, labels shifted before the split (`hf_dsv4.modeling.chunk_inputs`); the attention layers read what
         they need of the other chunks (`enable_context_parallel`, applied by the accelerator)."""
-        config = getattr(self.accelerator, "parallelism_config", None)
-        if config is None or not config.cp_enabled:
+        mesh = self._context_parallel_mesh()
+        if mesh is None:
             return contextlib.nullcontext, inputs
-        mesh = self.accelerator.torch_device_mesh["cp"]
         return contextlib.nullcontext, chunk_inputs(inputs, mesh.get_local_rank(), mesh.size())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """TRL's, and under context parallelism each rank evaluates its chunk (TRL's would run the whole sequence on
+        every rank): the chunks' losses weighted by their trained tokens over the ranks that share the sequence, so
+        each of them returns the sequence's loss per trained token."""
+        mesh = self._context_parallel_mesh()
+        if mesh is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if not prediction_loss_only:
+            raise ValueError(
+                "under context parallelism evaluation computes the loss only (no logits, no compute_metrics)"
+            )
+        _, chunk = self._prepare_context_parallel_inputs(model, self._prepare_inputs(inputs))
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, chunk).detach()  # per trained token of the chunk
+        trained = (chunk["shift_labels"] != -100).sum().to(loss)
+        total = torch.stack([loss * trained, trained])
+        torch.distributed.all_reduce(total, group=mesh.get_group())
+        return total[0] / total[1].clamp(min=1), None, None
 
     # ----------------------------------------------------------------------------------------------- accelerator
     def create_accelerator_and_postprocess(self) -> None:
