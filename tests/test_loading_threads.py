@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from hf_dsv4.loading.pretrained import _threads_of_idle_ranks
+from hf_dsv4.loading.pretrained import threads_of_idle_ranks
 
 
 @pytest.fixture
@@ -20,14 +20,14 @@ def one_thread():
 
 def test_source_rank_uses_the_threads_of_the_nodes_waiting_ranks_and_restores_them(monkeypatch, one_thread):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    with _threads_of_idle_ranks():
+    with threads_of_idle_ranks():
         assert torch.get_num_threads() == min(2, len(os.sched_getaffinity(0)))
     assert torch.get_num_threads() == 1
 
 
 def test_threads_are_restored_when_loading_fails(monkeypatch, one_thread):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
-    with pytest.raises(OSError), _threads_of_idle_ranks():
+    with pytest.raises(OSError), threads_of_idle_ranks():
         assert torch.get_num_threads() == len(os.sched_getaffinity(0))  # never more than the cores it may use
         raise OSError("corrupted shard")
     assert torch.get_num_threads() == 1

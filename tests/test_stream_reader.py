@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, DeepseekV4ForCausalLM, PreTrainedModel
 
-from hf_dsv4.loading.pretrained import _open_reader, _plan_streamed
+from hf_dsv4.loading.pretrained import open_reader, plan_streamed
 from hf_dsv4.loading.stream import StreamedCheckpoint
 
 ORIGINAL = PreTrainedModel.__dict__["from_pretrained"]
@@ -25,8 +25,8 @@ ORIGINAL = PreTrainedModel.__dict__["from_pretrained"]
 
 def streamed(path: Path, dtype: torch.dtype = torch.float32):
     """(meta model, reader) as rank 0 gets them."""
-    model, kwargs, fp8_block = _plan_streamed(DeepseekV4ForCausalLM, path, (), {"dtype": dtype})
-    return model, _open_reader(model, ORIGINAL, DeepseekV4ForCausalLM, path, (), kwargs, fp8_block)
+    model, kwargs, fp8_block = plan_streamed(DeepseekV4ForCausalLM, path, (), {"dtype": dtype})
+    return model, open_reader(model, ORIGINAL, DeepseekV4ForCausalLM, path, (), kwargs, fp8_block)
 
 
 def read_all(stream: StreamedCheckpoint) -> dict[str, torch.Tensor]:
@@ -222,7 +222,7 @@ def test_a_quantization_config_cannot_be_passed(release_ckpt):
 
     kwargs = {"dtype": torch.bfloat16, "quantization_config": FineGrainedFP8Config()}
     with pytest.raises(ValueError, match="pass no quantization_config"):
-        _plan_streamed(DeepseekV4ForCausalLM, release_ckpt, (), kwargs)
+        plan_streamed(DeepseekV4ForCausalLM, release_ckpt, (), kwargs)
 
 
 # ------------------------------------------------------------------------------------------- the initial adapter

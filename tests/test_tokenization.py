@@ -183,7 +183,7 @@ def test_bad_policy_names_are_rejected(tokenizer):
 
 
 def test_fast_path_with_prefix_cache_gives_the_ids_of_encoding_the_whole_text(tokenizer_kind):
-    from hf_dsv4.template.tokenization import _cutter_for
+    from hf_dsv4.template.tokenization import cutter_for
 
     tools = [{"type": "function", "function": {"name": "f", "description": "d" * 300, "parameters": {}}}]
     convs = [MULTI_TURN, MULTI_TURN[:3], load_fixture(1)[0]]
@@ -198,7 +198,7 @@ def test_fast_path_with_prefix_cache_gives_the_ids_of_encoding_the_whole_text(to
             assert sample["input_ids"] == whole
             assert sample == uncached(messages, tools)[0]
     assert cached.stats["slow_path"] == 0
-    prefixes = _cutter_for(tok).prefix_ids
+    prefixes = cutter_for(tok).prefix_ids
     assert len(prefixes) == 2  # MULTI_TURN and MULTI_TURN[:3] share their system prompt and tools block
     for prefix, ids in prefixes.items():
         assert prefix.startswith(T.BOS) and ids == tok(prefix, add_special_tokens=False)["input_ids"]
@@ -243,9 +243,9 @@ def test_deepseeks_own_tokenizer_is_cut_at_its_special_tokens_its_empty_normaliz
 
 def test_a_cut_is_where_a_safe_token_starts_or_a_safe_end_token_ends(tokenizer):
     """`_Cutter.is_cut` (character tries) against the definition, at every position of the official fixtures."""
-    from hf_dsv4.template.tokenization import _cutter_for
+    from hf_dsv4.template.tokenization import cutter_for
 
-    cutter = _cutter_for(tokenizer)
+    cutter = cutter_for(tokenizer)
 
     def occurrences(text, token):
         at = text.find(token)

@@ -133,7 +133,7 @@ def _strict_loading_info(info: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _threads_of_idle_ranks() -> Iterator[None]:
+def threads_of_idle_ranks() -> Iterator[None]:
     """On a source rank, use the intra-op threads of the node's other ranks while they wait (converting the
     checkpoint, e.g. fusing experts, is mostly parallel torch ops); restored on exit."""
     threads = torch.get_num_threads()
@@ -189,7 +189,7 @@ def _downloaded_first(path: Any, kwargs: dict[str, Any], each_machine: bool) -> 
     return snapshots[leader] or path
 
 
-def _plan_streamed(cls: type, path: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict, Any]:
+def plan_streamed(cls: type, path: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict, Any]:
     """(the meta model built from the config, the `from_pretrained` kwargs that read it, the FP8 block size or
     None): a release checkpoint is read dequantized into the requested dtype, on a GPU machine too."""
     model = build_on_meta(cls, path, *args, **dict(kwargs))
@@ -204,7 +204,7 @@ def _plan_streamed(cls: type, path: Any, args: tuple, kwargs: dict[str, Any]) ->
     return model, kwargs, fp8_block
 
 
-def _open_reader(
+def open_reader(
     model: Any,
     original: classmethod,
     cls: type,
@@ -216,7 +216,7 @@ def _open_reader(
 ) -> StreamedCheckpoint:
     """Open the checkpoint (stock `from_pretrained` without reading weights) as a `StreamedCheckpoint`; its twin
     (what stock `from_pretrained` builds) must have the same tensors as `model`, built from the config."""
-    with _threads_of_idle_ranks():
+    with threads_of_idle_ranks():
         stream = open_streamed(cls, original, path, args, kwargs, fp8_block)
     stream.keep_quantized = keep_quantized
     if keep_quantized and not stream.quantized:
@@ -250,7 +250,7 @@ def _load(original: classmethod, cls: type, path: Any, args: tuple, kwargs: dict
     with _load_errors():
         if rank() != 0:
             return build_on_meta(cls, path, *args, **kwargs), {}
-        with _threads_of_idle_ranks():
+        with threads_of_idle_ranks():
             model, info = original.__get__(None, cls)(path, *args, output_loading_info=True, **kwargs)
         _strict_loading_info(info)
         return model, info
@@ -270,12 +270,12 @@ def _load_streamed(
     on the ranks that read it (rank 0, or every rank with `readers="all"`). A collective: each step's failure is
     raised on every rank."""
     with every_rank_raises(), _load_errors():
-        model, kwargs, fp8_block = _plan_streamed(cls, path, args, kwargs)
+        model, kwargs, fp8_block = plan_streamed(cls, path, args, kwargs)
     experts = keep_quantized if isinstance(keep_quantized, str) else "per_expert"
     source = StreamSource(readers, read_budget, bool(keep_quantized), experts)
     with every_rank_raises(), _load_errors():  # a Hub id is on every reading machine by now (`_downloaded_first`)
         if readers == "all" or rank() == 0:
-            reader = _open_reader(model, original, cls, path, args, kwargs, fp8_block, source.keep_quantized)
+            reader = open_reader(model, original, cls, path, args, kwargs, fp8_block, source.keep_quantized)
             source.checkpoint = reader
     register_stream_source(model, source)
     return model

@@ -388,7 +388,7 @@ def effort_prefix(reasoning_effort: str | None, effort_profile: str = T.DEFAULT_
     return table[effort]
 
 
-def _check_options(thinking_mode: str, reasoning_effort: str | None, effort_profile: str) -> str:
+def check_options(thinking_mode: str, reasoning_effort: str | None, effort_profile: str) -> str:
     """Validate the options; returns the reasoning-effort text."""
     if thinking_mode not in T.THINKING_MODES:
         raise ChatFormatError(f"thinking_mode must be one of {T.THINKING_MODES}, got {thinking_mode!r}")
@@ -417,7 +417,7 @@ def render_segments(
     Raises:
         ChatFormatError: a malformed conversation (naming the message) or an unknown option.
     """
-    effort_text = _check_options(thinking_mode, reasoning_effort, effort_profile)
+    effort_text = check_options(thinking_mode, reasoning_effort, effort_profile)
     context = list(context or [])
     validate_messages(messages, context=context)
     merged_context = _merge_tool_messages(context, -len(context))

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .encoder import _check_options, attach_tools, render_segments
+from .encoder import attach_tools, check_options, render_segments
 from .tokens import DEFAULT_EFFORT_PROFILE
 
 logger = logging.getLogger(__name__)
@@ -243,7 +243,8 @@ def _cutter_key(backend: Any) -> tuple:
     return backend.get_vocab_size(with_added_tokens=True), getattr(backend, "encode_special_tokens", False)
 
 
-def _cutter_for(tokenizer: Any) -> _Cutter:
+def cutter_for(tokenizer: Any) -> _Cutter:
+    """The cached cutter of `tokenizer` (made again when its backend, added tokens or flags changed)."""
     backend = tokenizer.backend_tokenizer
     cutter = _CUTTERS.get(tokenizer)
     if cutter is None or cutter.backend is not backend or cutter.key != _cutter_key(backend):
@@ -285,7 +286,7 @@ class ConversationTokenizer:
 
     def __post_init__(self) -> None:
         validate_policies(self.turns, self.overlong)
-        _check_options(self.thinking_mode, self.reasoning_effort, self.effort_profile)  # bad options fail here
+        check_options(self.thinking_mode, self.reasoning_effort, self.effort_profile)  # bad options fail here
         self._backend = getattr(self.tokenizer, "backend_tokenizer", None)
 
     def __call__(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None) -> list[dict]:
@@ -343,7 +344,7 @@ class ConversationTokenizer:
         if backend is None or backend.truncation is not None or backend.padding is not None:
             out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             return out["input_ids"], char_spans_to_token_mask_ranges(out["offset_mapping"], spans)
-        cutter = _cutter_for(self.tokenizer)
+        cutter = cutter_for(self.tokenizer)
         prompt_ends = []  # candidate ends of a cacheable prefix: segment ends before the first trained span
         pos = 0
         for seg in segments:

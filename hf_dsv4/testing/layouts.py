@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .model import _randomize, build_tiny_dsv4, tiny_dsv4_config
+from .model import build_tiny_dsv4, randomize, tiny_dsv4_config
 from .release import build_release_dsv4
 from .tokenizer import tiny_tokenizer
 
@@ -47,7 +47,7 @@ def _saved_from_config(path: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     model = DeepseekV4ForCausalLM._from_config(tiny_dsv4_config(), dtype=torch.bfloat16)
-    _randomize(model, seed)
+    randomize(model, seed)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path

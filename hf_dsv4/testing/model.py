@@ -152,7 +152,7 @@ def to_hub_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 @torch.no_grad()
-def _randomize(model: DeepseekV4ForCausalLM, seed: int) -> None:
+def randomize(model: DeepseekV4ForCausalLM, seed: int) -> None:
     """Give every parameter and persistent buffer random values (norm weights around 1, valid hash routes)."""
     gen = torch.Generator().manual_seed(seed)
     config = model.config
@@ -183,7 +183,7 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict
     return [*shards, current] if current else shards
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
     """Sharded safetensors files and `model.safetensors.index.json`, as on the Hub."""
     shards = _shards(tensors, max_shard_bytes)
     weight_map, total = {}, 0
@@ -218,8 +218,8 @@ def build_tiny_dsv4(
     config = tiny_dsv4_config(**config_overrides)
     torch.manual_seed(seed)
     model = DeepseekV4ForCausalLM._from_config(config, dtype=dtype)
-    _randomize(model, seed)
-    _write_safetensors(path, to_hub_state_dict(model.state_dict()), max_shard_bytes)
+    randomize(model, seed)
+    write_safetensors(path, to_hub_state_dict(model.state_dict()), max_shard_bytes)
     model.config.save_pretrained(path)
     if tokenizer:
         tiny_tokenizer().save_pretrained(path)

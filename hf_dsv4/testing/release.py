@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
-from .model import TINY_CONFIG, _randomize, _write_safetensors, hub_name, to_hub_state_dict
+from .model import TINY_CONFIG, hub_name, randomize, to_hub_state_dict, write_safetensors
 from .tokenizer import tiny_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def _release_tensors(config: DeepseekV4Config, seed: int, dtype: torch.dtype) ->
     )
     torch.manual_seed(seed)
     model = DeepseekV4ForCausalLM._from_config(with_mtp, dtype=torch.float32)
-    _randomize(model, seed)
+    randomize(model, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     plain = {re.sub(rf"^layers\.{n}\.", "mtp.0.", k): v for k, v in to_hub_state_dict(model.state_dict()).items()}
     plain |= _mtp_extras(config, gen)
@@ -225,7 +225,7 @@ def build_release_dsv4(
     config = release_dsv4_config(num_hidden_layers, **config_overrides)
     config_json = _release_config_json(config)
     tensors = _release_tensors(config, seed, dtype_of_unquantized)
-    _write_safetensors(path, tensors, max_shard_bytes)
+    write_safetensors(path, tensors, max_shard_bytes)
     (path / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
     tiny_tokenizer().save_pretrained(path)
     size = sum(t.numel() * t.element_size() for t in tensors.values())

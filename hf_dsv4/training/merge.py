@@ -27,7 +27,7 @@ from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoTokenizer,
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from .. import compat
-from ..loading.pretrained import _plan_streamed, resolve_dtype
+from ..loading.pretrained import plan_streamed, resolve_dtype
 from ..loading.stream import StreamedCheckpoint, open_streamed
 from ..loading.units import layer_units, unit_entries
 from ..sharding.export import SHARD_FILE
@@ -147,7 +147,7 @@ def merge_adapter(
     if type(base_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ValueError(f"{base}: {type(base_config).__name__} has no causal LM class in transformers")
     cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
-    model, kwargs, fp8_block = _plan_streamed(cls, base, (), {"dtype": dtype})
+    model, kwargs, fp8_block = plan_streamed(cls, base, (), {"dtype": dtype})
     reader = open_streamed(cls, PreTrainedModel.__dict__["from_pretrained"], base, (), kwargs, fp8_block)
     try:
         weight_map, size, count = _write_merged_units(model, reader, config, adapter_dir, out)
