@@ -48,15 +48,16 @@ def test_the_runnable_code_blocks_of_a_docs_page_run(page, tmp_path, monkeypatch
         exec(compile(code, f"{page.name} block {index}", "exec"), namespace)  # noqa: S102 - the docs' own code
 
 
-def _flags():
-    spec = importlib.util.spec_from_file_location("docs_hooks_flags", DOCS / "hooks" / "flags.py")
+def _hook(name: str):
+    """A MkDocs hook of `docs/hooks/` imported as a module."""
+    spec = importlib.util.spec_from_file_location(f"docs_hooks_{name}", DOCS / "hooks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_the_generated_flags_tables_cover_every_field_of_the_config_once():
-    flags = _flags()
+    flags = _hook("flags")
     page = flags.render((DOCS / "training.md").read_text())
     assert "<!-- flags:" not in page
     listed = re.findall(r"^\| `--(\w+)` \|", page, re.M)
@@ -84,6 +85,19 @@ def test_every_public_name_is_in_the_api_reference():
         exported = set(importlib.import_module(parent).__all__) if parent in documented else set()
         for name in importlib.import_module(module).__all__:
             assert module in documented or name in exported or f"{module}.{name}" in documented, f"{module}.{name}"
+
+
+def test_the_api_check_names_each_public_name_a_page_does_not_render():
+    """The build-time check (`docs/hooks/api_check.py`, a warning that fails `mkdocs build --strict`)."""
+    api_check = _hook("api_check")
+    markdown = "# loading\n\n::: hf_dsv4.loading\n\n::: hf_dsv4.loading.pretrained.resolve_dtype\n"
+    rendered = "".join(f'<h2 id="hf_dsv4.loading.{n}">' for n in ("CheckpointLoadError", "memory_efficient_init"))
+    assert api_check.missing_names(markdown, rendered) == [
+        "hf_dsv4.loading.build_on_meta",
+        "hf_dsv4.loading.resolve_dtype",
+    ]
+    by_module = rendered + '<h2 id="hf_dsv4.loading.pretrained.resolve_dtype"><h2 id="hf_dsv4.loading.build_on_meta">'
+    assert api_check.missing_names(markdown, by_module) == []
 
 
 def test_the_readmes_relative_links_lead_to_files_and_headings_that_exist():
