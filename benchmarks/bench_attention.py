@@ -69,8 +69,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _common import machine  # noqa: E402
 from _memory import MB, live_tensors, reset_rss_peak, rss_rise_mb, status_kb  # noqa: E402
-from bench_load import machine  # noqa: E402
 
 TYPES = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
 IMPLS = ("stock", "sparse")
@@ -419,7 +419,7 @@ def tables(results: list[dict], args: argparse.Namespace) -> list[str]:
 def flash_saved_bytes(layer_type: str, impl: str, lengths: list[int]) -> dict[int, int]:
     """Bytes autograd saves for backward in one full-width Flash decoder layer (see --flash), per length."""
     import torch
-    from bench_flash_slice import FIRST_CSA_TOPK, flash_slice_config
+    from _common import FIRST_CSA_TOPK, flash_slice_config
     from transformers import DeepseekV4ForCausalLM
 
     config = flash_slice_config(1, first=FIRST_CSA_TOPK)
