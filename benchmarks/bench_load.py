@@ -57,6 +57,9 @@ MODES = {"a": "stock transformers (every rank from_pretrained)", "b": "stock acc
          "g": "(d) with read_budget (rank 0 reads each rank's rows in pieces)",
          "h": "(e) with read_budget (each rank reads its rows in pieces)",
          "s": "(a) + fully_shard on every rank's full copy (scale only)"}  # fmt: skip
+SHORT = {"a": "stock", "b": "stock accelerate", "c": "rank 0 loads", "d": "streamed,\nrank 0 reads",
+         "e": "streamed,\nevery rank reads", "f": "(d), no read-ahead", "g": "(d) in pieces\n(read budget)",
+         "h": "(e) in pieces\n(read budget)", "s": "stock + fully_shard"}  # fmt: skip
 PHASES: dict[str, float] = {}  # wall seconds of named phases of one run, filled by the loaders
 
 
@@ -268,8 +271,8 @@ def plot(runs: dict[str, list[list[dict]]], ranks: int, title: str, path: Path) 
                        label=f"rank {r}, " + ("logical peak" if j == 0 else "RSS rise") if i == 0 else None)  # fmt: skip
         if failed:
             ax.text(i, 0, "failed", ha="center", va="bottom", rotation=90)
-    ax.set_xticks(range(len(runs)), [f"({mode})" for mode in runs])
-    ax.set(ylabel="memory while loading + sharding, MB", xlabel="mode (see the table)")
+    ax.set_xticks(range(len(runs)), [f"({mode}) {SHORT[mode]}" for mode in runs], fontsize=8)
+    ax.set(ylabel="memory while loading + sharding, MB")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
