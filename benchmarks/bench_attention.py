@@ -6,6 +6,7 @@ attention (`enable_sparse_attention`): peak memory rise and wall time per layer 
     python benchmarks/bench_attention.py --scope model                     # the whole one-layer model (+ hc, MoE)
     python benchmarks/bench_attention.py --device cuda --stock-max-len 16384 --json /tmp/bench_attention.json
     python benchmarks/bench_attention.py --flash                           # Flash at 4k..32k tokens per GPU
+    python benchmarks/bench_attention.py --lengths 1024 2048 4096 8192 --stock-max-len 4096 --plot docs/images/attention_memory.png
 
 The model: a one-layer `DeepseekV4ForCausalLM` (`tiny_dsv4_config` with 16 heads of 128, hidden 1024, q rank 512,
 4 output groups of rank 256, hc_mult 4, a window of 128, an indexer of 16 heads of 128 keeping the top 512 entries,
@@ -39,6 +40,8 @@ largest measured L; a stock run whose projected RSS (x1.25) exceeds MemAvailable
 runs under RLIMIT_DATA = MemAvailable - 1 GiB, so an allocation that does not fit fails in the worker ("OOM")
 instead of pulling the machine into swap or the OOM killer. A crashed or killed worker is reported, not hidden.
 Each pair's loss and input-gradient norm are compared (stock and sparse compute the same function).
+`--plot out.png` draws the logical peak against L, stock and sparse, one panel per layer type (needs matplotlib:
+`pip install -e ".[docs]"`).
 
 --flash: what it means for DeepSeek-V4-Flash. One full-width Flash decoder layer per layer type (the real config:
 hidden 4096, 64 heads of 512, hc_mult 4, indexer 64 x 128 top-512; its MoE with 8 routed experts instead of 256, top-6
@@ -66,8 +69,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _common import machine  # noqa: E402
 from _memory import MB, live_tensors, reset_rss_peak, rss_rise_mb, status_kb  # noqa: E402
-from bench_load import machine  # noqa: E402
 
 TYPES = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
 IMPLS = ("stock", "sparse")
@@ -310,6 +313,38 @@ def _time_cell(result: dict | None, field: str = "time_s") -> str:
     return f"{result[field]:.2f}"
 
 
+def plot(results: list[dict], args: argparse.Namespace, title: str, path: Path) -> None:
+    """Peak memory (logical peak rise) against sequence length, stock vs sparse, one panel per layer type; stock's
+    skipped lengths as its quadratic projection (open markers, dotted)."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.types), figsize=(4 * len(args.types), 3.6), sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], args.types):
+        for impl, style in (("stock", "o-"), ("sparse", "s-")):
+            measured = _measured(results, kind, impl)
+            ax.plot(sorted(measured), [measured[n]["peak_mb"] for n in sorted(measured)], style, label=impl)
+        projected = sorted((r["length"], r["projected_mb"]) for r in results
+                           if r["type"] == kind and r["impl"] == "stock" and r.get("projected_mb"))  # fmt: skip
+        if projected:  # dotted on from the largest measured stock length
+            stock = _measured(results, kind, "stock")
+            start = [(max(stock), stock[max(stock)]["peak_mb"])] if stock else []
+            ax.plot(*zip(*start, *projected), "o:", mfc="none", color="C0", label="stock, projected (quadratic)")
+        ax.set(xscale="log", yscale="log", xlabel="sequence length L (tokens)", title=kind)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(args.lengths, [f"{n // 1024}k" if n >= 1024 else str(n) for n in args.lengths])
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("peak memory rise, MB (live tensors)")
+    axes[0][0].legend(loc="upper left", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 def tables(results: list[dict], args: argparse.Namespace) -> list[str]:
     """Print the two tables; return the goal lines."""
     index = {(r["type"], r["length"], r["impl"]): r for r in results}
@@ -384,7 +419,7 @@ def tables(results: list[dict], args: argparse.Namespace) -> list[str]:
 def flash_saved_bytes(layer_type: str, impl: str, lengths: list[int]) -> dict[int, int]:
     """Bytes autograd saves for backward in one full-width Flash decoder layer (see --flash), per length."""
     import torch
-    from bench_flash_slice import FIRST_CSA_TOPK, flash_slice_config
+    from _common import FIRST_CSA_TOPK, flash_slice_config
     from transformers import DeepseekV4ForCausalLM
 
     config = flash_slice_config(1, first=FIRST_CSA_TOPK)
@@ -485,6 +520,7 @@ def main() -> None:
     parser.add_argument("--stock-max-len", type=int, default=None, help="longest stock run (default: cpu 8192)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--plot", type=Path, default=None, help="draw peak memory vs L into this PNG (matplotlib)")
     parser.add_argument("--scope", choices=["attention", "model"], default="attention", help="what runs (see above)")
     parser.add_argument("--flash", action="store_true", help="Flash at 4k..32k tokens per GPU (see above), and exit")
     parser.add_argument("--flash-one", nargs=2, metavar=("TYPE", "IMPL"), help=argparse.SUPPRESS)
@@ -530,6 +566,13 @@ def main() -> None:
         report = {"machine": header, "setup": setup, "platform": platform.platform(), "args": options, "wall_s": wall,
                   "results": results}  # fmt: skip
         args.json.write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot(
+            results,
+            args,
+            f"{header}\n{args.scope} scope, {args.dtype}, forward + backward, sparse chunk {args.chunk_size}",
+            args.plot,
+        )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
     python benchmarks/bench_flash_slice.py --tiny --device cpu --steps 2  # CPU check of the script itself
     torchrun --nproc_per_node 8 benchmarks/bench_flash_slice.py --fsdp --keep-quantized /data/flash_slice_release
         # LoRA over the FP8 / FP4 release encodings kept in the shards (a one-layer Flash slice, written there if
-        # missing by flash_release.py; with --tiny the tiny release-layout model)
+        # missing by `_common.build_flash_release`; with --tiny the tiny release-layout model)
     torchrun --nproc_per_node 2 benchmarks/bench_flash_slice.py --tiny --device cpu --fsdp --steps 2   # gloo
 
 The model is the real V4-Flash configuration (hidden 4096, 64 heads of head_dim 512, q_lora_rank 1024, grouped output
@@ -59,52 +59,9 @@ sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+# FLASH, FLASH_LAYERS, FLASH_SCHEDULE: flash_rehearsal.py imports them from here too
+from _common import CSA, FLASH, FLASH_LAYERS, FLASH_SCHEDULE, SLIDING, build_flash_release, machine  # noqa: E402
 
-# DeepSeek-V4-Flash (config.json of deepseek-ai/DeepSeek-V4-Flash), all but the layer count and schedule.
-FLASH = dict(
-    vocab_size=129280,
-    hidden_size=4096,
-    moe_intermediate_size=2048,
-    num_attention_heads=64,
-    num_key_value_heads=1,
-    head_dim=512,
-    q_lora_rank=1024,
-    qk_rope_head_dim=64,
-    num_experts_per_tok=6,
-    n_routed_experts=256,
-    n_shared_experts=1,
-    scoring_func="sqrtsoftplus",
-    norm_topk_prob=True,
-    routed_scaling_factor=1.5,
-    max_position_embeddings=1048576,
-    rope_theta=10000,
-    compress_rope_theta=160000,
-    rope_parameters={"rope_type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
-                     "beta_fast": 32, "beta_slow": 1},
-    compress_rates={CSA: 4, HCA: 128},
-    hc_mult=4,
-    hc_sinkhorn_iters=20,
-    hc_eps=1e-6,
-    swiglu_limit=10.0,
-    sliding_window=128,
-    o_groups=8,
-    o_lora_rank=1024,
-    index_n_heads=64,
-    index_head_dim=128,
-    index_topk=512,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    bos_token_id=0,
-    eos_token_id=1,
-)  # fmt: skip
-FLASH_LAYERS = 43  # V4-Flash: 2 x sliding, then CSA/HCA alternating; the first 3 MoE layers hash-routed
-FLASH_SCHEDULE = dict(
-    layer_types=[SLIDING] * 2 + [CSA, HCA] * 20 + [CSA], mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 40
-)
-# V4-Flash's first CSA layer with top-k routing (layer 4): the heaviest kind (compressor, lightning indexer, routed
-# experts chosen by score)
-FIRST_CSA_TOPK = next(i for i, kinds in enumerate(zip(*FLASH_SCHEDULE.values())) if kinds == (CSA, "moe"))
 # --tiny: the same structure, small enough for a CPU (hidden 256, 8 experts, vocab 4096; seq-len 256).
 TINY = dict(vocab_size=4096, hidden_size=256, moe_intermediate_size=128, num_attention_heads=4, head_dim=64,
             qk_rope_head_dim=16, q_lora_rank=64, num_experts_per_tok=2, n_routed_experts=8, o_groups=2,
@@ -117,15 +74,6 @@ def log(*parts) -> None:
     """Progress on the main process, flushed (the GPU session reads the output as it comes)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*parts, flush=True)
-
-
-def flash_slice_config(layers: int, first: int = 0):
-    """V4-Flash at full width with `layers` decoder layers: Flash's own layers `first` to `first + layers - 1`, their
-    attention and router kinds included (`FLASH_SCHEDULE`)."""
-    from transformers import DeepseekV4Config
-
-    schedule = {key: values[first : first + layers] for key, values in FLASH_SCHEDULE.items()}
-    return DeepseekV4Config(**FLASH, num_hidden_layers=layers, **schedule)
 
 
 def slice_config(args: argparse.Namespace, num_layers: int | None = None):
@@ -180,8 +128,6 @@ def load_quantized(args: argparse.Namespace, dtype: torch.dtype):
 
             build_release_dsv4(path)
         else:
-            from flash_release import build_flash_release
-
             build_flash_release(path)
     dist.barrier()
     kwargs = {} if args.experts_implementation is None else {"experts_implementation": args.experts_implementation}
@@ -454,8 +400,6 @@ def main() -> None:
     elif device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     world = dist.get_world_size() if args.fsdp else 1
-
-    from bench_load import machine
 
     result = {
         "mode": (f"FSDP2 x {world}" if args.fsdp else "1 process") + (" + AC" if args.activation_checkpointing else ""),

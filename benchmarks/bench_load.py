@@ -3,6 +3,7 @@
     python benchmarks/bench_load.py                 # 2 CPU ranks (gloo), ~1 GB bf16 checkpoint built locally
     python benchmarks/bench_load.py --ranks 2 --ckpt /path/to/dsv4 --backend nccl   # on GPUs
     python benchmarks/bench_load.py --layout flash --modes gh --read_budget_mb 512 --repeats 1   # Flash-width layer
+    python benchmarks/bench_load.py --modes acdeg --repeats 1 --plot docs/images/load_memory.png
 
 (a) stock transformers: every rank calls `from_pretrained` (what transformers 5 does under FSDP, even with
     FSDP_CPU_RAM_EFFICIENT_LOADING);
@@ -27,6 +28,7 @@ for (c) also the wall time of the rank-aware `from_pretrained` alone. Then each 
 memory tracker, for the logical peak of live tensors over loading + sharding (tensors made by torch ops in the rank's
 main thread: what a GPU would hold; a loader that builds tensors in other threads is undercounted). On a shared
 machine the CPU seconds and page faults are steadier than the wall time. A crash is reported, not hidden.
+`--plot out.png` draws both peaks per rank and mode as bars (needs matplotlib: `pip install -e ".[docs]"`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -45,32 +46,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _common import build_checkpoint, machine  # noqa: E402
 from _memory import MB, live_tensors, reset_rss_peak, rss_rise_mb  # noqa: E402
 
-# ~1 GB in bf16: 8 layers of every attention type, 16 experts of 1024x1024, vocab 32k.
-BENCH_CONFIG = dict(
-    vocab_size=32768,
-    hidden_size=1024,
-    moe_intermediate_size=1024,
-    num_hidden_layers=8,
-    num_attention_heads=16,
-    head_dim=128,
-    q_lora_rank=512,
-    n_routed_experts=16,
-    num_experts_per_tok=2,
-    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"] * 2
-    + ["compressed_sparse_attention", "heavily_compressed_attention"],
-    mlp_layer_types=["hash_moe"] * 2 + ["moe"] * 6,
-    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
-    hc_mult=4,
-    sliding_window=128,
-    o_groups=4,
-    o_lora_rank=256,
-    index_n_heads=8,
-    index_head_dim=64,
-    index_topk=64,
-    max_position_embeddings=4096,
-)
 MODES = {"a": "stock transformers (every rank from_pretrained)", "b": "stock accelerate FSDP2 cpu_ram_efficient_loading",
          "c": "hf_dsv4 memory_efficient_init + shard_model",
          "d": "hf_dsv4 memory_efficient_init(stream=True) + shard_model",
@@ -79,6 +57,9 @@ MODES = {"a": "stock transformers (every rank from_pretrained)", "b": "stock acc
          "g": "(d) with read_budget (rank 0 reads each rank's rows in pieces)",
          "h": "(e) with read_budget (each rank reads its rows in pieces)",
          "s": "(a) + fully_shard on every rank's full copy (scale only)"}  # fmt: skip
+SHORT = {"a": "stock", "b": "stock accelerate", "c": "rank 0 loads", "d": "streamed,\nrank 0 reads",
+         "e": "streamed,\nevery rank reads", "f": "(d), no read-ahead", "g": "(d) in pieces\n(read budget)",
+         "h": "(e) in pieces\n(read budget)", "s": "stock + fully_shard"}  # fmt: skip
 PHASES: dict[str, float] = {}  # wall seconds of named phases of one run, filled by the loaders
 
 
@@ -271,32 +252,33 @@ def collect_ranks(procs: list[subprocess.Popen], out: Path, timeout: float, miss
     return results
 
 
-def build_checkpoint(path: Path, layout: str = "hub") -> float:
-    """Build (once) the benchmark checkpoint: ~1 GB bf16 in the Hub layout, or the same model in DeepSeek's release
-    layout (FP8 / FP4 with block scales, ~0.5 GB; ~1 GB once dequantized), or (`flash`) a full-width
-    DeepSeek-V4-Flash slice of one decoder layer in the release layout (`flash_release.py`: 5.4 GB, 15.3 GB in bf16);
-    return its size in MB."""
-    from hf_dsv4.testing import build_release_dsv4, build_tiny_dsv4
+def plot(runs: dict[str, list[list[dict]]], ranks: int, title: str, path: Path) -> None:
+    """Per mode, each rank's median logical peak (solid) and RSS rise (hatched) as bars; a failed mode is marked."""
+    import matplotlib
 
-    if not (path / "model.safetensors.index.json").exists():
-        if layout == "flash":
-            from flash_release import build_flash_release
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-            build_flash_release(path)
-        elif layout == "release":
-            build_release_dsv4(path, max_shard_bytes=256 * 2**20, **BENCH_CONFIG)
-        else:
-            build_tiny_dsv4(path, max_shard_bytes=256 * 2**20, **BENCH_CONFIG)
-    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    import torch
-
-    return f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM, {platform.system()}, torch {torch.__version__}"
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(runs), 4))
+    width = 0.8 / (2 * ranks)
+    for i, results in enumerate(runs.values()):
+        failed = any(r["error"] for run in results for r in run)
+        for r in range(ranks):
+            for j, (field, hatch) in enumerate((("logical_mb", None), ("rise_mb", "//"))):
+                x = i - 0.4 + width * (2 * r + j + 0.5)
+                value = 0 if failed else statistics.median(run[r][field] for run in results)
+                ax.bar(x, value, width, color=f"C{r}", hatch=hatch, alpha=1 if hatch is None else 0.5,
+                       label=f"rank {r}, " + ("logical peak" if j == 0 else "RSS rise") if i == 0 else None)  # fmt: skip
+        if failed:
+            ax.text(i, 0, "failed", ha="center", va="bottom", rotation=90)
+    ax.set_xticks(range(len(runs)), [f"({mode}) {SHORT[mode]}" for mode in runs], fontsize=8)
+    ax.set(ylabel="memory while loading + sharding, MB")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 def main() -> None:
@@ -312,6 +294,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs per mode (interleaved); the table shows medians")
     parser.add_argument("--read_budget_mb", type=float, default=16.0, help="mode (g): rank 0's read budget")
     parser.add_argument("--out", type=Path, default=Path("/tmp/hf_dsv4_bench_out"))
+    parser.add_argument("--plot", type=Path, default=None, help="draw each rank's peaks per mode into this PNG")
     parser.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ckpt is None:
@@ -361,6 +344,9 @@ def main() -> None:
             load = statistics.median(max(r["load_s"] for r in run) for run in results)
             note += f"; from_pretrained {load:.2f} s, then sharding {statistics.median(walls) - load:.2f} s"
         print(f"| ({mode}) {MODES[mode]} | {rise_cells} | {wall} | {cpu} | {faults} | {note} |", flush=True)
+    if args.plot:
+        title = f"{machine()}\n{size_mb:.0f} MB {args.layout} checkpoint, {args.ranks} ranks, median of {args.repeats}"
+        plot(runs, args.ranks, title, args.plot)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Loss alignment of the main job: the same data, seed and global batch on 2 FSDP2 ranks and on 1 process.
 
-    python benchmarks/bench_loss_alignment.py [--steps 40] [--out benchmarks/results]
+    python benchmarks/bench_loss_alignment.py [--steps 40] [--out docs/images]
 
 Runs `recipes/sft_dsv4.py` twice on the tiny DeepSeek-V4 in fp32 (LoRA on attention, shared and routed experts):
 (a) `accelerate launch --config_file accelerate_configs/fsdp2_cpu_2proc.yaml`, 2 CPU ranks x 2 samples per step;
@@ -55,7 +55,7 @@ def run(name: str, launcher: list[str], common: list[str], out: Path) -> tuple[d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

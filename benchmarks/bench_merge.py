@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _common import build_checkpoint, machine  # noqa: E402
 from _memory import MB, live_tensors, reset_rss_peak, rss_rise_mb  # noqa: E402
-from bench_load import build_checkpoint, machine  # noqa: E402
 
 
 def make_adapter(base: Path, folder: Path, targets: str) -> None:

@@ -23,7 +23,7 @@ keeps; on CUDA the peak allocated GPU memory); the peak RSS rise over loading; t
 load wall time and the median time of the `--steps` untracked steps after the first (which creates AdamW's state;
 the tracker's dispatch hook slows the step it watches, so that one is not timed). `--layout release` is
 `bench_load.py`'s release checkpoint (8 layers, hidden 1024, 16 experts: 0.5 GB on disk, 1 GB in bf16);
-`--layout flash` the full-width DeepSeek-V4-Flash layer of `flash_release.py` (5.4 GB on disk, 15.3 GB in bf16). A
+`--layout flash` the full-width DeepSeek-V4-Flash layer of `_common.build_flash_release` (5.4 GB on disk, 15.3 GB in bf16). A
 mode that does not fit is reported with its error, not hidden.
 
 The RSS of the quantized modes depends on glibc: by default it raises its mmap threshold each time a large block is
@@ -47,8 +47,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _common import build_checkpoint, machine  # noqa: E402
 from _memory import MB, live_tensors, reset_rss_peak, rss_rise_mb  # noqa: E402
-from bench_load import build_checkpoint, collect_ranks, machine  # noqa: E402
+from bench_load import collect_ranks  # noqa: E402
 
 MODES = {"q": "keep_quantized, experts per expert", "s": "keep_quantized, experts as one stack",
          "d": "dequantized base (stock weights)", "e": "(d) with transformers' eager experts loop"}  # fmt: skip
@@ -198,7 +199,7 @@ def projection_rows(targets: str = "all", seq: int = 4096) -> tuple[list[tuple[s
     (part, keep_quantized bytes, dequantized bf16 bytes) before one layer's recompute; the base's bytes as released
     and in bf16; the config."""
     import torch
-    from bench_flash_slice import FLASH
+    from _common import FLASH
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
     from hf_dsv4.testing.model import hub_name

@@ -60,8 +60,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "recipes"))
 
-from bench_flash_slice import flash_slice_config  # noqa: E402
-from bench_load import machine  # noqa: E402
+from _common import build_flash_release, flash_slice_config, machine  # noqa: E402
 
 FLASH_SLICE_LAYERS = 5  # sliding x 2, CSA, HCA, CSA; hash-routed x 3, then top-k: every layer and router kind
 PHASES = ("dequantized", "quantized")
@@ -78,14 +77,12 @@ ROWS = ("machine", "checkpoint", "loading", "training", "exactness vs dequantize
 def build_release(path: Path, tiny: bool, seed: int = 0) -> None:
     """Write the release-layout checkpoint with a tokenizer (the tiny one for the Flash slice too: the data's token ids
     are all below its vocabulary); the Flash slice's tensors are encoded and written one at a time
-    (`flash_release.build_flash_release`)."""
+    (`_common.build_flash_release`)."""
     from hf_dsv4.testing import build_release_dsv4
 
     if tiny:
         build_release_dsv4(path, seed=seed)
         return
-    from flash_release import build_flash_release
-
     from hf_dsv4.testing.tokenizer import tiny_tokenizer
 
     build_flash_release(path, seed=seed, config=flash_slice_config(FLASH_SLICE_LAYERS))

@@ -1,6 +1,6 @@
 """The NCCL/CUDA hazards of the 8-GPU path whose logic runs on a CPU (issue 28): where each tensor goes under CPU
 offload. The device choice under every backend string and the policy's reduce dtype are in test_distributed.py and
-test_accelerate_plugin.py; what only a GPU can show is fenced with a clear error and listed in the README."""
+test_accelerate_plugin.py; what only a GPU can show is fenced with a clear error and listed in docs/limitations.md."""
 
 from __future__ import annotations
 

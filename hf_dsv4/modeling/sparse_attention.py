@@ -63,10 +63,8 @@ class SparseMask:
     `kv_start` (keys outside `[0, kv_length)` are masked), evaluated by transformers' own `sdpa_mask` with the same
     mask function, padding mask and offsets; `dense(dtype)` is the `[B, 1, L, kv_length]` mask stock eager gets.
 
-    Args:
-        batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, local_size, use_vmap,
-            device: what transformers' mask interface was called with (`sdpa_mask`'s arguments).
-        extra: its other keyword arguments, passed on to `sdpa_mask`.
+    The fields are what transformers' mask interface was called with (`sdpa_mask`'s arguments), `extra` its other
+    keyword arguments, passed on to `sdpa_mask`.
     """
 
     batch_size: int
