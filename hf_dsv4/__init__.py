@@ -39,8 +39,8 @@ _EXPORTS = {
     "gather_adapter": "hf_dsv4.training",
     "load_adapter": "hf_dsv4.training",
     "save_adapter": "hf_dsv4.training",
-    "export_adapter": "hf_dsv4.training.export_adapter",
-    "merge_adapter": "hf_dsv4.training.merge",
+    "export_adapter": "hf_dsv4.serving",
+    "merge_adapter": "hf_dsv4.serving",
 }
 __all__ = [
     "ChatFormatError",
@@ -72,6 +72,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .loading import CheckpointLoadError, memory_efficient_init
     from .modeling import enable_sparse_attention
+    from .serving import export_adapter, merge_adapter
     from .sharding import ShardingError, save_pretrained_sharded, shard_model
     from .template import (
         ChatFormatError,
@@ -93,7 +94,6 @@ if TYPE_CHECKING:
         load_adapter,
         save_adapter,
     )
-    from .training.export_adapter import export_adapter
 
 
 def __getattr__(name: str) -> Any:

@@ -1,9 +1,9 @@
 """`python -m hf_dsv4.merge BASE ADAPTER_DIR OUT_DIR [--dtype bfloat16]`: a trained DeepSeek-V4 LoRA adapter merged
-into its base (Hub or release layout), streamed one decoder layer at a time; see `hf_dsv4.training.merge`."""
+into its base (Hub or release layout), streamed one decoder layer at a time; see `hf_dsv4.serving.merge`."""
 
 from __future__ import annotations
 
-from .training.merge import main, merge_adapter
+from .serving.merge import main, merge_adapter
 
 __all__ = ["main", "merge_adapter"]
 

@@ -1,4 +1,4 @@
-"""The package's shape: imports run one way (template <- modeling <- loading <- sharding <- training), the chat format imports
+"""The package's shape: imports run one way (template <- modeling <- loading <- sharding <- training <- serving), the chat format imports
 none of trl/accelerate/peft, and every public name of `hf_dsv4` still imports from the top."""
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ ALLOWED = {
     "training": {"compat", "distributed", "template", "modeling", "loading", "sharding", "formats"},
     "testing": {"template"},
     "demo": {"template", "testing"},
-    "export": {"training"},
-    "merge": {"training"},
+    "serving": {"compat", "distributed", "template", "modeling", "loading", "sharding", "formats", "training"},
+    "export": {"serving"},
+    "merge": {"serving"},
 }
 # every name `from hf_dsv4 import ...` gave before the package was layered
 PUBLIC = [

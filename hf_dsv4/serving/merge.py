@@ -32,7 +32,7 @@ from ..loading.stream import StreamedCheckpoint, open_streamed
 from ..loading.units import layer_units, unit_entries
 from ..sharding.export import SHARD_FILE
 from ..sharding.streamed import reader_names
-from .adapter import adapter_folder
+from ..training.adapter import adapter_folder
 
 if TYPE_CHECKING:
     from peft import LoraConfig

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import compat
-from .adapter import adapter_folder
+from ..training.adapter import adapter_folder
 
 logger = logging.getLogger(__name__)
 
