@@ -169,12 +169,12 @@ def _encoded(config, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
     """The release tensors, one at a time (weights with their `.scale`)."""
     import torch
 
-    from hf_dsv4.testing.release import _FP4, _FP8, _FP32, encode_fp4, encode_fp8
+    from hf_dsv4.testing.release import FP4_WEIGHTS, FP8_WEIGHTS, FP32_WEIGHTS, encode_fp4, encode_fp8
 
     gen = torch.Generator().manual_seed(seed)
     for name, shape, dtype in _shapes(config):
-        if _FP8.search(name) or _FP4.search(name):
-            weight, scale = (encode_fp8 if _FP8.search(name) else encode_fp4)(name, shape, gen)
+        if FP8_WEIGHTS.search(name) or FP4_WEIGHTS.search(name):
+            weight, scale = (encode_fp8 if FP8_WEIGHTS.search(name) else encode_fp4)(name, shape, gen)
             yield name, weight
             yield name.removesuffix(".weight") + ".scale", scale
         elif dtype == torch.int64:  # hash routes (hash layers only)
@@ -182,7 +182,7 @@ def _encoded(config, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
         else:
             values = torch.randn(shape, generator=gen)
             values = 1 + 0.1 * values if name.endswith("norm.weight") else 0.05 * values
-            yield name, values.to(torch.float32 if _FP32.search(name) else torch.bfloat16).contiguous()
+            yield name, values.to(torch.float32 if FP32_WEIGHTS.search(name) else torch.bfloat16).contiguous()
 
 
 def build_flash_release(path: Path, seed: int = 0, max_shard_bytes: int = 1 << 30, config=None) -> float:
@@ -190,7 +190,7 @@ def build_flash_release(path: Path, seed: int = 0, max_shard_bytes: int = 1 << 3
     shards, index), one tensor encoded at a time; return its size in MB."""
     from safetensors.torch import save_file
 
-    from hf_dsv4.testing.release import _release_config_json
+    from hf_dsv4.testing.release import release_config_json
 
     path.mkdir(parents=True, exist_ok=True)
     config = config or flash_slice_config(1, first=FIRST_CSA_TOPK)
@@ -216,7 +216,7 @@ def build_flash_release(path: Path, seed: int = 0, max_shard_bytes: int = 1 << 3
         weight_map.update(dict.fromkeys(names, filename))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config_json = _release_config_json(config)
+    config_json = release_config_json(config)
     config_json["num_nextn_predict_layers"] = 0
     config_json["compress_ratios"] = config_json["compress_ratios"][:-1]  # no MTP layer
     config_json["rope_scaling"] = dict(FLASH["rope_parameters"])  # the release's yarn (compressed attention)

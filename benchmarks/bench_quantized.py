@@ -203,7 +203,7 @@ def projection_rows(targets: str = "all", seq: int = 4096) -> tuple[list[tuple[s
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
     from hf_dsv4.testing.model import hub_name
-    from hf_dsv4.testing.release import _FP8
+    from hf_dsv4.testing.release import FP8_WEIGHTS
     from hf_dsv4.training.lora import dsv4_lora_config
 
     layers = 43
@@ -221,7 +221,7 @@ def projection_rows(targets: str = "all", seq: int = 4096) -> tuple[list[tuple[s
         n = param.numel()
         if ".experts." in name and name.endswith(("gate_up_proj", "down_proj")):
             q = n // 2 + n // 32  # FP4 codes two per byte + one ue8m0 byte per 32
-        elif _FP8.search(release):
+        elif FP8_WEIGHTS.search(release):
             q = n + n // (128 * 128)
             largest_module = max(largest_module, n)
         else:

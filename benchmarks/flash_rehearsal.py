@@ -95,14 +95,14 @@ def release_plan(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...], tupl
     the weights DeepSeek stores in FP8 (codes as is + ue8m0 128x128 blocks) or FP4 (routed experts: two codes per
     byte + ue8m0 1x32 blocks), as `StreamedCheckpoint.quantized_plan` names and shapes them."""
     from hf_dsv4.testing.model import hub_name
-    from hf_dsv4.testing.release import _FP8
+    from hf_dsv4.testing.release import FP8_WEIGHTS
 
     plan = {}
     for name, param in model.named_parameters():
         if ".mlp.experts." in name and name.endswith(("gate_up_proj", "down_proj")):
             experts, rows, cols = param.shape
             plan[name] = ("fp4", (experts, rows, cols // 2), (experts, rows, cols // 32))
-        elif _FP8.search(hub_name(name)):
+        elif FP8_WEIGHTS.search(hub_name(name)):
             rows, cols = param.shape
             plan[name] = ("fp8", (rows, cols), (math.ceil(rows / 128), math.ceil(cols / 128)))
     return plan

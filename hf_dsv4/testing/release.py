@@ -65,11 +65,13 @@ RELEASE_OVERRIDES = dict(
 )
 
 _COMPRESS_RATIO = {"sliding_attention": 0, "compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
-_FP8 = re.compile(
+# release tensor names by how DeepSeek stores them: FP8 e4m3 (+ 128 x 128 block scales), FP4 e2m1 routed experts
+# (+ 1 x 32 scales), float32
+FP8_WEIGHTS = re.compile(
     r"(\.attn\.(wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)|\.shared_experts\.w[123]|^mtp\.\d+\.[eh]_proj)\.weight$"
 )
-_FP4 = re.compile(r"\.ffn\.experts\.\d+\.w[123]\.weight$")
-_FP32 = re.compile(r"(\.attn_sink|\.ape|\.gate\.bias|(^|\.)hc_(attn|ffn|head)_(fn|base|scale))$")
+FP4_WEIGHTS = re.compile(r"\.ffn\.experts\.\d+\.w[123]\.weight$")
+FP32_WEIGHTS = re.compile(r"(\.attn_sink|\.ape|\.gate\.bias|(^|\.)hc_(attn|ffn|head)_(fn|base|scale))$")
 # Scale exponents (2^(s-127)): small weights, so a forward pass stays finite.
 _FP8_EXPONENTS = (127 - 14, 127 - 10)
 _FP4_EXPONENTS = (127 - 8, 127 - 5)
@@ -90,7 +92,7 @@ def release_dsv4_config(num_hidden_layers: int | None = None, **overrides) -> De
     return DeepseekV4Config(**{**fields, **overrides})
 
 
-def _release_config_json(config: DeepseekV4Config) -> dict:
+def release_config_json(config: DeepseekV4Config) -> dict:
     """`config` written with the release's field names (what transformers folds in `DeepseekV4Config.__post_init__`)."""
     if config.compress_rates != {k: v for k, v in _COMPRESS_RATIO.items() if v}:
         raise ValueError(f"the release config can only express compress rates 4 and 128, got {config.compress_rates}")
@@ -193,13 +195,13 @@ def _release_tensors(config: DeepseekV4Config, seed: int, dtype: torch.dtype) ->
     plain |= _mtp_extras(config, gen)
     out = {}
     for name, tensor in plain.items():
-        if _FP8.search(name) or _FP4.search(name):
-            encode = encode_fp8 if _FP8.search(name) else encode_fp4
+        if FP8_WEIGHTS.search(name) or FP4_WEIGHTS.search(name):
+            encode = encode_fp8 if FP8_WEIGHTS.search(name) else encode_fp4
             out[name], out[name.removesuffix(".weight") + ".scale"] = encode(name, tensor.shape, gen)
         elif tensor.dtype == torch.int64:
             out[name] = tensor.contiguous()
         else:
-            out[name] = tensor.to(torch.float32 if _FP32.search(name) else dtype).contiguous()
+            out[name] = tensor.to(torch.float32 if FP32_WEIGHTS.search(name) else dtype).contiguous()
     return out
 
 
@@ -223,7 +225,7 @@ def build_release_dsv4(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = release_dsv4_config(num_hidden_layers, **config_overrides)
-    config_json = _release_config_json(config)
+    config_json = release_config_json(config)
     tensors = _release_tensors(config, seed, dtype_of_unquantized)
     write_safetensors(path, tensors, max_shard_bytes)
     (path / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
