@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from test_recipe import _short_rows  # noqa: E402 - the same data selection as the alignment test
+from test_recipe import short_rows  # noqa: E402 - the same data selection as the alignment test
 
 RUNS = {
     "2 ranks, FSDP2": ["--config_file", str(REPO / "accelerate_configs" / "fsdp2_cpu_2proc.yaml")],
@@ -63,7 +63,7 @@ def main() -> None:
         from hf_dsv4.testing import build_tiny_dsv4
 
         model = build_tiny_dsv4(tmp / "tiny", dtype=torch.float32, seed=0)
-        data = _short_rows(tmp / "short.jsonl")
+        data = short_rows(tmp / "short.jsonl")
         common = ["--model_name_or_path", str(model), "--dataset_name", str(data), "--dtype", "float32",
                   "--bf16", "false", "--use_cpu", "true", "--max_length", "256", "--max_steps", str(args.steps),
                   "--save_steps", str(args.steps), "--logging_steps", "1", "--per_device_train_batch_size", "2",

@@ -28,7 +28,7 @@ DEMO = REPO / "recipes" / "data" / "dsv4_demo.jsonl"
 STEPS, SAVE_AT = 20, 10
 
 
-def _short_rows(path: Path, n: int = 28, max_tokens: int = 256) -> Path:
+def short_rows(path: Path, n: int = 28, max_tokens: int = 256) -> Path:
     """The first `n` demo rows whose sample fits `max_tokens` (n a multiple of the global batch of 4, so every epoch
     ends on a full step on 1 and 2 ranks alike: a ragged last batch is wrapped around differently by the
     distributed sampler, which would make the runs see different data)."""
@@ -77,7 +77,7 @@ def _gathered_config(out: Path) -> list[str]:
 def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("recipe")
     model = tiny_ckpt_fp32
-    data = _short_rows(out / "short.jsonl")
+    data = short_rows(out / "short.jsonl")
     gathered = _gathered_config(out)
     # no device or precision flag: on a CPU machine the recipe runs on CPU, and --dtype float32 computes in float32
     fp32 = ["--model_name_or_path", str(model), "--dataset_name", str(data), "--dtype", "float32",
@@ -92,7 +92,7 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
     packed = [*fp32[:-2], "--max_steps", "4", "--max_length", "512", "--per_device_train_batch_size", "1"]
     whole = [*fp32[:-2], "--max_steps", "4", "--per_device_train_batch_size", "1"]  # sparse attention, unpadded
     evaluated = ["--eval_strategy", "steps", "--eval_steps", "2", "--per_device_eval_batch_size", "1",
-                 "--eval_dataset_name", str(_short_rows(out / "eval.jsonl", n=4))]  # fmt: skip
+                 "--eval_dataset_name", str(short_rows(out / "eval.jsonl", n=4))]  # fmt: skip
     full = [*fp32, "--use_peft", "false", "--max_steps", str(FULL_STEPS), "--save_steps", str(FULL_SAVE_AT)]
     stop, full_stop = {"HF_DSV4_STOP_AT": str(SAVE_AT)}, {"HF_DSV4_STOP_AT": str(FULL_SAVE_AT)}
     no_stream = ["--stream_weights", "false"]  # rank 0 loads the whole model, then sends it
@@ -545,7 +545,7 @@ MULTINODE_STEPS = 6
 @pytest.fixture(scope="module")
 def two_machines(tiny_ckpt_fp32, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("multinode")
-    data = _short_rows(out / "short.jsonl", n=24)  # a whole number of global batches of 8 per epoch
+    data = short_rows(out / "short.jsonl", n=24)  # a whole number of global batches of 8 per epoch
     args = ["--model_name_or_path", str(tiny_ckpt_fp32), "--dataset_name", str(data), "--dtype", "float32",
             "--max_length", "256", "--max_steps", str(MULTINODE_STEPS), "--logging_steps", "1", "--save_steps", "3",
             "--per_device_train_batch_size", "2", "--learning_rate", "0.005", "--lora_target_modules", "all",
