@@ -220,6 +220,8 @@ class QuantizedWeight(torch.Tensor):
                 return _Fold.apply(weight, lhs, rhs, alpha, False)
         if weight is not None and func is torch.Tensor.__getitem__ and weight.update and weight.update[0] == "pending":
             _, lhs, rhs, alpha = weight.update
+            if not isinstance(args[1], int) and not (isinstance(args[1], torch.Tensor) and args[1].numel() == 1):
+                raise QuantizationError("a routed-expert stack folded expert by expert is indexed by one expert")
             expert = int(args[1])
             one = weight._with(update=None)[expert]
             return _Fold.apply(one, lhs[expert : expert + 1], rhs[expert : expert + 1], alpha, True)
@@ -446,12 +448,8 @@ _BYTES = {
 
 def quantized_weights(module: nn.Module) -> dict[str, QuantizedWeight]:
     """`module`'s own quantized weights (sharded or not: FSDP2 holds them in DTensors), by leaf name."""
-    out = {}
-    for leaf, param in module._parameters.items():
-        local = param._local_tensor if isinstance(param, torch.distributed.tensor.DTensor) else param
-        if isinstance(local, QuantizedWeight):
-            out[leaf] = param
-    return out
+    params = module.named_parameters(recurse=False)
+    return {leaf: param for leaf, param in params if isinstance(_local(param)[0], QuantizedWeight)}
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -468,7 +466,7 @@ def _local(param: torch.Tensor) -> tuple[torch.Tensor, Any]:
     from torch.distributed.tensor import DTensor
 
     if isinstance(param, DTensor):
-        return param._local_tensor, (param.device_mesh, param.placements)
+        return param.to_local(), (param.device_mesh, param.placements)
     return param, None
 
 
@@ -593,7 +591,7 @@ def quantize_base(
         scale = torch.empty(tuple(scale_shape), dtype=torch.uint8, device="meta")
         quantized = QuantizedWeight(codes, scale, kind, tuple(weight.shape), weight.dtype, per_expert=per_expert,
                                     owner=weakref.ref(module))  # fmt: skip
-        module._parameters[leaf] = nn.Parameter(quantized, requires_grad=False)
+        setattr(module, leaf, nn.Parameter(quantized, requires_grad=False))
         if module not in _HOOKED:  # the state dict in the checkpoint's parts
             _HOOKED.add(module)
             module.recompute_in_backward = True  # off: autograd keeps the dequantized weights (tests compare)
