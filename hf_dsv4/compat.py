@@ -58,6 +58,16 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
             "would turn every result into the subclass)",
         ),
         Internal(
+            "torch._ops:OpOverload.__init__",
+            assigned="_schema",
+            why="a quantized weight refuses the ops that write into their arguments (peft's merge): the op's schema",
+        ),
+        Internal(
+            "torch.utils._python_dispatch:is_traceable_wrapper_subclass",
+            why="a quantized weight implements that protocol (`__tensor_flatten__` / `__tensor_unflatten__`), so "
+            "torch's memory tracker counts its bytes and parametrize swaps it instead of `set_`",
+        ),
+        Internal(
             "torch:Tensor._make_wrapper_subclass",
             why="a quantized weight is a tensor of the weight's shape and dtype that holds its bytes (torchao's "
             "pattern for NF4 / float8 weights; `hf_dsv4.sharding.quantized.QuantizedWeight`)",
@@ -635,6 +645,11 @@ def make_wrapper_subclass(cls: type, like: Any, device: Any) -> Any:
         cls, like.shape, strides=like.stride(), storage_offset=like.storage_offset(), dtype=like.dtype,
         device=device, requires_grad=False,
     )  # fmt: skip
+
+
+def writes_into_arguments(op: Any) -> bool:
+    """Whether the aten operator `op` writes into one of its arguments (in place or `out=`)."""
+    return op._schema.is_mutable
 
 
 def subclass_functions_disabled() -> Any:

@@ -467,8 +467,11 @@ def test_a_quantized_weight_shards_and_gathers_as_its_bytes():
     the bytes: an FP8 weight's codes split by rows and its 128-row block scales kept whole by every shard, an FP4
     expert stack's codes and scales split by experts; the gathered weight dequantizes to the whole one. In-place
     changes are refused (peft's merge)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
     fp8, fp4 = _quantized_weights(6)
     for weight, whole_scale in ((fp8, True), (fp4, False)):
+        assert is_traceable_wrapper_subclass(weight)  # torch's memory tracker counts its codes' and scales' bytes
         shards = torch.chunk(weight, 2, dim=0)
         assert [type(s) for s in shards] == [quantized_module.QuantizedWeight] * 2
         for i, shard in enumerate(shards):

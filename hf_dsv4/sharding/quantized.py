@@ -240,7 +240,7 @@ class QuantizedWeight(torch.Tensor):
             out = bytewise(*args, **kwargs)
             if out is not NotImplemented:
                 return out
-        if func._schema.is_mutable:
+        if compat.writes_into_arguments(func):
             raise QuantizationError(_IN_PLACE)
         if func in _VIEWS and isinstance(args[0], QuantizedWeight):
             weight, view = args[0], (func, tuple(args[1:]))
