@@ -76,6 +76,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from hf_dsv4 import memory_efficient_init, shard_model
     from hf_dsv4.distributed import local_device
+    from hf_dsv4.sharding.quantized import QuantizedWeight
     from hf_dsv4.training.lora import dsv4_lora_config
 
     dist.init_process_group(args.backend)
@@ -100,7 +101,8 @@ def worker(args: argparse.Namespace) -> None:
         result["load_s"] = time.perf_counter() - start
         result["load_peak_mb"] = _peak_mb(device, baseline)
         local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
-        result["shard_mb"] = sum(t.numel() * t.element_size() for t in local) / MB
+        parts = [t for w in local for t in ((w.codes, w.scale) if isinstance(w, QuantizedWeight) else (w,))]
+        result["shard_mb"] = sum(t.numel() * t.element_size() for t in parts) / MB  # a quantized weight: its bytes
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-4)
         generator = torch.Generator().manual_seed(dist.get_rank())

@@ -111,7 +111,7 @@ def release_plan(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...], tupl
 def build(config, targets: str, keep_quantized: bool) -> nn.Module:
     """The training model on meta, as the recipe makes it before sharding: bf16, activation checkpointing, the fused
     LM head, LoRA, sparse attention, and with `keep_quantized` the quantized-resident base (`shard_model`'s first
-    step, `quantize_base`: each weight saved for backward as its recipe, also under activation checkpointing)."""
+    step, `quantize_base`: autograd saves each weight as its bytes, also under activation checkpointing)."""
     from peft import get_peft_model
     from transformers import DeepseekV4ForCausalLM
     from trl.trainer.utils import add_fused_lm_head
@@ -172,16 +172,21 @@ def _balanced_experts(module: nn.Module, hidden_states, top_k_index, top_k_weigh
 
 @contextlib.contextmanager
 def balanced_per_expert(model: nn.Module) -> Iterator[int]:
-    """Within: every quantized experts module computed per expert runs `_balanced_experts` inside its own forward
-    scope (so each expert's weight is dequantized by `QuantizedModule` as in training); yields how many."""
-    from hf_dsv4.sharding.quantized import PER_EXPERT, quantized_modules
+    """Within: every quantized experts module computed per expert runs `_balanced_experts` (each expert's weight
+    dequantized where the loop uses it, as in training); yields how many."""
+    from torch.distributed.tensor import DTensor
 
-    modules = [m for m in quantized_modules(model).values() if m.__dict__.get(PER_EXPERT)]
+    from hf_dsv4.sharding.quantized import quantized_modules, quantized_weights
+
+    def per_expert(module: nn.Module) -> bool:
+        weights = quantized_weights(module).values()
+        return any((w.to_local() if isinstance(w, DTensor) else w).per_expert for w in weights)
+
+    modules = [m for m in quantized_modules(model).values() if per_expert(m)]
 
     def forward(module: nn.Module):
         def run(hidden_states, top_k_index, top_k_weights):
-            with module._forward_scope():
-                return _balanced_experts(module, hidden_states, top_k_index, top_k_weights)
+            return _balanced_experts(module, hidden_states, top_k_index, top_k_weights)
 
         return run
 
@@ -328,14 +333,13 @@ def fill_random(model: nn.Module) -> None:
     small magnitude and their scales one (ue8m0 127); the rotary tables as the model computes them."""
     from torch.distributed.tensor import DTensor
 
-    from hf_dsv4.sharding.quantized import DATA, SCALE
+    from hf_dsv4.sharding.quantized import QuantizedWeight
 
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+    for _, tensor in [*model.named_parameters(), *model.named_buffers()]:
         local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-        if name.endswith(SCALE):
-            local.fill_(127)
-        elif name.endswith(DATA):
-            local.random_(0, 0x30)  # e4m3 and e2m1 pairs of magnitude < 2: finite
+        if isinstance(local, QuantizedWeight):
+            local.scale.fill_(127)
+            local.codes.random_(0, 0x30)  # e4m3 and e2m1 pairs of magnitude < 2: finite
         elif local.is_floating_point():
             local.normal_(0.0, 0.02)
         else:

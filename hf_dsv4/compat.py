@@ -26,8 +26,6 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
-from .formats import QUANTIZED, quantized_parts
-
 logger = logging.getLogger(__name__)
 
 
@@ -55,9 +53,24 @@ class Internal:
 FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
     "torch": (">=2.13,<2.16", (  # else public APIs only (FSDP2, DCP, DTensor); the range is the tested one
         Internal(
-            "torch._C._autograd:_top_saved_tensors_default_hooks",
-            why="a quantized module's saved-tensor hooks hand what is not a weight on to the hooks outside "
-            "(activation checkpointing's), as torch.utils.checkpoint itself reads them",
+            "torch._C:DisableTorchFunctionSubclass",
+            why="a quantized weight's `__torch_function__` runs the op itself, results left as they are (the default "
+            "would turn every result into the subclass)",
+        ),
+        Internal(
+            "torch._ops:OpOverload.__init__",
+            assigned="_schema",
+            why="a quantized weight refuses the ops that write into their arguments (peft's merge): the op's schema",
+        ),
+        Internal(
+            "torch.utils._python_dispatch:is_traceable_wrapper_subclass",
+            why="a quantized weight implements that protocol (`__tensor_flatten__` / `__tensor_unflatten__`), so "
+            "torch's memory tracker counts its bytes and parametrize swaps it instead of `set_`",
+        ),
+        Internal(
+            "torch:Tensor._make_wrapper_subclass",
+            why="a quantized weight is a tensor of the weight's shape and dtype that holds its bytes (torchao's "
+            "pattern for NF4 / float8 weights; `hf_dsv4.sharding.quantized.QuantizedWeight`)",
         ),
         Internal(
             "torch._subclasses.fake_tensor:is_fake", ("x",),
@@ -138,6 +151,10 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
             "transformers.integrations.finegrained_fp8:Fp8Dequantize._dequantize_one",
             ("quantized", "scales", "output_dtype"),
             why="a quantized-resident base dequantizes each layer with the arithmetic a dequantizing load uses",
+        ),
+        Internal(
+            "transformers:PretrainedConfig._experts_implementation",
+            why="quantized routed experts computed per expert run transformers' eager loop (their module's config)",
         ),
     )),
     # DeepSeek-V4 attention (hf_dsv4.modeling.sparse_attention): what is replaced or mirrored is pinned by its source
@@ -229,12 +246,12 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
     "peft": (">=0.21,<0.22", (
         Internal("peft.tuners.lora.layer:ParamWrapper.get_param", (), why="routed-expert adapter dtype alignment"),
         Internal(
-            "peft.tuners.lora.layer:ParamWrapper._activate_lora",
-            ("active_adapters",),
-            why="over quantized experts the update is handed to the quantized module instead of a parametrization",
+            "peft.tuners.lora.layer:_LoraFactorsProxy.forward",
+            ("W",),
+            why="over quantized routed experts peft's fold reaches the quantized weight as this `baddbmm`, which it "
+            "makes lazily (per expert: `QuantizedWeight.__torch_function__`)",
+            decides=("return torch.baddbmm(W, self.lhs, self.rhs, alpha=self.scaling)",),
         ),
-        Internal("peft.tuners.lora.layer:ParamWrapper.get_delta_factors", ("adapter_name",), why="the same"),
-        Internal("peft.tuners.lora.layer:ParamWrapper.get_delta_weight", ("adapter_name",), why="the same"),
     )),
 }  # fmt: skip
 
@@ -552,53 +569,6 @@ def param_wrapper_class() -> type:
     return ParamWrapper
 
 
-_QUANTIZED_WRAPPERS: dict[type, type] = {}
-
-
-def quantized_param_wrapper_class(cls: type, updates: str) -> type:
-    """peft's `ParamWrapper` (class `cls`) for a parameter that a quantized module computes (`hf_dsv4.sharding.
-    quantized`): the parameter is a property there, not something `nn.utils.parametrize` can wrap, so
-    `_activate_lora` hands the update to the module (`module.__dict__[updates][name]`: peft's own factors
-    `("factors", lhs, rhs, scaling)` for one adapter over experts, which the module folds in as peft's
-    `_LoraFactorsProxy` does, else `("delta", sum of get_delta_weight)`) for the wrapped forward; `get_param` is a
-    stand-in of the parameter's shape, dtype and device (nothing is dequantized to read them)."""
-    require("peft")
-    if cls in _QUANTIZED_WRAPPERS.values():
-        return cls
-    if cls in _QUANTIZED_WRAPPERS:
-        return _QUANTIZED_WRAPPERS[cls]
-
-    @contextlib.contextmanager
-    def _activate_lora(self, active_adapters):
-        adapters = [a for a in active_adapters or () if a in self.lora_A]
-        if not adapters:
-            yield
-            return
-        if len(adapters) == 1 and self.num_experts > 1:
-            update = ("factors", *self.get_delta_factors(adapters[0]))
-        else:
-            update = ("delta", sum(self.get_delta_weight(a) for a in adapters))
-        base = self.get_base_layer()
-        active = base.__dict__.setdefault(updates, {})
-        active[self.parameter_name] = update
-        try:
-            yield
-        finally:
-            active.pop(self.parameter_name, None)
-
-    def get_param(self):
-        import torch
-
-        base = self.get_base_layer()
-        _, shape, dtype = base.__dict__[QUANTIZED][self.parameter_name]
-        device = base._parameters[quantized_parts(self.parameter_name)[0]].device
-        return torch.zeros((), dtype=dtype, device=device).expand(shape)
-
-    namespace = {"_activate_lora": _activate_lora, "get_param": get_param, "__module__": __name__}
-    _QUANTIZED_WRAPPERS[cls] = type(f"Quantized{cls.__name__}", (cls,), namespace)
-    return _QUANTIZED_WRAPPERS[cls]
-
-
 # ------------------------------------------------------------------------------------------------ attention
 
 
@@ -651,15 +621,46 @@ def dequantize_blocks(codes: Any, scales: Any, dtype: Any) -> Any:
     return Fp8Dequantize(None)._dequantize_one(codes, scales, dtype)
 
 
+def eager_experts_config(config: Any) -> Any:
+    """A copy of `config` whose experts compute with transformers' eager loop (expert by expert), whatever the model's
+    experts implementation: for one experts module (its `config`), as `set_experts_implementation("eager")` does
+    for a whole model."""
+    import copy
+
+    require("transformers")
+    eager = copy.copy(config)
+    eager._experts_implementation = "eager"
+    return eager
+
+
+# ------------------------------------------------------------------------------------------------ torch tensors
+
+
+def make_wrapper_subclass(cls: type, like: Any, device: Any) -> Any:
+    """A tensor of subclass `cls` with `like`'s shape, strides and dtype on `device`, holding no storage of its own
+    (the subclass holds its data: `hf_dsv4.sharding.quantized.QuantizedWeight`)."""
+    import torch
+
+    return torch.Tensor._make_wrapper_subclass(
+        cls, like.shape, strides=like.stride(), storage_offset=like.storage_offset(), dtype=like.dtype,
+        device=device, requires_grad=False,
+    )  # fmt: skip
+
+
+def writes_into_arguments(op: Any) -> bool:
+    """Whether the aten operator `op` writes into one of its arguments (in place or `out=`)."""
+    return op._schema.is_mutable
+
+
+def subclass_functions_disabled() -> Any:
+    """A context in which tensor subclasses' `__torch_function__` is off: a subclass's own `__torch_function__`
+    calls the op in it (as torch's wrapper subclasses do)."""
+    import torch
+
+    return torch._C.DisableTorchFunctionSubclass()
+
+
 # ------------------------------------------------------------------------------------------------ torch autograd
-
-
-def saved_tensors_hooks_in_effect() -> tuple[Callable, Callable] | None:
-    """The (pack, unpack) saved-tensor hooks in effect here (the innermost `saved_tensors_hooks`, e.g. activation
-    checkpointing's), or None: hooks pushed inside replace them, so they must hand on what they do not keep."""
-    import torch._C._autograd as autograd
-
-    return autograd._top_saved_tensors_default_hooks(False)
 
 
 def is_fake(tensor: Any) -> bool:

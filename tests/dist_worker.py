@@ -828,10 +828,14 @@ def quantized_lora(
 
 
 def _local_bytes(model: torch.nn.Module) -> dict[str, int]:
-    local = [(n, p.to_local() if isinstance(p, DTensor) else p) for n, p in model.named_parameters()]
+    """This rank's bytes of its parameters' shards: a quantized weight's are its codes and scales (uint8)."""
+    from hf_dsv4.sharding.quantized import QuantizedWeight
+
+    local = [p.to_local() if isinstance(p, DTensor) else p for _, p in model.named_parameters()]
+    parts = [t for w in local for t in ((w.codes, w.scale) if isinstance(w, QuantizedWeight) else (w,))]
     return {
-        "quantized": sum(t.numel() for _, t in local if t.dtype == torch.uint8),
-        "all": sum(t.numel() * t.element_size() for _, t in local),
+        "quantized": sum(t.numel() for t in parts if t.dtype == torch.uint8),
+        "all": sum(t.numel() * t.element_size() for t in parts),
     }
 
 

@@ -5,6 +5,7 @@ gradient equal those over the dequantized base bit for bit."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -150,17 +151,19 @@ def test_quantize_base_gives_the_model_its_quantized_form(release_ckpt, streamed
     modules = quantized_modules(peft_model)
     layer = "base_model.model.model.layers.1."
     q_a = modules[layer + "self_attn.q_a_proj.base_layer"]
-    assert type(q_a).__name__ == "QuantizedLinear" and isinstance(q_a, nn.Linear)
-    assert type(modules[layer + "self_attn.o_a_proj"]).__name__ == "QuantizedDeepseekV4GroupedLinear"
-    assert "weight" not in q_a._parameters and q_a.weight_q.dtype == q_a.weight_scale.dtype == torch.uint8
-    assert q_a.weight.shape == (model.config.q_lora_rank, model.config.hidden_size)  # the weight it stands for
-    assert q_a.weight.dtype == torch.bfloat16 and q_a.weight.is_meta
+    assert type(q_a) is nn.Linear and type(modules[layer + "self_attn.o_a_proj"]).__name__ == "DeepseekV4GroupedLinear"
+    weight = q_a.weight  # the quantized weight: its bytes, with the shape and dtype of the weight it stands for
+    assert isinstance(weight, quantized_module.QuantizedWeight) and not weight.requires_grad
+    assert weight.codes.dtype == weight.scale.dtype == torch.uint8 and weight.codes.shape == (128, 256)
+    assert weight.shape == (model.config.q_lora_rank, model.config.hidden_size)
+    assert weight.dtype == torch.bfloat16 and weight.is_meta
+    assert sorted(q_a.state_dict()) == ["weight_q", "weight_scale"]  # the checkpoint's parts, as the loaders fill them
     experts = modules[layer + "mlp.experts.base_layer.base_layer"]
-    assert sorted(experts.__dict__[quantized_module.QUANTIZED]) == ["down_proj", "gate_up_proj"]
+    assert sorted(quantized_module.quantized_weights(experts)) == ["down_proj", "gate_up_proj"]
     wrapper = peft_model.get_submodule(layer + "mlp.experts.base_layer")
-    assert type(wrapper).__name__ == "QuantizedParamWrapper" and wrapper.parameter_name == "gate_up_proj"
-    stand_in = wrapper.get_param()
-    assert stand_in.shape == experts.gate_up_proj.shape and stand_in.untyped_storage().nbytes() == 2
+    assert type(wrapper).__name__ == "ParamWrapper" and wrapper.parameter_name == "gate_up_proj"  # peft's own
+    stand_in = wrapper.get_param()  # the quantized weight itself: nothing dequantized to read its shape
+    assert stand_in is experts.gate_up_proj and isinstance(stand_in, quantized_module.QuantizedWeight)
     assert not any(p.requires_grad for n, p in peft_model.named_parameters() if ".lora_" not in n)
     with pytest.raises(QuantizationError, match="cannot be merged into a quantized-resident base"):
         peft_model.merge_and_unload()  # would add the update to a dequantized copy and lose it
@@ -265,16 +268,20 @@ def test_a_quantized_module_inside_an_activation_checkpoint_gives_the_same_gradi
 
 def test_a_quantized_module_hands_what_it_does_not_keep_to_the_saved_tensor_hooks_outside():
     """Inside activation checkpointing the checkpoint's hooks must still see (and drop) the module's activations,
-    while the weights are saved as recipes: hooks pushed inside replace the outer ones, so the module hands the rest
-    on (before: the outer hooks saw nothing, and the layer's activations were kept)."""
+    while of the weights autograd saves the quantized weight (its bytes, `QuantizedWeight`), never a dequantized one
+    (before the subclass: hooks pushed inside replaced the outer ones, which then saw nothing, and the layer's
+    activations were kept)."""
     quantized, _, config = _quantized_experts("per_expert", "eager")
     weight_shapes = {tuple(quantized.gate_up_proj.shape[1:]), tuple(quantized.down_proj.shape[1:])}
     seen = []
     x = torch.randn(6, config.hidden_size, requires_grad=True)
     index = torch.arange(12).view(6, 2) % config.n_routed_experts
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(tuple(t.shape)) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
         quantized(x, index, torch.rand(6, 2))
-    assert seen and not weight_shapes & set(seen), (seen, weight_shapes)
+    dense = {tuple(t.shape) for t in seen if not isinstance(t, quantized_module.QuantizedWeight)}
+    weights = [t for t in seen if isinstance(t, quantized_module.QuantizedWeight)]
+    assert dense and not weight_shapes & dense, (dense, weight_shapes)
+    assert weights and all(w.codes.dtype == torch.uint8 and w.codes.dim() == 2 for w in weights)  # one expert's bytes
 
 
 def test_per_expert_experts_inside_an_activation_checkpoint_keep_one_experts_weights_at_a_time(monkeypatch):
@@ -422,3 +429,122 @@ def test_the_recipe_trains_lora_over_the_quantized_base_like_over_the_dequantize
         plain = base(ids).logits
         tuned = PeftModel.from_pretrained(base, tmp_path / "per_expert")(ids).logits
     assert not torch.equal(plain, tuned) and bool(torch.isfinite(tuned).all())
+
+
+def test_per_expert_quantized_experts_run_transformers_eager_loop_whatever_the_models_implementation(monkeypatch):
+    """experts="per_expert" computes expert by expert also when the model's experts implementation is grouped_mm
+    (`compat.eager_experts_config`: the module's own config), and the model's config is left as it was."""
+    quantized, stock, config = _quantized_experts("per_expert", "grouped_mm")
+    assert quantized.config._experts_implementation == "eager" and config._experts_implementation == "grouped_mm"
+    calls = []
+    real = quantized_module.dequantize
+    monkeypatch.setattr(quantized_module, "dequantize", lambda *a: calls.append(a[0].dim()) or real(*a))
+    x = torch.randn(10, config.hidden_size)
+    index = torch.randint(0, config.n_routed_experts, (10, config.num_experts_per_tok),
+                          generator=torch.Generator().manual_seed(4))  # fmt: skip
+    weights = torch.rand(10, config.num_experts_per_tok)
+    out = quantized(x, index, weights)
+    assert calls == [2] * 2 * len(index.unique())
+    stock.config = quantized.config  # the stock module with transformers' eager loop over the dequantized stack
+    assert torch.equal(out, stock(x, index, weights))
+
+
+def _quantized_weights(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 weight [256, 256] (bf16) and an FP4 stack of 4 experts [64, 128] (fp32) from the release encoder."""
+    gen = torch.Generator().manual_seed(seed)
+    codes, scale = release.encode_fp8("w", torch.Size([256, 256]), gen)
+    fp8 = quantized_module.QuantizedWeight(codes.view(torch.uint8), scale.view(torch.uint8), "fp8", (256, 256),
+                                           torch.bfloat16)  # fmt: skip
+    stack = [release.encode_fp4("w", torch.Size([64, 128]), gen) for _ in range(4)]
+    fp4 = quantized_module.QuantizedWeight(torch.stack([c.view(torch.uint8) for c, _ in stack]),
+                                           torch.stack([s.view(torch.uint8) for _, s in stack]), "fp4", (4, 64, 128),
+                                           torch.float32)  # fmt: skip
+    return fp8, fp4
+
+
+def test_a_quantized_weight_shards_and_gathers_as_its_bytes():
+    """What FSDP2 does to a parameter (`torch.chunk` along dim 0, a zero-padded copy, the all-gather extension) keeps
+    the bytes: an FP8 weight's codes split by rows and its 128-row block scales kept whole by every shard, an FP4
+    expert stack's codes and scales split by experts; the gathered weight dequantizes to the whole one. In-place
+    changes are refused (peft's merge)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    fp8, fp4 = _quantized_weights(6)
+    for weight, whole_scale in ((fp8, True), (fp4, False)):
+        assert is_traceable_wrapper_subclass(weight)  # torch's memory tracker counts its codes' and scales' bytes
+        shards = torch.chunk(weight, 2, dim=0)
+        assert [type(s) for s in shards] == [quantized_module.QuantizedWeight] * 2
+        for i, shard in enumerate(shards):
+            rows = slice(i * weight.shape[0] // 2, (i + 1) * weight.shape[0] // 2)
+            assert shard.shape == (weight.shape[0] // 2, *weight.shape[1:]) and shard.dtype == weight.dtype
+            assert torch.equal(shard.codes, weight.codes[rows])
+            assert torch.equal(shard.scale, weight.scale if whole_scale else weight.scale[rows])
+        padded = shards[1].new_zeros(shards[1].shape)
+        padded.narrow(0, 0, shards[1].shape[0]).copy_(shards[1])
+        assert torch.equal(padded.codes, shards[1].codes) and torch.equal(padded.scale, shards[1].scale)
+        with _fake_mesh(2) as mesh:
+            inputs = [shard.fsdp_pre_all_gather(mesh, weight.shape, weight.stride(), None, None) for shard in shards]
+        assert all(t.dtype == torch.uint8 for sent, _ in inputs for t in sent)  # bytes travel, never the weight
+        gathered = [torch.cat([sent[k] for sent, _ in inputs]) for k in range(len(inputs[0][0]))]
+        full, buffers = shards[0].fsdp_post_all_gather(gathered, inputs[0][1], weight.dtype)
+        assert full.shape == weight.shape and all(b.dtype == torch.uint8 for b in buffers)
+        dense = dequantize(weight.codes, weight.scale, weight.kind, weight.dtype)
+        assert torch.equal(full.dequantized(), dense) and torch.equal(full[1], dense[1])
+        if whole_scale:  # an FP8 shard's rows are not whole scale blocks
+            with pytest.raises(QuantizationError, match="a shard of a quantized weight is dequantized whole"):
+                shards[0].dequantized()
+        else:  # an expert stack's shard holds whole experts
+            assert torch.equal(shards[1].dequantized(), dense[2:])
+        with pytest.raises(QuantizationError, match="cannot be merged into a quantized-resident base"):
+            full.add_(1.0)
+    state = nn.Linear(256, 256, bias=False)
+    state.weight = nn.Parameter(fp8, requires_grad=False)
+    with pytest.raises(QuantizationError, match="cannot be merged into a quantized-resident base"):
+        state.weight.data += torch.ones(256, 256, dtype=torch.bfloat16)
+
+
+def test_a_quantized_weight_sharded_unevenly_gathers_its_bytes_in_the_padded_shape():
+    """FSDP2 pads an uneven dim 0 and wants an extension's all-gather inputs in the padded shard's shape: an FP8
+    weight's codes have it, an FP4 stack's codes and row scales are laid into it (17/32 of its bytes); the gathered
+    weight is the whole one. 3 ranks (a real device mesh over torch's fake process group), the all-gather by hand."""
+    fp8, fp4 = _quantized_weights(8)
+    with _fake_mesh(3) as mesh:
+        for weight in (fp8, fp4):
+            rows = -(-weight.shape[0] // 3)
+            chunks = list(torch.chunk(weight, 3, dim=0))
+            chunks += [weight.new_empty((0, *weight.shape[1:]))] * (3 - len(chunks))  # as FSDP2 pads the list
+            inputs = []
+            for chunk in chunks:  # FSDP2's padded shard, narrowed to the rank's rows
+                padded = chunk.new_zeros((rows, *weight.shape[1:]))
+                shard = padded.narrow(0, 0, chunk.shape[0])
+                shard.copy_(chunk)
+                sent, metadata = shard.fsdp_pre_all_gather(mesh, weight.shape, weight.stride(), None, None)
+                assert [(t.shape, t.dtype) for t in sent] == [((rows, *weight.shape[1:]), torch.uint8)]
+                inputs.append((sent, metadata))
+            gathered = [torch.cat([sent[0] for sent, _ in inputs])]
+            full, buffers = chunks[0].fsdp_post_all_gather(gathered, inputs[0][1], weight.dtype)
+            assert full.shape == weight.shape and all(b.dtype == torch.uint8 for b in buffers)
+            dense = dequantize(weight.codes, weight.scale, weight.kind, weight.dtype)
+            assert torch.equal(full.dequantized(), dense)
+            again = gathered[0].clone()  # FSDP2 refills the same buffers and hands the weight back (`out`)
+            gathered[0].zero_()
+            for buffer in buffers[1:]:
+                buffer.zero_()
+            gathered[0].copy_(again)
+            assert chunks[0].fsdp_post_all_gather(gathered, inputs[0][1], weight.dtype, out=full) is None
+            assert torch.equal(full.dequantized(), dense)
+
+
+@contextlib.contextmanager
+def _fake_mesh(ranks: int):
+    """A device mesh of `ranks` CPU ranks over torch's fake process group (this process is rank 0)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hf_dsv4 import compat
+
+    dist.init_process_group("fake", store=compat.fake_store(), rank=0, world_size=ranks)
+    try:
+        yield init_device_mesh("cpu", (ranks,))
+    finally:
+        dist.destroy_process_group()

@@ -360,8 +360,8 @@ def memory_efficient_init(
             converted bytes and sends each to its rank, instead of reading whole units (with `readers="all"`: every
             rank reads its own rows in such pieces); see `shard_model`.
         keep_quantized: with `stream=True` and a release checkpoint, the weights the checkpoint stores as FP8 / FP4
-            stay so in the shards (uint8 codes + ue8m0 scales, dequantized per layer in forward and again in
-            backward, `hf_dsv4.sharding.quantized`), for LoRA over a frozen base; `shard_model` gives the model that
+            stay so in the shards (uint8 codes + ue8m0 scales, dequantized where an op uses them, in forward and
+            again in backward, `hf_dsv4.sharding.quantized`), for LoRA over a frozen base; `shard_model` gives the model that
             form. Needs torch.distributed (one process is fine: `shard_model` fills it) and refuses full
             fine-tuning. The routed experts compute expert by expert (`True` or "per_expert": each expert's weight
             dequantized when its tokens reach it) or as one dequantized stack per layer ("stack": the model's experts

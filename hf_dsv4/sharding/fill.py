@@ -106,7 +106,8 @@ def load_from_source(
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     is_source = dist.get_rank() == 0
     units = layer_units(model)
-    ahead = _ReadAhead(read, [p for p, _ in units]) if read is not None and is_source and read_ahead else None
+    prefixes = [p for p, _ in units]
+    ahead = _ReadAhead(read, prefixes) if read is not None and is_source and read_ahead else None
     fetch = ahead or read  # rank 0's reads; never called elsewhere (`on_source`)
     if read is not None and is_source:
         units = tqdm(units, desc="streaming the checkpoint into the shards", unit="layer", disable=None)
@@ -123,9 +124,11 @@ def load_from_source(
                     for key in list(full_state_dict)
                     if key.startswith(prefix)
                 }
+            parts = _quantized_parts(prefix, module, prefixes)
             with every_rank_raises():  # DCP's broadcast is a collective: check rank 0's part before it
                 if is_source:
-                    _check_part(prefix, module, part)
+                    _check_part(prefix, module, part, parts)
+            _send_quantized(module, part, parts, device)
             set_model_state_dict(module, part, options=options)
             del part
     finally:
@@ -133,11 +136,40 @@ def load_from_source(
             ahead.close()
 
 
-def _check_part(prefix: str, module: nn.Module, part: dict[str, torch.Tensor]) -> None:
+def _quantized_parts(prefix: str, module: nn.Module, prefixes: list[str]) -> dict[str, torch.Tensor]:
+    """The unit's state-dict entries that are parts of its quantized weights (`<leaf>_q`, `<leaf>_scale`:
+    `hf_dsv4.sharding.quantized`), not parameters or buffers of their own."""
+    own = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
+    return {key: t for key, t in unit_entries(prefix, module, prefixes).items() if key not in own}
+
+
+def _send_quantized(
+    module: nn.Module, part: dict[str, torch.Tensor], parts: dict[str, torch.Tensor], device: torch.device | str
+) -> None:
+    """Rank 0's quantized weights' parts (`parts`: their entries, popped from its `part`) broadcast, every rank's rows
+    kept and assigned: DCP's broadcast fills the parameters it finds by name, and a quantized weight's parameter is
+    filled from its two parts (a collective)."""
+    local = {}
+    for key in sorted(parts):
+        entry = parts[key]
+        whole = part.pop(key).to(device) if dist.get_rank() == 0 else None
+        if whole is None:
+            whole = torch.empty(entry.shape, dtype=entry.dtype, device=device)
+        dist.broadcast(whole, src=0)
+        rows = own_rows(entry)
+        local[key] = whole if rows is None else whole[rows[0] : rows[1]].clone()
+    if local:
+        _assign(module, parts, local)
+
+
+def _check_part(
+    prefix: str, module: nn.Module, part: dict[str, torch.Tensor], parts: dict[str, torch.Tensor] | None = None
+) -> None:
     """Rank 0's part of a unit must fit the unit: every key one of its state-dict entries, with its (full) shape and
-    dtype. Raises ShardingError naming the first misfits."""
+    dtype, and every quantized weight's `parts` there. Raises ShardingError naming the first misfits."""
     entries = module.state_dict(keep_vars=True)
     problems = [f"'{prefix}{key}' is not in the model" for key in part if key not in entries]
+    problems += [f"'{prefix}{key}' is missing (a quantized weight's part)" for key in parts or () if key not in part]
     problems += [
         f"'{prefix}{key}' is {tuple(t.shape)} {t.dtype}, the model's {tuple(entries[key].shape)} {entries[key].dtype}"
         for key, t in part.items()

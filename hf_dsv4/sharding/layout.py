@@ -18,7 +18,6 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPoli
 
 from .. import compat
 from ..loading.units import decoder_layers, pretrained_models
-from .quantized import LOGICAL_NUMEL, QUANTIZED, quantized_leaf
 
 # (dtype, keep): parameters of one FSDP group share both. `keep` = compute in the stored dtype, whatever the
 # mixed-precision policy (fp32-kept modules, FP8 and integer tensors).
@@ -43,9 +42,9 @@ def _keep_fp32_pattern(model: nn.Module) -> re.Pattern | None:
 
 
 def group_keys(model: nn.Module) -> dict[nn.Parameter, GroupKey]:
-    """The FSDP group key of every parameter: its dtype, and whether it must be computed in that dtype. The bytes of
-    a quantized-resident weight (`hf_dsv4.sharding.quantized`) take the key of the weight they stand for, so the
-    groups are those of the dequantized model (FSDP2 all-gathers them as bytes and never casts them).
+    """The FSDP group key of every parameter: its dtype, and whether it must be computed in that dtype. A
+    quantized-resident weight (`hf_dsv4.sharding.quantized.QuantizedWeight`) has the shape and dtype of the weight
+    it stands for, so the groups are those of the dequantized model (FSDP2 all-gathers its bytes).
 
     Args:
         model: the model before `fully_shard`.
@@ -55,24 +54,11 @@ def group_keys(model: nn.Module) -> dict[nn.Parameter, GroupKey]:
         non-floating dtypes).
     """
     pattern = _keep_fp32_pattern(model)
-    stands_for = {
-        id(param): module.__dict__[QUANTIZED][leaf]
-        for module in model.modules()
-        for name, param in module._parameters.items()
-        if param is not None and (leaf := quantized_leaf(module, name)) is not None
-    }
     keys = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        dtype = stands_for[id(param)][2] if id(param) in stands_for else param.dtype
-        keep = dtype not in _CASTABLE or (pattern is not None and pattern.search(name) is not None)
-        keys[param] = (dtype, keep)
+        keep = param.dtype not in _CASTABLE or (pattern is not None and pattern.search(name) is not None)
+        keys[param] = (param.dtype, keep)
     return keys
-
-
-def _logical_numel(param: nn.Parameter) -> int:
-    """Elements of `param`, or of the weight a quantized weight's bytes stand for (once, on its codes)."""
-    logical = getattr(param, LOGICAL_NUMEL, None)
-    return param.numel() if logical is None else logical
 
 
 def _unsharded_params(module: nn.Module) -> Iterator[nn.Parameter]:
@@ -90,7 +76,7 @@ def _main_key(module: nn.Module, keys: dict[nn.Parameter, GroupKey]) -> GroupKey
     """The group key holding most elements among `module`'s unsharded parameters."""
     sizes = Counter()
     for param in _unsharded_params(module):
-        sizes[keys[param]] += _logical_numel(param)
+        sizes[keys[param]] += param.numel()
     return sizes.most_common(1)[0][0] if sizes else None
 
 
