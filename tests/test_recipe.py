@@ -117,7 +117,9 @@ def runs(tiny_ckpt_fp32, tmp_path_factory) -> dict:
         # context parallelism: each sequence split over 2 ranks (one sequence per step), vs 1 process
         _start("cp2", ["--config_file", str(REPO / "accelerate_configs" / "fsdp2_cpu_2proc_cp2.yaml")], RECIPE,
                [*whole, *evaluated, "--output_dir", str(out / "cp2")], out),
-        _start("cp_single", ONE_PROC, RECIPE, [*whole, *evaluated, "--output_dir", str(out / "cp_single")], out),
+        # ...which also reports to TensorBoard (`--report_to tensorboard`: transformers' callback, tensorboardX)
+        _start("cp_single", ONE_PROC, RECIPE,
+               [*whole, *evaluated, "--output_dir", str(out / "cp_single"), "--report_to", "tensorboard"], out),
         # packing and context parallelism: each packed row split over 2 ranks, vs 1 process with a row per step
         _start("cp2_packed", ["--config_file", str(REPO / "accelerate_configs" / "fsdp2_cpu_2proc_cp2.yaml")], RECIPE,
                [*packed, "--packing", "true", "--max_steps", "2", "--output_dir", str(out / "cp2_packed")], out),
@@ -276,6 +278,38 @@ def test_packed_rows_split_over_two_ranks_train_like_one_process(runs):
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5 * abs(b[step]), (step, a[step], b[step])
     assert (runs["dirs"]["cp2_packed"] / "adapter_model.safetensors").is_file()
+
+
+def _scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of the TensorBoard event files under `folder`: {tag: {step: value}} (TFRecord framing: length,
+    its CRC, an `Event` protobuf, its CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        while data:
+            (length,) = struct.unpack("<Q", data[:8])
+            event = Event.FromString(data[12 : 12 + length])
+            data = data[16 + length :]
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_report_to_tensorboard_writes_the_logged_losses(runs):
+    """`--report_to tensorboard` (the one-process cp run): event files under `<output_dir>/runs/` (transformers 5's
+    place; `TENSORBOARD_LOGGING_DIR` moves it) with the loss, the evaluation loss and the callback's metrics of every
+    logged step, as logged (float32)."""
+    result = runs["cp_single"]
+    scalars = _scalars(runs["dirs"]["cp_single"] / "runs")
+    assert {"train/tokens_per_second", "train/peak_memory_gb", "train/moe_imbalance"} <= set(scalars), sorted(scalars)
+    for tag, key in (("train/loss", "loss"), ("eval/loss", "eval_loss")):
+        logged = {e["step"]: e[key] for e in result["log_history"] if key in e}
+        assert logged and sorted(scalars[tag]) == sorted(logged), (tag, scalars.get(tag), logged)
+        assert all(scalars[tag][step] == pytest.approx(logged[step], rel=1e-6) for step in logged), tag
 
 
 RNG_AND_STATE = {"scheduler.pt", "trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"}
