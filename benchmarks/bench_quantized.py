@@ -193,6 +193,38 @@ def table(results: dict[str, list[dict]], tokens: int, device: str = "cpu") -> N
         print(f"  ({mode}) " + ", ".join(f"{k} {v:,.0f}" for k, v in categories.items() if round(v)))
 
 
+def plot(results: dict[str, list[dict]], title: str, path: Path) -> None:
+    """Per mode, rank 0's logical run peak stacked by category (parameters' shards, gathered layer, gradients,
+    optimizer state, activations, temporaries) and the worst rank's RSS rise beside it; a failed mode is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(results), 4.2))
+    categories = sorted({k for ranks in results.values() for k in (ranks[0].get("live_by_category_mb") or {})})
+    for i, ranks in enumerate(results.values()):
+        if any(r.get("error") for r in ranks):
+            ax.text(i, 0, "failed", ha="center", va="bottom", rotation=90)
+            continue
+        bottom = 0.0
+        for j, category in enumerate(categories):
+            value = (ranks[0].get("live_by_category_mb") or {}).get(category, 0.0)
+            ax.bar(i - 0.18, value, 0.34, bottom=bottom, color=f"C{j}", label=category if i == 0 else None)
+            bottom += value
+        ax.bar(i + 0.18, max(r["peak_mb"] for r in ranks), 0.34, color="0.7", hatch="//",
+               label="RSS rise (worst rank)" if i == 0 else None)  # fmt: skip
+    short = {"q": "quantized,\nper expert", "s": "quantized,\nstack", "d": "dequantized", "e": "dequantized,\neager"}
+    ax.set_xticks(range(len(results)), [f"({mode}) {short[mode]}" for mode in results], fontsize=8)
+    ax.set(ylabel="MB per rank over a training step")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 # ---------------------------------------------------------------------------------------------- projection
 
 
@@ -310,6 +342,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--out", type=Path, default=Path("/tmp/hf_dsv4_bench_quantized"))
     parser.add_argument("--projection", action="store_true", help="print the Flash projection table and exit")
+    parser.add_argument("--plot", type=Path, default=None, help="draw each mode's peak by category into this PNG")
     parser.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.projection:
@@ -332,6 +365,9 @@ def main() -> None:
             port = sock.getsockname()[1]
         results[mode] = run_mode(mode, args, port)
     table(results, args.seq_len, "cpu" if args.backend == "gloo" else "cuda")
+    if args.plot:
+        title = f"LoRA '{args.targets}' over a {args.layout}-layout checkpoint, {args.ranks} ranks, {args.dtype}, 1 x {args.seq_len} tokens"
+        plot(results, title, args.plot)
 
 
 if __name__ == "__main__":

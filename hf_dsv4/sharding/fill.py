@@ -152,14 +152,16 @@ def _send_quantized(
     local = {}
     for key in sorted(parts):
         entry = parts[key]
-        whole = part.pop(key).to(device) if dist.get_rank() == 0 else None
+        with every_rank_raises():  # rank 0's copy to the device comes before the broadcast (a collective)
+            whole = part.pop(key).to(device) if dist.get_rank() == 0 else None
         if whole is None:
             whole = torch.empty(entry.shape, dtype=entry.dtype, device=device)
         dist.broadcast(whole, src=0)
         rows = own_rows(entry)
         local[key] = whole if rows is None else whole[rows[0] : rows[1]].clone()
     if local:
-        _assign(module, parts, local)
+        with every_rank_raises():  # DCP's fill of the unit's other tensors follows (collectives)
+            _assign(module, parts, local)
 
 
 def _check_part(
