@@ -361,7 +361,8 @@ def measure(config, ranks: int, tokens: int, targets: str, keep_quantized: bool,
         mp.spawn(_measure_rank, (ranks, store, config, tokens, targets, keep_quantized, cp, tmp), nprocs=ranks)
         results = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(ranks)]
     worst = max(results, key=lambda r: r["peak_bytes_per_rank"])
-    return {**worst, "per_rank_gib": [r["peak_gib_per_rank"] for r in results], "run_s": time.perf_counter() - start}
+    return {**worst, "per_rank_gib": [r["peak_gib_per_rank"] for r in results],
+            "per_rank_by_category": [r["by_category"] for r in results], "run_s": time.perf_counter() - start}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- Flash
