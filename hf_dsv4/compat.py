@@ -109,8 +109,20 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
         ),
         Internal(
             "transformers.core_model_loading:convert_and_load_state_dict_in_model",
-            assigned="HF_DEACTIVATE_ASYNC_LOAD",
-            why="streamed reads convert in the calling thread (measured: less memory, no slower)",
+            decides=(
+                'device_map = load_config.device_map or {"": "cpu"}',
+                '"disk" in device_map.values()',
+                "thread_pool = None",
+                "param_device = get_device(device_map, renamed_key, valid_torch_device=True)",
+            ),
+            why="streamed reads convert in the calling thread (measured: less memory, no slower): a device_map "
+            "entry naming no module, its value 'disk', turns the read pool off for one call",
+        ),
+        Internal(
+            "transformers.integrations.accelerate:expand_device_map",
+            ("device_map", "param_names"),
+            decides=("device_map_regex.match(param)",),
+            why="a device_map name places the tensors whose names start with it (so the entry above places none)",
         ),
         Internal(
             "transformers.core_model_loading:rename_source_key",
@@ -454,40 +466,41 @@ def model_keys_of(model: Any, load_config: Any, checkpoint_keys: Iterable[str]) 
     return targets
 
 
+# A device-map entry that names no module: its "disk" value turns transformers' read pool off for one call.
+READ_IN_THE_CALLING_THREAD = "hf_dsv4:read-in-the-calling-thread"
+
+
 def convert_into(model: Any, tensors: dict[str, Any], load_config: Any) -> Any:
     """Load checkpoint `tensors` (safetensors slices; a subset of the checkpoint) into `model` as `from_pretrained`
     would (renamed, fused, dequantized, cast); returns transformers' `LoadStateDictInfo` for them.
 
-    The tensors are read in the calling thread (`HF_DEACTIVATE_ASYNC_LOAD` for the call): transformers' read pool
-    starts its threads anew for every call, and their memory arenas kept freed pieces, so on 2 CPU ranks a streamed
-    read in pool threads held more memory and was not faster (1 GB checkpoint, every rank reading: 850 vs 680 MB per
-    rank, 0.97 vs 0.86 s; a Flash-width layer read in 512 MB pieces: rank 0 10.9 vs 9.6 GB).
+    The tensors are read in the calling thread: transformers' read pool starts its threads anew for every call, and
+    their memory arenas kept freed pieces, so on 2 CPU ranks a streamed read in pool threads held more memory and was
+    not faster (1 GB checkpoint, every rank reading: 850 vs 680 MB per rank, 0.97 vs 0.86 s; a Flash-width layer read
+    in 512 MB pieces: rank 0 10.9 vs 9.6 GB).
 
-    The variable is set for the call because transformers (5.24, read) offers no other switch: its
-    `convert_and_load_state_dict_in_model` takes no pool or sync argument and builds its `ThreadPoolExecutor` unless
-    `is_env_variable_true("HF_DEACTIVATE_ASYNC_LOAD")`, a "disk" value in `device_map` (a request for disk offload) or
-    on-the-fly quantization; the synchronous `spawn_materialize(None, ...)` is only reached from inside that loop.
-    Patching the module's `ThreadPoolExecutor` / `GLOBAL_WORKERS` would be process-wide as well, and copying the loop
-    would fork transformers' loading."""
-    import os
+    transformers (5.24, 5.25) offers no argument for it: `convert_and_load_state_dict_in_model` builds its
+    `ThreadPoolExecutor` unless the process-wide `HF_DEACTIVATE_ASYNC_LOAD` is set, a `device_map` value is "disk" or
+    the quantization is on the fly. This call hands it a copy of `load_config` whose `device_map` adds one "disk"
+    entry under a name no module has (`READ_IN_THE_CALLING_THREAD`; `expand_device_map` matches names from their
+    start, so no tensor is placed by it): the pool is off for this call only, in this thread only, and no variable
+    of the process changes (setting one on the read-ahead thread would reach any load running beside it).
+    `load_config` itself is left as it was."""
+    import dataclasses
 
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.utils import logging as hf_logging
 
+    device_map = {**(load_config.device_map or {"": "cpu"}), READ_IN_THE_CALLING_THREAD: "disk"}
+    load_config = dataclasses.replace(load_config, device_map=device_map)
     quiet = hf_logging.is_progress_bar_enabled()  # one bar per unit would flood the log: the caller shows one
     if quiet:
         hf_logging.disable_progress_bar()
-    previous = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
-    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
     try:
         info, _ = convert_and_load_state_dict_in_model(model=model, state_dict=tensors, load_config=load_config)
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
-        if previous is None:
-            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
-        else:
-            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = previous
     return info
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
+import transformers
 import transformers.trainer
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType
@@ -157,29 +159,59 @@ def test_a_later_change_by_accelerate_is_left_alone(monkeypatch):
     assert PartialState._shared_state["distributed_type"] == DistributedType.MULTI_GPU
 
 
-def test_streamed_reads_convert_in_the_calling_thread_and_leave_the_setting_as_it_was(monkeypatch):
-    """`convert_into` turns transformers' read pool off for its call only (HF_DEACTIVATE_ASYNC_LOAD), whatever the
-    variable held before, also when the conversion fails."""
+def test_streamed_reads_turn_the_read_pool_off_for_their_call_only(monkeypatch):
+    """`convert_into` hands transformers a copy of the load plan whose device map adds one "disk" entry naming no
+    module; the caller's plan and the process's environment are left as they were, also when the conversion fails."""
     import os
+    from dataclasses import replace
 
     import transformers.core_model_loading as loading
+    from transformers.modeling_utils import LoadStateDictConfig
 
     seen = []
 
     def convert(model, state_dict, load_config):
-        seen.append(os.environ.get("HF_DEACTIVATE_ASYNC_LOAD"))
+        seen.append(dict(load_config.device_map))
         if state_dict == "fail":
             raise RuntimeError("boom")
         return "info", None
 
     monkeypatch.setattr(loading, "convert_and_load_state_dict_in_model", convert)
     monkeypatch.delenv("HF_DEACTIVATE_ASYNC_LOAD", raising=False)
-    assert compat.convert_into(None, {}, None) == "info"
-    assert "HF_DEACTIVATE_ASYNC_LOAD" not in os.environ
-    monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "0")
+    plan = LoadStateDictConfig(dtype=torch.bfloat16)
+    assert compat.convert_into(None, {}, plan) == "info"
+    user_map = replace(plan, device_map={"model.layers.0": "cpu", "": "cpu"})
     with pytest.raises(RuntimeError, match="boom"):
-        compat.convert_into(None, "fail", None)
-    assert os.environ["HF_DEACTIVATE_ASYNC_LOAD"] == "0" and seen == ["1", "1"]
+        compat.convert_into(None, "fail", user_map)
+    assert plan.device_map is None and user_map.device_map == {"model.layers.0": "cpu", "": "cpu"}
+    assert seen == [
+        {"": "cpu", compat.READ_IN_THE_CALLING_THREAD: "disk"},
+        {"model.layers.0": "cpu", "": "cpu", compat.READ_IN_THE_CALLING_THREAD: "disk"},
+    ]
+    assert "HF_DEACTIVATE_ASYNC_LOAD" not in os.environ
+
+
+def test_a_streamed_read_builds_no_read_pool_and_places_every_tensor_on_the_cpu(tiny_ckpt, monkeypatch):
+    """transformers' own loop, not a stand-in: with the entry in the device map it builds no `ThreadPoolExecutor`
+    (the pool's class is replaced by one that fails) and every tensor of the unit is read (stock's values, on CPU:
+    the "disk" entry places none of them)."""
+    import transformers.core_model_loading as loading
+    from transformers import AutoModelForCausalLM
+
+    from hf_dsv4.loading.pretrained import open_reader, plan_streamed
+
+    class NoPool:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("transformers built its read pool")
+
+    stock = AutoModelForCausalLM.from_pretrained(tiny_ckpt).state_dict()  # stock's own load uses the pool
+    monkeypatch.setattr(loading, "ThreadPoolExecutor", NoPool)
+    original = transformers.PreTrainedModel.__dict__["from_pretrained"]
+    model, kwargs, fp8_block = plan_streamed(transformers.DeepseekV4ForCausalLM, tiny_ckpt, (), {})
+    stream = open_reader(model, original, transformers.DeepseekV4ForCausalLM, tiny_ckpt, (), kwargs, fp8_block)
+    for prefix in stream.prefixes:
+        for name, tensor in stream.read(prefix).items():
+            assert tensor.device.type == "cpu" and torch.equal(tensor, stock[prefix + name]), prefix + name
 
 
 def test_accelerates_parallelism_check_is_recorded_in_scope_and_restored_also_on_error():
