@@ -78,6 +78,11 @@ def resolve_dtype(
     """A `dtype` argument as `from_pretrained` reads it: None -> `default`; "auto" -> `auto` (the checkpoint's dtype,
     when known; else "auto" is kept for `from_pretrained` to resolve); a name ("bfloat16") -> the torch dtype.
 
+    Args:
+        dtype: a `torch.dtype`, its name, "auto" or None.
+        default: what None stands for (itself resolved the same way).
+        auto: the checkpoint's dtype, what "auto" stands for; None when it is not known.
+
     Returns:
         A `torch.dtype`, "auto", or None (no `dtype` and no `default`).
     """

@@ -56,7 +56,12 @@ SAMPLES = "context_parallel_samples"  # and for a packed row: its samples' [star
 @dataclass
 class ContextParallel:
     """A layer's context-parallel setting: the ranks that share a sequence, and the model's rotary embedding (for
-    the halo's keys)."""
+    the halo's keys).
+
+    Args:
+        group: the process group whose ranks share each sequence (`world` and `rank` are read from it).
+        rotary: the decoder's rotary embedding module, called for the positions of the halo's keys.
+    """
 
     group: Any
     rotary: Any
@@ -72,7 +77,15 @@ class ContextParallel:
 
 def chunk_bounds(length: int, world: int) -> list[tuple[int, int]]:
     """Each rank's contiguous `[start, stop)` of a sequence of `length` tokens: as equal as can be, the first
-    `length % world` ranks one token longer."""
+    `length % world` ranks one token longer.
+
+    Args:
+        length: the sequence's number of tokens.
+        world: the number of ranks.
+
+    Returns:
+        One `(start, stop)` per rank, in rank order.
+    """
     base, extra = divmod(length, world)
     bounds, start = [], 0
     for rank in range(world):

@@ -65,6 +65,17 @@ class SparseMask:
 
     The fields are what transformers' mask interface was called with (`sdpa_mask`'s arguments), `extra` its other
     keyword arguments, passed on to `sdpa_mask`.
+
+    Args:
+        batch_size: the batch size.
+        q_length, kv_length: the number of queries and of keys.
+        q_offset, kv_offset: the positions of the first query and of the first key.
+        mask_function: transformers' mask function of (batch, head, query, key) indices.
+        attention_mask: the 2-D padding mask (`[B, seen + q_length]`), or None.
+        local_size: the size of the local (sliding-window) attention; None for full attention.
+        use_vmap: whether `mask_function` is evaluated with `vmap` (for patterns that are not index-based).
+        device: the device of the masks.
+        extra: the other keyword arguments (for `dense`).
     """
 
     batch_size: int
@@ -384,6 +395,7 @@ class SparseLayer:
         kernel: "portable" (blockwise, any device) or "flex" (flex_attention).
         selection: the compressor's selection for the current forward (None until it runs).
         cached: whether the current forward has a cache.
+        context_parallel: the layer's `context_parallel.ContextParallel` under `enable_context_parallel`, else None.
     """
 
     chunk: int = DEFAULT_CHUNK_SIZE

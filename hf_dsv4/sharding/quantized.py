@@ -455,6 +455,9 @@ def quantized_weights(module: nn.Module) -> dict[str, QuantizedWeight]:
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The modules whose weights `quantize_base` keeps quantized.
 
+    Args:
+        model: the model, sharded or not.
+
     Returns:
         name -> module, in module order.
     """

@@ -370,6 +370,10 @@ def effort_prefix(reasoning_effort: str | None, effort_profile: str = T.DEFAULT_
     """The text a prompt in thinking mode starts with (after BOS) for `reasoning_effort` under `effort_profile`
     ("0424": None, "high" or "max", only "max" adds text; "0731": None meaning "low", "high" or "max").
 
+    Args:
+        reasoning_effort: the effort; None for the profile's default.
+        effort_profile: "0424" or "0731", as in `encode_messages`.
+
     Returns:
         The prefix text ("" when the effort adds none).
 

@@ -45,6 +45,13 @@ __all__ = [
 class AgentKeyword:
     """The keywords of a ReAct transcript; each starts a line.
 
+    Args:
+        action: starts the line naming the tool to call.
+        action_input: starts the tool arguments.
+        observation: starts the result of the last tool call.
+        thought: starts the agent's reasoning before an action.
+        final_answer: starts the answer that ends the agent's turn.
+
     Raises:
         ValueError: a blank keyword, or two the same.
     """
@@ -183,6 +190,10 @@ def parse_react_step(text: str, keywords: AgentKeyword = AgentKeyword()) -> dict
 def parse_react(text: str, keywords: AgentKeyword = AgentKeyword()) -> list[dict]:
     """The tool calls of one ReAct step (`parse_react_step(text, keywords)["tool_calls"]`). Never raises.
 
+    Args:
+        text: one assistant text in ReAct form.
+        keywords: the transcript's keywords.
+
     Returns:
         OpenAI-format tool calls; [] when the step has no action.
     """
@@ -191,6 +202,10 @@ def parse_react(text: str, keywords: AgentKeyword = AgentKeyword()) -> list[dict
 
 def action_offset(text: str, keywords: AgentKeyword = AgentKeyword()) -> int | None:
     """Where the first action of the step starts.
+
+    Args:
+        text: one assistant text in ReAct form.
+        keywords: the transcript's keywords.
 
     Returns:
         The offset in `text` of the line holding the first Action, or None when there is none before an Observation.
@@ -343,6 +358,10 @@ def _has_keyword(text: str, keywords: AgentKeyword) -> bool:
 def has_react_keywords(text: str, keywords: AgentKeyword = AgentKeyword()) -> bool:
     """Whether `text` has a ReAct keyword line (Thought, Action, Action Input, Observation, Final Answer).
 
+    Args:
+        text: the text to look in.
+        keywords: the transcript's keywords.
+
     Returns:
         True when a line starts with one of `keywords`.
     """
@@ -357,6 +376,13 @@ def react_to_messages(messages: Sequence[Mapping], keywords: AgentKeyword = Agen
     final answer, `reasoning_content` = the thought before it). Observations may follow the action in the same
     assistant text or fill the next user message (one Observation section per pending call). Other messages are
     copied.
+
+    Args:
+        messages: the conversation, ReAct text in its assistant (and Observation-bearing user) messages.
+        keywords: the transcript's keywords.
+
+    Returns:
+        The native messages, in order.
 
     Raises:
         ChatFormatError: naming the message index (an observation without an action, an action never observed,

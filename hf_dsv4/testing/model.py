@@ -84,7 +84,14 @@ _TO_HUB = [
 
 
 def tiny_dsv4_config(**overrides) -> DeepseekV4Config:
-    """The tiny DeepSeek-V4 config (every layer type, hash and top-k routers); `overrides` replace fields."""
+    """The tiny DeepSeek-V4 config (every layer type, hash and top-k routers); `overrides` replace fields.
+
+    Args:
+        **overrides: fields of `TINY_CONFIG` to replace.
+
+    Returns:
+        The `DeepseekV4Config`.
+    """
     return DeepseekV4Config(**{**TINY_CONFIG, **overrides})
 
 
@@ -212,6 +219,17 @@ def build_tiny_dsv4(
     names, `model.safetensors.index.json` and (unless `tokenizer=False`) the tiny tokenizer. Weights are stored in
     `dtype` except the modules DeepSeek-V4 keeps in fp32. `config_overrides` replace fields of `TINY_CONFIG` (the
     benchmark uses them to build a larger model). Deterministic in `seed`.
+
+    Args:
+        path: the directory to write (created if missing).
+        dtype: the dtype of the weights not kept in fp32.
+        seed: the random seed of the weights.
+        max_shard_bytes: the most bytes of tensors per safetensors file.
+        tokenizer: whether to save the tiny tokenizer too.
+        **config_overrides: fields of `TINY_CONFIG` to replace.
+
+    Returns:
+        `path`, as a `Path`.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

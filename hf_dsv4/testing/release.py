@@ -221,6 +221,17 @@ def build_release_dsv4(
     `model.safetensors.index.json` and the tiny tokenizer. Tensors the release keeps in bf16 are stored in
     `dtype_of_unquantized`. `num_hidden_layers` and `config_overrides` go to `release_dsv4_config`. Deterministic in
     `seed`. `release_reference_state_dict(path)` gives the weights transformers must load from it.
+
+    Args:
+        path: the directory to write (created if missing).
+        dtype_of_unquantized: the dtype of the tensors the release keeps unquantized.
+        seed: the random seed of the weights.
+        num_hidden_layers: the depth (None: the tiny model's), as in `release_dsv4_config`.
+        max_shard_bytes: the most bytes of tensors per safetensors file.
+        **config_overrides: config fields to replace, as in `release_dsv4_config`.
+
+    Returns:
+        `path`, as a `Path`.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -258,6 +269,15 @@ def release_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Independent of transformers' loading: DeepSeek's dequantization, `hub_name` for the names and the experts fused
     here (`gate_up_proj[e] = cat(w1, w3)`, `down_proj[e] = w2`). Raises if a non-MTP tensor of the checkpoint is not
     used, so a stray or misnamed tensor is visible.
+
+    Args:
+        path: a checkpoint folder that `build_release_dsv4` wrote.
+
+    Returns:
+        Transformers state-dict name -> tensor, for every key of the model's state dict.
+
+    Raises:
+        ValueError: the checkpoint has a tensor (outside `mtp.*`) the model does not use.
     """
     path = Path(path)
     release = _read_release(path)

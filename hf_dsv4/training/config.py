@@ -39,8 +39,8 @@ class DSV4SFTConfig(SFTConfig):
     DeepSeek-V4 does not have), activation checkpointing off (`activation_checkpointing=True`, or its alias
     `gradient_checkpointing=True`, for the real model).
 
-    Its arguments are every field below (its `help` says what it does) and `trl.SFTConfig`'s; the recipe's flags, with
-    their help, are tabled in the docs' training page.
+    Its arguments are every field below and `trl.SFTConfig`'s, each documented by its `help` metadata (no `Args:`
+    list repeats them); the recipe's flags, with that help, are in the generated flags tables of `docs/training.md`.
 
     Raises:
         ValueError: an unknown `turns` / `overlong` policy; `packing` or `padding_free` without `sparse_attention`;
