@@ -12,7 +12,14 @@ from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 from transformers import DeepseekV4ForCausalLM
 
 from hf_dsv4.loading.units import decoder_layers, layer_units
-from hf_dsv4.sharding.fill import load_in_pieces, load_own_rows, materialize_buffers, own_rows, placement
+from hf_dsv4.sharding.fill import (
+    load_in_pieces,
+    load_own_rows,
+    materialize_buffers,
+    own_rows,
+    placement,
+    state_dict_reader,
+)
 from hf_dsv4.testing.model import tiny_dsv4_config
 
 
@@ -48,19 +55,7 @@ def _sharded_on_meta(offload: bool) -> tuple[nn.Module, dict[str, torch.Tensor]]
 
 def _reader(model: nn.Module, full: dict[str, torch.Tensor]):
     """`read(prefix, rows, only)` over a full state dict, as `stream_reader` answers it."""
-    prefixes = [p for p, _ in layer_units(model) if p]
-
-    def read(prefix, rows, only=None):
-        keys = [k for k in full if k.startswith(prefix) and (prefix or not any(k.startswith(p) for p in prefixes))]
-        part = {}
-        for key in keys:
-            name = key[len(prefix) :]
-            if only is None or name in only:
-                start, stop = rows.get(name, (0, None))
-                part[name] = full[key][start:stop] if full[key].dim() else full[key]
-        return part
-
-    return read
+    return state_dict_reader(full, [prefix for prefix, _ in layer_units(model)])
 
 
 @pytest.mark.parametrize("budget", [None, 4096])

@@ -1,7 +1,14 @@
-"""Filling the shards: every rank checks its model against rank 0's, then rank 0's weights are sent into every
-shard through DCP (`set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`), one decoder layer at a
-time, and the buffers outside the state dict are broadcast. With a streamed checkpoint that every rank reads
-(`readers="all"`), each rank reads its own rows instead (`load_own_rows`) and no weight is sent.
+"""Filling the shards: every rank checks its model against rank 0's, then the shards are filled from a
+`WeightSource` by one of three strategies (`fill_shards`), all reading units through one interface (`UnitReader`):
+
+- `load_from_source`: rank 0 reads each unit whole (its own state dict, or a streamed checkpoint) and DCP sends it
+  into every shard (`set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`), one decoder layer at a
+  time;
+- `load_in_pieces`: rank 0 reads each rank's rows of a streamed unit in pieces within a byte budget and sends each
+  piece to its rank;
+- `load_own_rows`: every rank reads its own rows of a streamed checkpoint (`readers="all"`); no weight is sent.
+
+Then the buffers outside the state dict are made equal to rank 0's (`broadcast_non_persistent_buffers`).
 """
 
 from __future__ import annotations
@@ -9,6 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -18,8 +27,96 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from tqdm.auto import tqdm
 
 from ..distributed import all_gather_object, every_rank_raises, on_source
-from ..loading.units import layer_units, non_persistent_buffers, pretrained_models, tensor_table, unit_entries
+from ..loading.units import (
+    in_unit,
+    layer_units,
+    non_persistent_buffers,
+    pretrained_models,
+    tensor_table,
+    unit_entries,
+)
 from .layout import ShardingError
+
+# A unit's reader: `read(prefix, rows=None, only=None)` returns the tensors of the model's unit at `prefix` (a decoder
+# layer, or "" for the rest) keyed as the unit's own state dict; with `rows` ({key: (start, stop)}) only those rows
+# of those tensors, with `only` (keys) only those tensors. Who calls it is the strategy's choice (rank 0, or every
+# rank); a failure is raised on every rank.
+UnitReader = Callable[..., dict[str, torch.Tensor]]
+
+
+@dataclass
+class WeightSource:
+    """Where the shards' weights come from, and how they reach the shards (what `shard_model` hands `fill_shards`).
+
+    Args:
+        read: the unit reader (`UnitReader`): rank 0's state dict (`state_dict_reader`) or a streamed checkpoint's
+            (`hf_dsv4.sharding.streamed.stream_reader`); a reader that returns nothing on the ranks that never read.
+        strategy: "from_rank0" (`load_from_source`), "in_pieces" (`load_in_pieces`) or "own_rows" (`load_own_rows`).
+        buffers: the non-persistent buffers (rank 0's; every rank's own under "own_rows").
+        budget: bytes per piece read ("in_pieces"; optional under "own_rows").
+        read_ahead: "from_rank0" over a streamed checkpoint: read the next unit while one is sent.
+    """
+
+    read: UnitReader
+    strategy: Literal["from_rank0", "in_pieces", "own_rows"] = "from_rank0"
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    budget: int | None = None
+    read_ahead: bool = False
+
+
+def state_dict_reader(state_dict: dict[str, torch.Tensor], prefixes: list[str]) -> UnitReader:
+    """A `UnitReader` over a full state dict (rank 0's weights before sharding). A whole unit is handed over once:
+    its entries leave `state_dict`, so rank 0's memory falls as the shards fill; a read of some rows or some tensors
+    (`rows` / `only`) takes views and leaves the entries there.
+
+    Args:
+        state_dict: model tensor name -> tensor (emptied by whole-unit reads).
+        prefixes: every unit's prefix, as `layer_units` gives them (the rest, "", holds what no decoder layer holds).
+
+    Returns:
+        `read(prefix, rows=None, only=None)`.
+    """
+
+    def read(
+        prefix: str, rows: dict[str, tuple[int, int]] | None = None, only: set[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        keys = [k for k in state_dict if in_unit(k, prefix, prefixes) and (only is None or k[len(prefix) :] in only)]
+        if rows is None and only is None:
+            return {key[len(prefix) :]: state_dict.pop(key) for key in keys}
+        part = {key[len(prefix) :]: state_dict[key] for key in keys}
+        return {key: t[slice(*rows[key])] if rows and key in rows else t for key, t in part.items()}
+
+    return read
+
+
+def nothing_to_read(prefix: str, rows=None, only=None) -> dict[str, torch.Tensor]:
+    """The `UnitReader` of a rank that holds no weights and reads none (the strategy never calls it there)."""
+    return {}
+
+
+def fill_shards(
+    model: nn.Module, source: WeightSource, device: torch.device | str, shards_on: torch.device | str
+) -> None:
+    """Fill the shards of `model` (sharded on meta, buffers on `device`) from `source` by its strategy, then make
+    the non-persistent buffers rank 0's. Every rank must call it.
+
+    Args:
+        model: the sharded model.
+        source: the weights and the strategy (`WeightSource`).
+        device: the compute device (collectives run there; the buffers stay there).
+        shards_on: where the shards go (`device`, or "cpu" under CPU offload).
+
+    Raises:
+        ShardingError: a unit read does not fit the model (on every rank).
+    """
+    if source.strategy == "own_rows":
+        load_own_rows(model, source.read, shards_on, source.budget, buffers_on=device)
+    elif source.strategy == "in_pieces":
+        load_in_pieces(model, source.read, shards_on, source.budget, comm_device=device, buffers_on=device)
+    else:  # DCP broadcasts on the compute device; FSDP2's post-load hook moves offloaded shards to the CPU
+        load_from_source(model, source.read, device, read_ahead=source.read_ahead)
+    broadcast_non_persistent_buffers(model, source.buffers, local=source.strategy == "own_rows")
+
 
 # ------------------------------------------------------------------------------------------------- validation
 
@@ -84,19 +181,12 @@ def _on_meta(module: nn.Module) -> bool:
     return all(t.is_meta for t in module.state_dict(keep_vars=True).values() if t.dim() > 0)
 
 
-def load_from_source(
-    model: nn.Module,
-    full_state_dict: dict[str, torch.Tensor],
-    device: torch.device | str,
-    read: Callable[[str], dict[str, torch.Tensor]] | None = None,
-    read_ahead: bool = True,
-) -> None:
-    """Send rank 0's full state dict into every rank's shards with DCP (`broadcast_from_rank0`), one decoder layer
-    at a time. Rank 0 drops each part of `full_state_dict` once sent (the dict is emptied), so its memory falls as
-    the shards fill instead of holding the checkpoint and the shards at once. With `read` (streamed loading; every
-    rank passes one, only rank 0's is called), each unit is read from the checkpoint instead (`read(prefix)`: the
-    unit's tensors without the prefix), sent and dropped; with `read_ahead` the next unit is read while one is sent
-    (`_ReadAhead`), so rank 0 holds at most two units (one without). A failure to read is raised on every rank.
+def load_from_source(model: nn.Module, read: UnitReader, device: torch.device | str, read_ahead: bool = False) -> None:
+    """Send rank 0's units into every rank's shards with DCP (`broadcast_from_rank0`), one decoder layer at a time:
+    rank 0 reads each unit whole (`read(prefix)`, only there: its own state dict's entries, `state_dict_reader`, or a
+    streamed checkpoint's), sends it and drops it, so its memory falls as the shards fill instead of holding the
+    checkpoint and the shards at once. With `read_ahead` the next unit is read while one is sent (`_ReadAhead`), so
+    rank 0 holds at most two units (one without). A failure to read is raised on every rank.
 
     Parameters are expected on meta and buffers on `device` (`materialize_buffers`): DCP then assigns each received
     shard instead of copying it into an allocated parameter (and, for the root, every loaded parameter into itself),
@@ -107,23 +197,15 @@ def load_from_source(
     is_source = dist.get_rank() == 0
     units = layer_units(model)
     prefixes = [p for p, _ in units]
-    ahead = _ReadAhead(read, prefixes) if read is not None and is_source and read_ahead else None
+    ahead = _ReadAhead(read, prefixes) if is_source and read_ahead else None
     fetch = ahead or read  # rank 0's reads; never called elsewhere (`on_source`)
-    if read is not None and is_source:
-        units = tqdm(units, desc="streaming the checkpoint into the shards", unit="layer", disable=None)
+    if is_source:
+        units = tqdm(units, desc="sending the weights into the shards", unit="layer", disable=None)
     try:
         for prefix, module in units:
             if _on_meta(module):  # no buffer to take the device from: DCP would use the process group's default device
                 module.to_empty(device=device)
-            part = {}
-            if read is not None:
-                part = on_source(lambda prefix=prefix: fetch(prefix)) or {}
-            elif is_source:
-                part = {
-                    key[len(prefix) :]: full_state_dict.pop(key)
-                    for key in list(full_state_dict)
-                    if key.startswith(prefix)
-                }
+            part = on_source(lambda prefix=prefix: fetch(prefix)) or {}
             parts = _quantized_parts(prefix, module, prefixes)
             with every_rank_raises():  # DCP's broadcast is a collective: check rank 0's part before it
                 if is_source:

@@ -1,10 +1,11 @@
 """`shard_model`: FSDP2 for DeepSeek-V4 with one copy of the weights, on rank 0, sent into every shard through DCP.
 
-The steps, in order (each a short function of `layout` or `fill`): align the dtypes of routed-expert LoRA factors
-(so every rank validates the same table), check every rank's model against rank 0's, move the model to meta
-(rank 0 keeps its tensors in a state dict), `fully_shard` per decoder layer and dtype, allocate the buffers, fill
-the shards from rank 0 one layer at a time, broadcast the non-persistent buffers, re-tie weights. The other ranks may
-hold a meta model (see `hf_dsv4.loading.memory_efficient_init`).
+The steps, in order, each a short named function: agree on how a streamed checkpoint is read (`_agree`); give every
+rank's model the same form (keep the FP8 / FP4 weights quantized, align the dtypes of routed-expert LoRA factors,
+check every rank's model against rank 0's: `_same_form`); take the weights' source (`_weight_source`: rank 0's state
+dict or a checkpoint reader, and the fill strategy); shard on meta (`_shard_on_meta`: `fully_shard` per decoder layer
+and dtype, buffers allocated); fill the shards one layer at a time (`fill.fill_shards`); re-tie weights. The other
+ranks may hold a meta model (see `hf_dsv4.loading.memory_efficient_init`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -22,13 +24,13 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 from .. import compat
 from ..distributed import all_gather_object, every_rank_raises, local_device
 from ..loading.stream import StreamSource, release_stream, stream_source
-from ..loading.units import non_persistent_buffers
+from ..loading.units import layer_units, non_persistent_buffers
 from .fill import (
-    broadcast_non_persistent_buffers,
-    load_from_source,
-    load_in_pieces,
-    load_own_rows,
+    WeightSource,
+    fill_shards,
     materialize_buffers,
+    nothing_to_read,
+    state_dict_reader,
     tie_weights,
     validate_against_source,
 )
@@ -72,24 +74,16 @@ def align_parameter_adapter_dtypes(model) -> int:
     return cast
 
 
-@torch.no_grad()
-def _detach_source_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Rank 0's (state dict, non-persistent buffers) as references: moving the model to meta copies nothing."""
-    if dist.get_rank() != 0:
-        return {}, {}
-    return dict(model.state_dict()), {n: b for n, b in non_persistent_buffers(model).items()}
+class _Agreed(NamedTuple):
+    """How a streamed checkpoint is read, as rank 0 has it (every rank takes rank 0's path)."""
+
+    readers: str | None  # "rank0" or "all"; None: not streamed
+    budget: int | None  # bytes per piece read
+    quantized: tuple[QuantizedPlan, str] | None  # the weights kept quantized and how experts compute
 
 
-def _nothing(prefix: str) -> dict[str, torch.Tensor]:
-    return {}
-
-
-def _streaming(
-    stream: StreamSource | None, read_budget: int | None
-) -> tuple[str | None, int | None, tuple[QuantizedPlan, str] | None]:
-    """(who reads a streamed checkpoint: "rank0" or "all", None if not streamed; the read budget: `read_budget` or
-    the source's; the quantized weights to keep so and how experts compute, or None), as rank 0 has them: every rank
-    takes rank 0's path (a collective)."""
+def _agree(stream: StreamSource | None, read_budget: int | None) -> _Agreed:
+    """Rank 0's way of reading (`_Agreed`), checked against every rank's: the ranks must have loaded alike."""
     mine = stream.readers if stream else None
     budget = stream.read_budget if read_budget is None and stream else read_budget
     plan = None
@@ -103,7 +97,66 @@ def _streaming(
             f"the ranks loaded the model differently (readers per rank: {seen}); enter the same "
             "memory_efficient_init(stream=..., readers=...) on every rank"
         )
-    return seen[0], gathered[0][1], gathered[0][2]
+    return _Agreed(*gathered[0])
+
+
+def _same_form(model: nn.Module, agreed: _Agreed, streamed: bool) -> None:
+    """Give every rank's model the form rank 0's has (quantized weights, adapter dtypes), then check it is rank 0's:
+    both before validation, so every rank compares the same table."""
+    if agreed.quantized:
+        with every_rank_raises():
+            count = quantize_base(model, agreed.quantized[0], reader_names(model), experts=agreed.quantized[1])
+        logger.info("%d weight(s) kept quantized (FP8 / FP4 as stored), experts %s", count, agreed.quantized[1])
+    cast = align_parameter_adapter_dtypes(model)
+    if cast:
+        logger.info("%d routed-expert LoRA factor(s) kept in the experts' dtype", cast)
+    validate_against_source(model, streamed=streamed)
+
+
+@torch.no_grad()
+def _weight_source(
+    model: nn.Module,
+    stream: StreamSource | None,
+    agreed: _Agreed,
+    init_adapter: Callable[[nn.Module], object] | None,
+    read_ahead: bool,
+) -> WeightSource:
+    """Where the shards' weights come from: rank 0's own tensors (references: moving the model to meta copies
+    nothing), or a streamed checkpoint's reader with the new adapter's initial values (rank 0's checks fail on every
+    rank); and the fill strategy."""
+    if stream is None:
+        if dist.get_rank() != 0:
+            return WeightSource(nothing_to_read)
+        buffers = dict(non_persistent_buffers(model))
+        prefixes = [prefix for prefix, _ in layer_units(model)]
+        return WeightSource(state_dict_reader(dict(model.state_dict()), prefixes), buffers=buffers)
+    strategy = "own_rows" if agreed.readers == "all" else "from_rank0" if agreed.budget is None else "in_pieces"
+    source = WeightSource(nothing_to_read, strategy, budget=agreed.budget, read_ahead=read_ahead)
+    with every_rank_raises():
+        if stream.checkpoint is not None:
+            source.buffers = streamed_buffers(model, stream.checkpoint)
+            initial = initial_adapter(model, init_adapter)
+            if strategy == "own_rows" and init_adapter is None:  # peft's own draw differs from rank to rank
+                broadcast_initial_adapter(initial)
+            source.read = stream_reader(model, stream.checkpoint, initial)
+    return source
+
+
+def _shard_on_meta(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    reshard_after_forward: bool,
+    mixed_precision: MixedPrecisionPolicy | None,
+    cpu_offload: bool,
+    device: torch.device,
+) -> None:
+    """Every rank shards a meta model the same way (rank 0's real tensors live on in its `WeightSource` only);
+    the buffers are allocated on `device`: FSDP2 offloads parameters only, and collectives run there too."""
+    model.to("meta")
+    tie_weights(model)
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else None
+    apply_fsdp(model, mesh, reshard_after_forward, mixed_precision, offload)
+    materialize_buffers(model, device)
 
 
 def shard_model(
@@ -162,44 +215,12 @@ def shard_model(
     device = local_device()
     mesh = mesh or init_device_mesh(device.type, (dist.get_world_size(),))
     stream = stream_source(model) if stream is None else stream  # None unless loaded streamed
-    readers, read_budget, quantized = _streaming(stream, read_budget)
-    if quantized:  # before validation: every rank gives the model the same quantized form
-        with every_rank_raises():
-            count = quantize_base(model, quantized[0], reader_names(model), experts=quantized[1])
-        logger.info("%d weight(s) kept quantized (FP8 / FP4 as stored), experts %s", count, quantized[1])
-    cast = align_parameter_adapter_dtypes(model)  # before validation: every rank casts the same factors
-    if cast:
-        logger.info("%d routed-expert LoRA factor(s) kept in the experts' dtype", cast)
-    validate_against_source(model, streamed=stream is not None)
-    every_rank_reads = readers == "all"
-    read = None  # streamed: every rank takes part in each unit's read (rank 0 reads, a failure raises everywhere)
-    if stream is None:
-        state_dict, buffers = _detach_source_weights(model)
-    else:  # rank 0 holds nothing but a new adapter's initial values; its checks fail on every rank
-        state_dict, buffers, read = {}, {}, _nothing
-        with every_rank_raises():
-            if stream.checkpoint is not None:
-                buffers = streamed_buffers(model, stream.checkpoint)
-                initial = initial_adapter(model, init_adapter)
-                if every_rank_reads and init_adapter is None:  # peft's own draw differs from rank to rank
-                    broadcast_initial_adapter(initial)
-                read = stream_reader(model, stream.checkpoint, initial)
-    # Every rank shards a meta model the same way; rank 0's real tensors live on in `state_dict` only.
-    model.to("meta")
-    tie_weights(model)
-    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else None
-    apply_fsdp(model, mesh, reshard_after_forward, mixed_precision, offload)
-    # FSDP2 offloads parameters only: the buffers stay on the compute device, and collectives run there too
-    materialize_buffers(model, device)
-    shards_on = "cpu" if cpu_offload else device
-    if every_rank_reads:
-        load_own_rows(model, read, shards_on, read_budget, buffers_on=device)
-    elif stream is not None and read_budget is not None:
-        load_in_pieces(model, read, shards_on, read_budget, comm_device=device, buffers_on=device)
-    else:  # DCP broadcasts on the compute device; FSDP2's post-load hook moves offloaded shards to the CPU
-        load_from_source(model, state_dict, device, read=read, read_ahead=read_ahead)
-    del state_dict
-    broadcast_non_persistent_buffers(model, buffers, local=every_rank_reads)
+    agreed = _agree(stream, read_budget)
+    _same_form(model, agreed, streamed=stream is not None)
+    source = _weight_source(model, stream, agreed, init_adapter, read_ahead)
+    _shard_on_meta(model, mesh, reshard_after_forward, mixed_precision, cpu_offload, device)
+    fill_shards(model, source, device, shards_on="cpu" if cpu_offload else device)
+    del source
     tie_weights(model)
     if stream is not None:
         release_stream(model, stream)
