@@ -1,96 +1,22 @@
-"""The fence around upstream internals: every private name of torch, transformers, accelerate, trl and peft that
-hf_dsv4 overrides, calls, reads or replaces is listed here, checked when the layer that uses it is imported, and
-(where hf_dsv4 touches it directly) reached only through a function of this module.
-
-`require("trl")` (run by `hf_dsv4.training` at import) fails with `UpstreamCompatError`, naming the package, its
-installed version and the versions hf_dsv4 was tested with, if a listed name is gone or its parameters changed; a
-version outside the tested range that still has every name only logs a warning. Fence names are packages, or a
-package's part that only one layer needs ("transformers.trainer": the Trainer's internals, checked by the training
-layer, so that loading and sharding never import the Trainer). The tested ranges are the upper
-bounds in setup.cfg. The overrides themselves (`DSV4Accelerator._prepare_fsdp2`, `DSV4SFTTrainer._prepare_dataset`
-and the Trainer's checkpoint hooks) live in their subclasses; their upstream signatures are checked here.
+"""transformers' part of the fence: the private names of transformers that hf_dsv4 relies on (fences `transformers`:
+models and their loading and saving; `transformers.attention`: DeepSeek-V4's attention, which
+`hf_dsv4.modeling.sparse_attention` replaces or mirrors; `transformers.trainer`: the Trainer's internals, checked by
+the training layer only) and the functions that reach them. `import transformers` here is transformers itself
+(imports are absolute).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib
 import inspect
-import logging
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from importlib.metadata import version as installed_version
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from packaging.specifiers import SpecifierSet
+from . import Internal, require
 
-logger = logging.getLogger(__name__)
-
-
-class UpstreamCompatError(ImportError):
-    """An installed package lacks an internal name that hf_dsv4 relies on (or its parameters changed)."""
-
-
-@dataclass(frozen=True)
-class Internal:
-    """`module:attribute.path`, optionally with the parameter names hf_dsv4 relies on (in order, after `self`).
-    An instance attribute is named as `module:Class.__init__` with `assigned` = the attribute `__init__` sets; a
-    function that must still read a setting names it in `assigned` too (as `self.x` or a quoted name)."""
-
-    where: str
-    params: tuple[str, ...] | None = None
-    why: str = ""
-    assigned: str | None = None
-    # sha256 prefixes of the sources hf_dsv4 reproduces or relies on line by line, one per tested version that differs
-    source: tuple[str, ...] | None = None
-    # lines of the source that hf_dsv4 reproduces (a decision inside a long function): each must still be there
-    decides: tuple[str, ...] = ()
-
-
-# fence name (a package, or "package.part") -> (the package's tested versions, the internals hf_dsv4 relies on)
+# transformers' part of `hf_dsv4.compat.FENCE`: fence name -> (tested versions, the internals hf_dsv4 relies on)
 FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
-    "torch": (">=2.13,<2.16", (  # else public APIs only (FSDP2, DCP, DTensor); the range is the tested one
-        Internal(
-            "torch._C:DisableTorchFunctionSubclass",
-            why="a quantized weight's `__torch_function__` runs the op itself, results left as they are (the default "
-            "would turn every result into the subclass)",
-        ),
-        Internal(
-            "torch._ops:OpOverload.__init__",
-            assigned="_schema",
-            why="a quantized weight refuses the ops that write into their arguments (peft's merge): the op's schema",
-        ),
-        Internal(
-            "torch.utils._python_dispatch:is_traceable_wrapper_subclass",
-            why="a quantized weight implements that protocol (`__tensor_flatten__` / `__tensor_unflatten__`), so "
-            "torch's memory tracker counts its bytes and parametrize swaps it instead of `set_`",
-        ),
-        Internal(
-            "torch:Tensor._make_wrapper_subclass",
-            why="a quantized weight is a tensor of the weight's shape and dtype that holds its bytes (torchao's "
-            "pattern for NF4 / float8 weights; `hf_dsv4.sharding.quantized.QuantizedWeight`)",
-        ),
-        Internal(
-            "torch._subclasses.fake_tensor:is_fake", ("x",),
-            why="packed rows are read from position values: a traced (fake) tensor has none (the Flash rehearsal)",
-        ),
-    )),
-    "torch.tools": (">=2.13,<2.16", (  # what the benchmarks and the Flash rehearsal measure with, never training
-        Internal(
-            "torch.distributed._tools.mem_tracker:MemTracker.get_tracker_snapshot", ("type",),
-            why="the logical peak of live tensors, by category (parameters, gradients, activations, optimizer)",
-        ),
-        Internal("torch.distributed._tools.mem_tracker:MemTracker.track_external", why="tensors made before"),
-        Internal("torch.distributed._tools.mem_tracker:MemTracker.reset_mod_stats", (), why="one step after another"),
-        Internal(
-            "torch.distributed._tools.fsdp2_mem_tracker:FSDPMemTracker.__init__", ("mod", "optm"),
-            why="the same, with FSDP2's all-gathered and reduce-scattered buffers counted apart",
-        ),
-        Internal("torch._subclasses.fake_tensor:FakeTensorMode", why="the rehearsal traces without allocating"),
-        Internal("torch.testing._internal.distributed.fake_pg:FakeStore", why="N ranks in one process"),
-    )),
     "transformers": (">=5.24,<5.26", (
         Internal("transformers:PreTrainedModel.from_pretrained", why="replaced inside memory_efficient_init"),
         Internal("transformers:PreTrainedModel._from_config", ("config",), why="non-source ranks build on meta"),
@@ -234,104 +160,10 @@ FENCE: dict[str, tuple[str, tuple[Internal, ...]]] = {
             why="overridden: each rank's contiguous chunk for hf_dsv4's context parallelism",
         ),
     )),
-    "accelerate": (">=1.15,<1.17", (
-        Internal("accelerate:Accelerator._prepare_fsdp2", ("args",), why="overridden: shard_model instead"),
-        Internal(
-            "accelerate:Accelerator._prepare_cp", ("args",), why="overridden: enable_context_parallel instead of torch's"
-        ),
-        Internal("accelerate:Accelerator._prepare_one", ("obj", "first_pass"), why="called for optimizers"),
-        Internal("accelerate:Accelerator.__init__", assigned="_models", why="sharded models are registered there"),
-        Internal("accelerate:PartialState._shared_state", why="FSDP on CPU processes"),
-        Internal(
-            "accelerate.parallelism_config:ParallelismConfig._validate_accelerator",
-            ("accelerator",),
-            why="checked once CPU processes are switched to FSDP (accelerate checks before, and refuses MULTI_CPU)",
-        ),
-    )),
-    "trl": (">=1.16,<1.17", (
-        Internal(
-            "trl:SFTTrainer._prepare_dataset",
-            ("dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"),
-            why="overridden: rows tokenized by hf_dsv4.training.data",
-        ),
-    )),
-    "peft": (">=0.21,<0.22", (
-        Internal("peft.tuners.lora.layer:ParamWrapper.get_param", (), why="routed-expert adapter dtype alignment"),
-        Internal(
-            "peft.tuners.lora.layer:_LoraFactorsProxy.forward",
-            ("W",),
-            why="over quantized routed experts peft's fold reaches the quantized weight as this `baddbmm`, which it "
-            "makes lazily (per expert: `QuantizedWeight.__torch_function__`)",
-            decides=("return torch.baddbmm(W, self.lhs, self.rhs, alpha=self.scaling)",),
-        ),
-    )),
 }  # fmt: skip
 
-_checked: set[str] = set()
 
-
-def _resolve(where: str) -> Any:
-    module_name, _, path = where.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in path.split("."):
-        if part not in dir(obj) and not hasattr(obj, part):
-            raise AttributeError(part)
-        obj = getattr(obj, part)
-    return obj
-
-
-def _problem(internal: Internal) -> str | None:
-    """Why `internal` is unusable, or None."""
-    try:
-        obj = _resolve(internal.where)
-    except (ImportError, AttributeError):
-        return f"{internal.where} is missing"
-    if internal.source is not None:
-        digest = hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
-        if not digest.startswith(internal.source):
-            follows = " or ".join(internal.source)
-            return f"{internal.where} changed (source sha256 {digest[:16]}, hf_dsv4 follows {follows})"
-    if internal.decides:
-        code = re.sub(r"\s+", " ", inspect.getsource(obj))
-        for line in internal.decides:
-            if re.sub(r"\s+", " ", line) not in code:
-                return f"{internal.where} no longer does `{line}`"
-    if internal.assigned is not None:
-        if not re.search(rf"self\.{internal.assigned}\b|[\"']{internal.assigned}[\"']", inspect.getsource(obj)):
-            return f"{internal.where} no longer sets {internal.assigned}"
-        return None
-    if internal.params is None:
-        return None
-    names = [p for p in inspect.signature(obj).parameters if p != "self"]
-    if names[: len(internal.params)] != list(internal.params):
-        return f"{internal.where} takes ({', '.join(names)}), hf_dsv4 expects ({', '.join(internal.params)})"
-    return None
-
-
-def require(*names: str) -> None:
-    """Check every internal of the fences `names` (once per process); raise `UpstreamCompatError` if one is unusable."""
-    for name in names:
-        if name in _checked:
-            continue
-        tested, internals = FENCE[name]
-        package = name.split(".")[0]
-        found = installed_version(package)
-        problems = [p for p in map(_problem, internals) if p is not None]
-        if problems:
-            raise UpstreamCompatError(
-                f"hf_dsv4 cannot use {package} {found}: " + "; ".join(problems) + f". hf_dsv4 is tested with "
-                f"{package}{tested}: pip install '{package}{tested}'"
-            )
-        if not SpecifierSet(tested).contains(found.split("+")[0], prereleases=True):
-            logger.warning(
-                "%s %s is outside the versions hf_dsv4 is tested with (%s); the %d internals of fence %r that hf_dsv4 "
-                "relies on are unchanged",
-                package, found, tested, len(internals), name,
-            )  # fmt: skip
-        _checked.add(name)
-
-
-# ------------------------------------------------------------------------------------------------ transformers
+# ------------------------------------------------------------------------------------- models, loading, saving
 
 
 def from_config(cls: type, config: Any, *args: Any, **kwargs: Any) -> Any:
@@ -504,6 +336,9 @@ def convert_into(model: Any, tensors: dict[str, Any], load_config: Any) -> Any:
     return info
 
 
+# ----------------------------------------------------------------------------------------------------- trainer
+
+
 @contextlib.contextmanager
 def trainer_accelerator_class(cls: type) -> Iterator[None]:
     """Scope under which `transformers.Trainer` builds its accelerator from `cls` (restored on exit, also on error)."""
@@ -519,70 +354,7 @@ def trainer_accelerator_class(cls: type) -> Iterator[None]:
         trainer_module.Accelerator = original
 
 
-# ------------------------------------------------------------------------------------------------- accelerate
-
-
-def prepare_one(accelerator: Any, obj: Any, first_pass: bool = False) -> Any:
-    """What `Accelerator.prepare` does to one non-model object (optimizer, scheduler, data loader)."""
-    return accelerator._prepare_one(obj, first_pass=first_pass)
-
-
-def register_prepared_model(accelerator: Any, model: Any) -> None:
-    """Record `model` as prepared, as `Accelerator.prepare` does (saving, `unwrap_model` and `free_memory` read it)."""
-    accelerator._models.append(model)
-
-
-def set_process_distributed_type(value: Any) -> Callable[[], None]:
-    """Set accelerate's process-wide `PartialState().distributed_type` to `value`; returns the function that puts
-    back what was there (call it once, when the accelerator that needed the change is done)."""
-    from accelerate import PartialState
-
-    shared = PartialState._shared_state
-    missing = object()
-    before = shared.get("distributed_type", missing)
-    shared["distributed_type"] = value
-
-    def restore() -> None:
-        if shared.get("distributed_type", missing) is not value:
-            return  # accelerate reset or changed the state since: leave it
-        if before is missing:
-            shared.pop("distributed_type", None)
-        else:
-            shared["distributed_type"] = before
-
-    return restore
-
-
-@contextlib.contextmanager
-def parallelism_check_deferred(checks: list) -> Iterator[None]:
-    """Scope under which `Accelerator.__init__` records its `ParallelismConfig` check instead of running it (in
-    `checks`, as callables): the caller runs them once it has set the accelerator up (restored on exit, also on
-    error)."""
-    from accelerate.parallelism_config import ParallelismConfig
-
-    original = ParallelismConfig.__dict__["_validate_accelerator"]
-
-    def record(self, accelerator):
-        checks.append(lambda: original(self, accelerator))
-
-    ParallelismConfig._validate_accelerator = record
-    try:
-        yield
-    finally:
-        ParallelismConfig._validate_accelerator = original
-
-
-# ------------------------------------------------------------------------------------------------------- peft
-
-
-def param_wrapper_class() -> type:
-    """peft's LoRA wrapper for adapters applied through `target_parameters` (routed experts)."""
-    from peft.tuners.lora.layer import ParamWrapper
-
-    return ParamWrapper
-
-
-# ------------------------------------------------------------------------------------------------ attention
+# --------------------------------------------------------------------------------------------------- attention
 
 
 def sdpa_mask(**kwargs: Any) -> Any:
@@ -644,107 +416,3 @@ def eager_experts_config(config: Any) -> Any:
     eager = copy.copy(config)
     eager._experts_implementation = "eager"
     return eager
-
-
-# ------------------------------------------------------------------------------------------------ torch tensors
-
-
-def make_wrapper_subclass(cls: type, like: Any, device: Any) -> Any:
-    """A tensor of subclass `cls` with `like`'s shape, strides and dtype on `device`, holding no storage of its own
-    (the subclass holds its data: `hf_dsv4.sharding.quantized.QuantizedWeight`)."""
-    import torch
-
-    return torch.Tensor._make_wrapper_subclass(
-        cls, like.shape, strides=like.stride(), storage_offset=like.storage_offset(), dtype=like.dtype,
-        device=device, requires_grad=False,
-    )  # fmt: skip
-
-
-def writes_into_arguments(op: Any) -> bool:
-    """Whether the aten operator `op` writes into one of its arguments (in place or `out=`)."""
-    return op._schema.is_mutable
-
-
-def subclass_functions_disabled() -> Any:
-    """A context in which tensor subclasses' `__torch_function__` is off: a subclass's own `__torch_function__`
-    calls the op in it (as torch's wrapper subclasses do)."""
-    import torch
-
-    return torch._C.DisableTorchFunctionSubclass()
-
-
-# ------------------------------------------------------------------------------------------------ torch autograd
-
-
-def is_fake(tensor: Any) -> bool:
-    """Whether `tensor` is a fake tensor (shapes without values: traced under `FakeTensorMode`)."""
-    from torch._subclasses.fake_tensor import is_fake as fake
-
-    return fake(tensor)
-
-
-# ------------------------------------------------------------------------------------------------ torch tools
-
-
-def memory_tracker(model: Any = None, optimizer: Any = None, existing: Sequence[Any] = ()) -> Any:
-    """torch's tracker of live tensors (a context manager): FSDP2's (`FSDPMemTracker`, which counts all-gathered
-    and reduce-scattered buffers apart) for a model with FSDP2 groups, else the plain `MemTracker`.
-
-    Args:
-        model: the module whose parameters, gradients and buffers are tracked from before the tracker is entered.
-        optimizer: the optimizer whose states are tracked likewise.
-        existing: other tensors made before, tracked likewise (plain tracker only).
-
-    Returns:
-        The tracker, to be entered (`with`).
-
-    Raises:
-        ValueError: `existing` tensors with an FSDP2 model (its tracker takes the model and optimizer alone).
-    """
-    require("torch.tools")
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.distributed.fsdp import FSDPModule
-
-    if model is not None and isinstance(model, FSDPModule):
-        if existing:
-            raise ValueError("memory_tracker: no `existing` tensors with an FSDP2 model (its tracker takes the model)")
-        return FSDPMemTracker(model, optimizer)
-    tracker = MemTracker()
-    tracker.track_external(*[x for x in (model, optimizer, *existing) if x is not None])
-    return tracker
-
-
-def tracker_peak(tracker: Any) -> dict[str, dict[str, int]]:
-    """A tracker's peak bytes per device ("cpu", "cuda:0") and category (lower-case names: "param", "grad", "act",
-    "temp", "opt", "buffer", "oth", "total"; FSDP2's "all_gather", "reduce_scatter", ...)."""
-    snapshot = tracker.get_tracker_snapshot("peak")
-    return {
-        str(device): {getattr(k, "name", str(k)).lower(): int(v) for k, v in categories.items()}
-        for device, categories in snapshot.items()
-    }
-
-
-def end_of_step(tracker: Any) -> None:
-    """Let a tracker see the next step (it refuses a module's second forward otherwise)."""
-    tracker.reset_mod_stats()
-
-
-def fake_tensor_mode() -> Any:
-    """A `FakeTensorMode`: tensors with shapes, dtypes and devices but no storage."""
-    require("torch.tools")
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    return FakeTensorMode(allow_non_fake_inputs=True)
-
-
-def fake_store() -> Any:
-    """torch's fake process-group store: `init_process_group("fake", store=fake_store(), rank=r, world_size=n)`
-    makes N ranks in one process whose collectives return without moving data."""
-    require("torch.tools")
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    return FakeStore()
-
-
-require("torch", "transformers")
