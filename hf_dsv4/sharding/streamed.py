@@ -108,7 +108,7 @@ def streamed_buffers(model: nn.Module, stream: StreamedCheckpoint) -> dict[str, 
 def stream_reader(
     model: nn.Module, stream: StreamedCheckpoint, initial: dict[str, torch.Tensor]
 ) -> Callable[..., dict[str, torch.Tensor]]:
-    """`read(prefix, rows=None, only=None)` for `load_from_source` / `load_own_rows` / `load_in_pieces`: the unit of
+    """The streamed checkpoint's `UnitReader` (`hf_dsv4.sharding.fill`): `read(prefix, rows=None, only=None)`, the unit of
     `model` at `prefix` (a decoder layer, or "" for the rest), keyed as the unit's own state dict: its checkpoint
     tensors, read and converted by `stream`, and the `initial` values of what the checkpoint does not hold; with
     `rows` ({key: (start, stop)}) only those rows of those tensors, with `only` (keys) only those tensors. Every
