@@ -201,15 +201,17 @@ def plot(results: dict[str, list[dict]], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(results), 4.2))
-    categories = sorted({k for ranks in results.values() for k in (ranks[0].get("live_by_category_mb") or {})})
+    fig, ax = plt.subplots(figsize=(3.6 + 1.4 * len(results), 4.2))
+    by_mode = [ranks[0].get("live_by_category_mb") or {} for ranks in results.values()]
+    # the tracker's categories, in its order, without its "total" and without those empty in every mode
+    categories = [c for c in by_mode[0] if c != "total" and any(m.get(c, 0.0) > 0.5 for m in by_mode)]
     for i, ranks in enumerate(results.values()):
         if any(r.get("error") for r in ranks):
             ax.text(i, 0, "failed", ha="center", va="bottom", rotation=90)
             continue
         bottom = 0.0
         for j, category in enumerate(categories):
-            value = (ranks[0].get("live_by_category_mb") or {}).get(category, 0.0)
+            value = by_mode[i].get(category, 0.0)
             ax.bar(i - 0.18, value, 0.34, bottom=bottom, color=f"C{j}", label=category if i == 0 else None)
             bottom += value
         ax.bar(i + 0.18, max(r["peak_mb"] for r in ranks), 0.34, color="0.7", hatch="//",
@@ -218,8 +220,8 @@ def plot(results: dict[str, list[dict]], title: str, path: Path) -> None:
     ax.set_xticks(range(len(results)), [f"({mode}) {short[mode]}" for mode in results], fontsize=8)
     ax.set(ylabel="MB per rank over a training step")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="logical peak, rank 0", title_fontsize=7)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
@@ -343,6 +345,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/hf_dsv4_bench_quantized"))
     parser.add_argument("--projection", action="store_true", help="print the Flash projection table and exit")
     parser.add_argument("--plot", type=Path, default=None, help="draw each mode's peak by category into this PNG")
+    parser.add_argument(
+        "--replot", action="store_true", help="with --plot: draw the results saved in --out, run nothing"
+    )
     parser.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.projection:
@@ -351,6 +356,12 @@ def main() -> None:
     args.ckpt = args.ckpt or Path(f"/tmp/hf_dsv4_bench_{args.layout}")
     if args.worker:
         worker(args)
+        return
+    title = (f"LoRA '{args.targets}', {args.layout}-layout checkpoint, {args.ranks} ranks, {args.dtype}, "
+             f"1 x {args.seq_len} tokens")  # fmt: skip
+    if args.replot:
+        saved = {m: [json.loads(f.read_text()) for f in sorted((args.out / m).glob("rank*.json"))] for m in args.modes}
+        plot(saved, title, args.plot)
         return
     size = build_checkpoint(args.ckpt, args.layout)
     print(f"machine: {machine()}\ncheckpoint: {args.ckpt} ({args.layout} layout, {size:,.0f} MB on disk), {args.ranks} "
@@ -366,7 +377,6 @@ def main() -> None:
         results[mode] = run_mode(mode, args, port)
     table(results, args.seq_len, "cpu" if args.backend == "gloo" else "cuda")
     if args.plot:
-        title = f"LoRA '{args.targets}' over a {args.layout}-layout checkpoint, {args.ranks} ranks, {args.dtype}, 1 x {args.seq_len} tokens"
         plot(results, title, args.plot)
 
 
