@@ -888,6 +888,34 @@ def _with_activation_checkpointing(release_ckpt: str, dtype: torch.dtype, target
     }
 
 
+def _quantized_vs_dequantized(release_ckpt: str, dtype_name: str, targets: str, experts: str) -> tuple[dict, dict]:
+    """One case of the quantized-resident base vs the dequantized one (experts per expert vs transformers' eager
+    loop, as one stack vs its default): (the runs by keep, the comparison)."""
+    dtype = DTYPES[dtype_name]
+    runs = {}
+    for keep in (experts, False):
+        implementation = {"experts_implementation": "eager"} if experts == "per_expert" and not keep else {}
+        model = quantized_lora(release_ckpt, dtype, targets, keep, **implementation)
+        runs[bool(keep)] = (*quantized_step(model, 20), _local_bytes(model))
+        del model
+    (q_logits, q_grads, q_bytes), (d_logits, d_grads, d_bytes) = runs[True], runs[False]
+    return runs, {
+        "logits_equal": torch.equal(q_logits, d_logits),
+        "logits_max_diff": (q_logits.float() - d_logits.float()).abs().max().item(),
+        "same_grads": sorted(q_grads) == sorted(d_grads),
+        "grads": len(q_grads),
+        "grads_equal": sum(torch.equal(q_grads[n], d_grads[n]) for n in q_grads if n in d_grads),
+        "grads_max_diff": max((q_grads[n] - d_grads[n]).abs().max().item() for n in q_grads if n in d_grads),
+        "grads_max_relative": max(
+            ((q_grads[n].float() - d_grads[n].float()).abs().max() / d_grads[n].float().abs().max()).item()
+            for n in q_grads
+            if n in d_grads
+        ),
+        "not_equal": sorted(n for n in q_grads if n in d_grads and not torch.equal(q_grads[n], d_grads[n])),
+        "bytes": [q_bytes, d_bytes],
+    }
+
+
 def scenario_quantized(release_ckpt: str) -> dict:
     """Quantized-resident base vs the dequantized one: logits and LoRA gradients, fp32 and bf16, with and without
     routed-expert adapters; experts computed per expert (vs transformers' eager experts over the dequantized base)
@@ -897,16 +925,13 @@ def scenario_quantized(release_ckpt: str) -> dict:
              ("float32", "attention+shared", "per_expert")]  # fmt: skip
     for dtype_name, targets, experts in cases:
         dtype = DTYPES[dtype_name]
-        runs = {}
-        for keep in (experts, False):
-            implementation = {"experts_implementation": "eager"} if experts == "per_expert" and not keep else {}
-            model = quantized_lora(release_ckpt, dtype, targets, keep, **implementation)
-            runs[bool(keep)] = (*quantized_step(model, 20), _local_bytes(model))
-            del model
+        runs, results[f"{dtype_name}/{targets}/{experts}"] = _quantized_vs_dequantized(
+            release_ckpt, dtype_name, targets, experts
+        )
         if dtype_name == "float32" and targets == "all":
             results["adapter_on_dequantized_base"] = _adapter_on_dequantized_base(release_ckpt, dtype, targets)
             results["activation_checkpointing"] = _with_activation_checkpointing(release_ckpt, dtype, targets)
-        if dtype_name == "float32" and targets == "all":  # every rank reading its own rows, in 64 KB pieces
+            # every rank reading its own rows, in 64 KB pieces
             model = quantized_lora(release_ckpt, dtype, targets, experts, {"readers": "all", "read_budget": 2**16})
             logits, grads = quantized_step(model, 20)
             del model
@@ -915,22 +940,25 @@ def scenario_quantized(release_ckpt: str) -> dict:
                 "grads_equal": sorted(grads) == sorted(runs[True][1])
                 and all(torch.equal(grads[n], runs[True][1][n]) for n in grads),
             }
-        (q_logits, q_grads, q_bytes), (d_logits, d_grads, d_bytes) = runs[True], runs[False]
-        results[f"{dtype_name}/{targets}/{experts}"] = {
-            "logits_equal": torch.equal(q_logits, d_logits),
-            "logits_max_diff": (q_logits.float() - d_logits.float()).abs().max().item(),
-            "same_grads": sorted(q_grads) == sorted(d_grads),
-            "grads": len(q_grads),
-            "grads_equal": sum(torch.equal(q_grads[n], d_grads[n]) for n in q_grads if n in d_grads),
-            "grads_max_diff": max((q_grads[n] - d_grads[n]).abs().max().item() for n in q_grads if n in d_grads),
-            "grads_max_relative": max(
-                ((q_grads[n].float() - d_grads[n].float()).abs().max() / d_grads[n].float().abs().max()).item()
-                for n in q_grads
-                if n in d_grads
-            ),
-            "not_equal": sorted(n for n in q_grads if n in d_grads and not torch.equal(q_grads[n], d_grads[n])),
-            "bytes": [q_bytes, d_bytes],
-        }
+    return results
+
+
+def scenario_quantized_uneven(release_ckpt: str) -> dict:
+    """The quantized base over a world size that divides none of its row counts (3 ranks: 256 rows as 86/86/84, an
+    FP8 weight's 2 rows of 128x128 scale blocks as 1/1/0, 4 experts as 2/2/0): FSDP2 pads each shard, the last rank
+    holds an empty one. Experts per expert in float32 and as one stack in bf16, vs the dequantized base."""
+    from hf_dsv4.sharding.quantized import QuantizedWeight
+
+    results = {}
+    for dtype_name, experts in (("float32", "per_expert"), ("bfloat16", "stack")):
+        _, results[f"{dtype_name}/all/{experts}"] = _quantized_vs_dequantized(release_ckpt, dtype_name, "all", experts)
+    model = quantized_lora(release_ckpt, torch.float32, "all", "per_expert")
+    rows = {
+        name: param.to_local().codes.shape[0]
+        for name, param in model.named_parameters()
+        if isinstance(param, DTensor) and isinstance(param.to_local(), QuantizedWeight)
+    }
+    results["local_rows"] = rows
     return results
 
 
