@@ -325,8 +325,8 @@ class DSV4SFTTrainer(SFTTrainer):
                     "text prompt-completion rows: the completion is trained (assistant_only_loss does not apply)"
                 )
                 args.assistant_only_loss = False
-        self.sample_max_length = args.max_length
-        self.packing_args = args  # what `_prepare_dataset` packs by (TRL may be handed other settings)
+        # the caller's settings, which `_prepare_dataset` cuts and packs rows by (TRL may be handed other ones)
+        self.row_args = args
         trl_args, restore = _args_trl_accepts(args)
         super().__init__(
             model=model,
@@ -352,11 +352,11 @@ class DSV4SFTTrainer(SFTTrainer):
             )
         if not isinstance(dataset, Dataset):
             raise TypeError(f"DSV4SFTTrainer needs a map-style datasets.Dataset, got {type(dataset).__name__}")
-        if self.packing_args is not args:  # TRL saw no packing (context parallelism): pack as the caller asked
-            own = self.packing_args
+        if self.row_args is not args:  # TRL saw no packing (context parallelism): pack as the caller asked
+            own = self.row_args
             packing = own.packing if dataset_name == "train" or own.eval_packing is None else own.eval_packing
         if "input_ids" in dataset.column_names:  # already tokenized (labels, if present, are used as they are)
-            return packed_rows(dataset, self.packing_args, dataset_name) if packing else dataset
+            return packed_rows(dataset, self.row_args, dataset_name) if packing else dataset
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         conversations = ConversationTokenizer(
             tokenizer,
@@ -365,13 +365,13 @@ class DSV4SFTTrainer(SFTTrainer):
             reasoning_effort=args.reasoning_effort,
             effort_profile=args.effort_profile,
             turns=args.turns,
-            max_length=self.sample_max_length,
+            max_length=self.row_args.max_length,
             overlong=args.overlong,
         )
         rows = SFTRowTokenizer(conversations, assistant_only_loss=args.assistant_only_loss, react=args.react)
         with args.main_process_first(desc=f"tokenizing the {dataset_name} dataset"):
             dataset = tokenize_dataset(dataset, rows, num_proc=args.dataset_num_proc, desc=f"Tokenizing {dataset_name}")
-            return packed_rows(dataset, self.packing_args, dataset_name) if packing else dataset
+            return packed_rows(dataset, self.row_args, dataset_name) if packing else dataset
 
     def _context_parallel_mesh(self):
         """The ranks that share each sequence (accelerate's "cp" mesh dimension), or None without context
